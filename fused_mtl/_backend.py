@@ -1,0 +1,86 @@
+"""Which implementation runs an op: the Triton kernels or the torch reference.
+
+``backend="auto"`` picks Triton for CUDA tensors in fp32/fp16/bf16 when triton imports, and the
+torch reference otherwise; the environment variable ``FUSED_MTL_BACKEND`` (``auto``, ``triton`` or
+``torch``) overrides "auto". ``backend="triton"`` on CPU tensors runs the kernels in the Triton
+interpreter and therefore needs ``TRITON_INTERPRET=1`` set before the kernels are first imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Literal
+
+import torch
+
+Backend = Literal["auto", "triton", "torch"]
+BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
+ENV_VAR = "FUSED_MTL_BACKEND"
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_triton_import_error: list[BaseException | None] = []
+
+
+def check_backend(backend: str) -> Backend:
+    """Validate a backend name given by the user (constructor or call)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend  # type: ignore[return-value]
+
+
+def triton_import_error() -> BaseException | None:
+    """``None`` when triton imports, else the error it raised (computed once)."""
+    if not _triton_import_error:
+        try:
+            importlib.import_module("triton")
+            _triton_import_error.append(None)
+        except ImportError as error:
+            _triton_import_error.append(error)
+    return _triton_import_error[0]
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _requested(backend: Backend) -> Backend:
+    if backend != "auto":
+        return backend
+    override = os.environ.get(ENV_VAR, "auto")
+    if override not in BACKENDS:
+        raise ValueError(f"environment variable {ENV_VAR} must be one of {BACKENDS}, got {override!r}")
+    return override  # type: ignore[return-value]
+
+
+def resolve_backend(backend: Backend, *tensors: torch.Tensor) -> Literal["triton", "torch"]:
+    """The implementation that runs for these tensors; raises when "triton" cannot run them."""
+    requested = _requested(backend)
+    if requested == "torch":
+        return "torch"
+    device = tensors[0].device
+    dtypes_supported = all(t.dtype in KERNEL_DTYPES for t in tensors)
+    if requested == "auto":
+        if device.type == "cuda" and dtypes_supported and triton_import_error() is None:
+            return "triton"
+        return "torch"
+    # requested == "triton": run the kernels or say exactly why they cannot run.
+    if triton_import_error() is not None:
+        raise RuntimeError(
+            f"backend='triton' needs the triton package, which failed to import "
+            f"({triton_import_error()}); install fused-mtl[triton] or use backend='torch'"
+        )
+    if device.type == "cpu" and not triton_interpreter_enabled():
+        raise RuntimeError(
+            "backend='triton' on CPU tensors runs only in the Triton interpreter: set "
+            "TRITON_INTERPRET=1 before fused_mtl's kernels are imported, or use backend='torch'"
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"backend='triton' supports CUDA (and interpreted CPU) tensors, not {device.type}")
+    if not dtypes_supported:
+        found = sorted({str(t.dtype) for t in tensors})
+        raise TypeError(
+            f"backend='triton' supports float32, float16 and bfloat16, got {', '.join(found)}; "
+            "use backend='torch' for other dtypes"
+        )
+    return "triton"

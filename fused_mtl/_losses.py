@@ -1,0 +1,197 @@
+"""Task bookkeeping shared by every balancing module: names, types and the calling conventions.
+
+A module is called with its task losses in any of these forms, all equivalent::
+
+    module(l1, l2, l3)                    # one scalar per task, positional
+    module([l1, l2, l3])                  # a list or tuple
+    module(torch.stack([l1, l2, l3]))     # one tensor of shape (K,) (or (K, ...) with a reduction)
+    module({"depth": l1, "seg": l2, ...}) # by task name, needs tasks=[...] at construction
+
+and ``stack_losses`` turns each into one ``(K,)`` tensor, checking every loss on the way: Python
+checks of shapes, dtypes and devices only, never a tensor value (no host synchronisation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Reduction = Literal["mean", "sum"] | None
+REDUCTIONS = (None, "mean", "sum")
+
+TaskTypes = str | Sequence[str] | Mapping[str, str] | None
+
+
+def task_label(index: int, names: Sequence[str] | None) -> str:
+    """How errors name a task: its name when it has one, else its index."""
+    return repr(names[index]) if names is not None else str(index)
+
+
+def resolve_tasks(num_tasks: int | None, tasks: Sequence[str] | None) -> tuple[int, list[str] | None]:
+    """Check ``num_tasks`` / ``tasks`` of a constructor; return ``(K, names or None)``."""
+    if tasks is None:
+        if num_tasks is None:
+            raise ValueError("give the number of tasks (num_tasks=K) or their names (tasks=[...])")
+        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+            raise ValueError(f"num_tasks must be a positive integer, got {num_tasks!r}")
+        return num_tasks, None
+    if isinstance(tasks, str) or not isinstance(tasks, Sequence):
+        raise TypeError(f"tasks must be a sequence of task names, got {type(tasks).__name__}")
+    names = list(tasks)
+    if not names:
+        raise ValueError("tasks is empty: at least one task is needed")
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"task names must be strings, got {name!r}")
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"duplicate task names: {duplicates}")
+    if num_tasks is not None and num_tasks != len(names):
+        raise ValueError(f"num_tasks={num_tasks} but {len(names)} task names were given: {names}")
+    return len(names), names
+
+
+def _check_names(given: Sequence[str], names: Sequence[str] | None, what: str) -> None:
+    """Raise on a dict keyed by task names that has unknown or missing names."""
+    if names is None:
+        raise ValueError(f"{what} given as a dict need task names: construct with tasks=[...]")
+    unknown = [key for key in given if key not in names]
+    missing = [name for name in names if name not in given]
+    if unknown or missing:
+        parts = []
+        if unknown:
+            parts.append(f"unknown task(s) {unknown}")
+        if missing:
+            parts.append(f"missing task(s) {missing}")
+        raise ValueError(f"{what}: {' and '.join(parts)}; the tasks are {list(names)}")
+
+
+def resolve_task_types(
+    task_types: TaskTypes, num_tasks: int, names: Sequence[str] | None
+) -> list[str] | None:
+    """One type per task, in task order (a single string applies to every task)."""
+    if task_types is None:
+        return None
+    if isinstance(task_types, str):
+        types = [task_types] * num_tasks
+    elif isinstance(task_types, Mapping):
+        _check_names(list(task_types), names, "task_types")
+        types = [task_types[name] for name in names]  # type: ignore[union-attr]
+    else:
+        types = list(task_types)
+        if len(types) != num_tasks:
+            raise ValueError(f"task_types has {len(types)} entries for {num_tasks} tasks")
+    return types
+
+
+def check_reduction(reduction: Reduction) -> Reduction:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be None, 'mean' or 'sum', got {reduction!r}")
+    return reduction
+
+
+def _check_tensor(loss: object, what: str, device: torch.device) -> Tensor:
+    """Type, dtype and device of one loss (``what`` names it in errors: "task 'depth'")."""
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"{what}: loss must be a tensor, got {type(loss).__name__}")
+    if not loss.is_floating_point():
+        raise TypeError(f"{what}: loss must be a floating-point tensor, got {loss.dtype}")
+    if loss.device != device:
+        raise ValueError(
+            f"{what}: loss is on {loss.device} but the module's parameters are on {device}; "
+            "move the module with .to(device)"
+        )
+    return loss
+
+
+def _check_task_loss(
+    loss: object, label: str, reduction: Reduction, device: torch.device
+) -> Tensor:
+    """One task's loss as a 0-dim tensor, reduced when the module has a reduction."""
+    checked = _check_tensor(loss, f"task {label}", device)
+    if checked.numel() == 0:
+        raise ValueError(f"task {label}: loss is empty (shape {tuple(checked.shape)})")
+    if reduction == "mean":
+        return checked.mean()
+    if reduction == "sum":
+        return checked.sum()
+    if checked.numel() != 1:
+        raise ValueError(
+            f"task {label}: loss has shape {tuple(checked.shape)}; pass reduction='mean' or "
+            "reduction='sum', or reduce it to a scalar"
+        )
+    return checked.reshape(())
+
+
+def _from_stacked(
+    losses: Tensor, num_tasks: int, reduction: Reduction, device: torch.device
+) -> Tensor:
+    """A ``(K,)`` tensor as it is; ``(K, ...)`` reduced over everything but the task axis."""
+    _check_tensor(losses, "the losses tensor", device)
+    if losses.dim() == 0 or losses.shape[0] != num_tasks:
+        raise ValueError(
+            f"expected {num_tasks} task losses, got one tensor of shape {tuple(losses.shape)} "
+            f"(a stacked tensor needs shape ({num_tasks},))"
+        )
+    if losses.dim() == 1:
+        return losses
+    if reduction is None:
+        raise ValueError(
+            f"the losses tensor has shape {tuple(losses.shape)}: each task's loss is not a "
+            "scalar; pass reduction='mean' or reduction='sum'"
+        )
+    if losses[0].numel() == 0:
+        raise ValueError(f"the losses tensor has shape {tuple(losses.shape)}: task losses are empty")
+    flat = losses.reshape(num_tasks, -1)
+    return flat.mean(dim=1) if reduction == "mean" else flat.sum(dim=1)
+
+
+def stack_losses(
+    args: tuple[object, ...],
+    *,
+    num_tasks: int,
+    names: Sequence[str] | None,
+    reduction: Reduction,
+    device: torch.device,
+) -> Tensor:
+    """Turn any calling convention into one ``(K,)`` tensor (see the module docstring)."""
+    if len(args) == 1:
+        (arg,) = args
+        if isinstance(arg, Mapping):
+            _check_names(list(arg), names, "losses")
+            losses = [arg[name] for name in names]  # type: ignore[union-attr]
+        elif isinstance(arg, (list, tuple)):
+            losses = list(arg)
+        elif isinstance(arg, Tensor) and num_tasks > 1:
+            return _from_stacked(arg, num_tasks, reduction, device)
+        else:
+            losses = [arg]
+    else:
+        losses = list(args)
+    if len(losses) != num_tasks:
+        expected = f"{num_tasks} ({', '.join(names)})" if names is not None else str(num_tasks)
+        raise ValueError(f"expected {expected} task losses, got {len(losses)}")
+    checked = [
+        _check_task_loss(loss, task_label(index, names), reduction, device)
+        for index, loss in enumerate(losses)
+    ]
+    return torch.stack(checked)
+
+
+def raise_if_not_finite(losses: Tensor, names: Sequence[str] | None) -> None:
+    """``FloatingPointError`` naming every task whose loss is NaN or infinite.
+
+    Reads the values on the host: this is the one place where a host synchronisation happens,
+    and only when the user asked for it with ``check_finite=True``.
+    """
+    finite = torch.isfinite(losses.detach())
+    if bool(finite.all()):
+        return
+    bad = (~finite).nonzero().flatten().tolist()
+    described = ", ".join(
+        f"task {task_label(index, names)} = {losses[index].item()}" for index in bad
+    )
+    raise FloatingPointError(f"non-finite task loss: {described}")

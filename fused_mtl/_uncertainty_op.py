@@ -1,0 +1,116 @@
+"""Op layer of uncertainty weighting: the registered ``fused_mtl::`` ops and backend dispatch.
+
+The Triton path is two ``torch.library`` custom ops, forward and backward, tied together with
+``register_autograd``: autograd sees one node, ``torch.compile(fullgraph=True)`` traces through a
+call without a graph break (the fake kernels give it shapes), and neither op synchronises with
+the host, so a step that uses them can be captured in a CUDA graph.
+
+They are ``custom_op`` rather than ``triton_op``: registering a ``triton_op`` inspects its kernels
+and so imports triton, while this module must import without triton (the kernels are imported
+on the first Triton call). Each op is a single kernel already, so there is nothing for Inductor to
+fuse inside it.
+
+The torch path calls ``fused_mtl.reference`` directly; autograd differentiates it, which also
+gives higher-order gradients (the Triton backward is first-order only).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fused_mtl import reference
+from fused_mtl._backend import Backend, resolve_backend
+from fused_mtl.reference import Parametrization
+
+
+@torch.library.custom_op("fused_mtl::uncertainty_weighting", mutates_args=())
+def _forward_op(
+    losses: Tensor,
+    params: Tensor,
+    loss_coefs: Tensor | None,
+    reg_coefs: Tensor | None,
+    parametrization: int,
+) -> Tensor:
+    from fused_mtl.kernels import uncertainty as kernels
+
+    return kernels.uncertainty_forward(losses, params, loss_coefs, reg_coefs, parametrization)
+
+
+@_forward_op.register_fake
+def _forward_fake(losses, params, loss_coefs, reg_coefs, parametrization):
+    return losses.new_empty((), dtype=reference.result_dtype(losses, params))
+
+
+@torch.library.custom_op("fused_mtl::uncertainty_weighting_backward", mutates_args=())
+def _backward_op(
+    grad_total: Tensor,
+    losses: Tensor,
+    params: Tensor,
+    loss_coefs: Tensor | None,
+    reg_coefs: Tensor | None,
+    parametrization: int,
+) -> tuple[Tensor, Tensor]:
+    from fused_mtl.kernels import uncertainty as kernels
+
+    return kernels.uncertainty_backward(
+        grad_total, losses, params, loss_coefs, reg_coefs, parametrization
+    )
+
+
+@_backward_op.register_fake
+def _backward_fake(grad_total, losses, params, loss_coefs, reg_coefs, parametrization):
+    return torch.empty_like(losses), torch.empty_like(params)
+
+
+def _setup_context(ctx, inputs, output):
+    losses, params, loss_coefs, reg_coefs, parametrization = inputs
+    ctx.save_for_backward(losses, params, loss_coefs, reg_coefs)
+    ctx.parametrization = parametrization
+
+
+def _backward(ctx, grad_total):
+    losses, params, loss_coefs, reg_coefs = ctx.saved_tensors
+    grad_losses, grad_params = _backward_op(
+        grad_total, losses, params, loss_coefs, reg_coefs, ctx.parametrization
+    )
+    return grad_losses, grad_params, None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_inputs(losses: Tensor, params: Tensor, coefs: tuple[Tensor | None, ...]) -> None:
+    if losses.dim() != 1 or params.dim() != 1 or losses.shape != params.shape:
+        raise ValueError(
+            f"losses and per-task parameters must both have shape (K,), "
+            f"got {tuple(losses.shape)} and {tuple(params.shape)}"
+        )
+    if losses.numel() == 0:
+        raise ValueError("at least one task is needed, got K = 0")
+    for name, tensor in (("losses", losses), ("per-task parameters", params)):
+        if not tensor.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+    if losses.device != params.device:
+        raise ValueError(
+            f"losses are on {losses.device} but the per-task parameters on {params.device}; "
+            "move them to the same device"
+        )
+    for coef in coefs:
+        if coef is not None and (coef.shape != params.shape or coef.device != params.device):
+            raise ValueError("task coefficients must have shape (K,) on the parameters' device")
+
+
+def uncertainty_weighting(
+    losses: Tensor,
+    params: Tensor,
+    parametrization: Parametrization = Parametrization.LOG_VARIANCE,
+    loss_coefs: Tensor | None = None,
+    reg_coefs: Tensor | None = None,
+    backend: Backend = "auto",
+) -> Tensor:
+    """Balanced total of a ``(K,)`` losses tensor; dispatches to Triton or the torch reference."""
+    _check_inputs(losses, params, (loss_coefs, reg_coefs))
+    if resolve_backend(backend, losses, params) == "torch":
+        return reference.uncertainty_total(losses, params, parametrization, loss_coefs, reg_coefs)
+    return _forward_op(losses, params, loss_coefs, reg_coefs, int(parametrization))

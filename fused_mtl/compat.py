@@ -1,0 +1,73 @@
+"""Drop-in replacements for the uncertainty-weighting modules users copy into their projects.
+
+Each class keeps the constructor arguments, parameter name, initial values, calling convention,
+numbers and gradients of the module it replaces, and runs through the fused op. Swap the import
+and nothing else changes:
+
+- ``AutomaticWeightedLoss(num=2)``: parameter ``params`` initialised to ones, called as
+  ``awl(l1, l2, ...)``; ``sum_i 0.5 / p_i^2 * L_i + log(1 + p_i^2)`` (Liebel & Koerner).
+- ``MultiNoiseLoss(n_losses)``: parameter ``noise_params`` drawn uniform in (0, 1) with
+  ``torch.rand``, called as ``multi_loss([l1, l2])``; ``sum_i L_i / eta_i^2 + log(eta_i)``.
+
+Differences, all on the safe side: non-scalar losses raise instead of broadcasting into a
+non-scalar "total", and losses must be tensors on the parameters' device. ``MultiNoiseLoss`` is
+created on the default device: unlike the usual snippet, it does not move itself to CUDA at
+construction; call ``.to(device)`` like for any module. Its ``noise_params`` is a registered
+``nn.Parameter``, so it also appears in ``parameters()`` and ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fused_mtl._backend import Backend
+from fused_mtl.reference import Parametrization
+from fused_mtl.uncertainty import UncertaintyModule
+
+__all__ = ["AutomaticWeightedLoss", "MultiNoiseLoss"]
+
+
+class AutomaticWeightedLoss(UncertaintyModule):
+    """``sum_i 0.5 / p_i^2 * L_i + log(1 + p_i^2)``, with ``p`` (``params``) starting at one.
+
+    Example:
+        >>> import torch
+        >>> from fused_mtl.compat import AutomaticWeightedLoss
+        >>> awl = AutomaticWeightedLoss(2)
+        >>> awl(torch.tensor(1.0), torch.tensor(3.0))  # 0.5 * 4 + 2 * log(2) at p = 1
+        tensor(3.3863, grad_fn=<...>)
+    """
+
+    params: nn.Parameter
+    _parametrization = Parametrization.LIEBEL_KOERNER
+
+    def __init__(self, num: int = 2, *, backend: Backend = "auto") -> None:
+        super().__init__(num, None, None, False, backend)
+        self.params = nn.Parameter(torch.ones(num))
+
+    def _task_parameter(self) -> Tensor:
+        return self.params
+
+
+class MultiNoiseLoss(UncertaintyModule):
+    """``sum_i L_i / eta_i^2 + log(eta_i)``, with ``eta`` (``noise_params``) uniform in (0, 1).
+
+    Example:
+        >>> import torch
+        >>> from fused_mtl.compat import MultiNoiseLoss
+        >>> multi_loss = MultiNoiseLoss(n_losses=2)
+        >>> total = multi_loss([torch.tensor(1.0), torch.tensor(2.0)])
+        >>> total.shape
+        torch.Size([])
+    """
+
+    noise_params: nn.Parameter
+    _parametrization = Parametrization.DYNAMIC_NOISE
+
+    def __init__(self, n_losses: int, *, backend: Backend = "auto") -> None:
+        super().__init__(n_losses, None, None, False, backend)
+        self.noise_params = nn.Parameter(torch.rand(n_losses))
+
+    def _task_parameter(self) -> Tensor:
+        return self.noise_params

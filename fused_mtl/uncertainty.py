@@ -1,0 +1,156 @@
+"""``UncertaintyWeighting``: learned per-task uncertainty (Kendall, Gal & Cipolla, CVPR 2018)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fused_mtl import reference
+from fused_mtl._backend import Backend, check_backend
+from fused_mtl._losses import (
+    Reduction,
+    TaskTypes,
+    check_reduction,
+    raise_if_not_finite,
+    resolve_task_types,
+    resolve_tasks,
+    stack_losses,
+    task_label,
+)
+from fused_mtl._uncertainty_op import uncertainty_weighting
+from fused_mtl.reference import Parametrization
+
+
+class UncertaintyModule(nn.Module):
+    """What every uncertainty-weighting module shares: task bookkeeping and the fused call.
+
+    Subclasses own one parameter of shape ``(K,)`` and name it (``log_vars``, ``params``, ...);
+    they say which with ``_task_parameter`` and ``_parametrization``.
+    """
+
+    _parametrization: Parametrization
+    loss_coefs: Tensor | None
+    reg_coefs: Tensor | None
+
+    def __init__(
+        self,
+        num_tasks: int | None,
+        tasks: Sequence[str] | None,
+        reduction: Reduction,
+        check_finite: bool,
+        backend: Backend,
+    ) -> None:
+        super().__init__()
+        self.num_tasks, self.tasks = resolve_tasks(num_tasks, tasks)
+        self.reduction = check_reduction(reduction)
+        self.check_finite = bool(check_finite)
+        self.backend = check_backend(backend)
+        self.register_buffer("loss_coefs", None, persistent=False)
+        self.register_buffer("reg_coefs", None, persistent=False)
+
+    def _task_parameter(self) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, *losses: Tensor | Sequence[Tensor] | dict[str, Tensor]) -> Tensor:
+        """The balanced total (0-dim) of the task losses, in any calling convention."""
+        params = self._task_parameter()
+        stacked = stack_losses(
+            losses,
+            num_tasks=self.num_tasks,
+            names=self.tasks,
+            reduction=self.reduction,
+            device=params.device,
+        )
+        if self.check_finite:
+            raise_if_not_finite(stacked, self.tasks)
+        return uncertainty_weighting(
+            stacked, params, self._parametrization, self.loss_coefs, self.reg_coefs, self.backend
+        )
+
+    @property
+    def weights(self) -> Tensor:
+        """Effective weight of each task loss, ``d total / d L_i`` (detached, shape ``(K,)``)."""
+        with torch.no_grad():
+            return reference.uncertainty_weights(
+                self._task_parameter().detach(), self._parametrization, self.loss_coefs
+            )
+
+    def extra_repr(self) -> str:
+        tasks = self.tasks if self.tasks is not None else self.num_tasks
+        return f"tasks={tasks}, reduction={self.reduction!r}, backend={self.backend!r}"
+
+
+class UncertaintyWeighting(UncertaintyModule):
+    r"""Balance task losses by learned homoscedastic uncertainty.
+
+    With ``s_i = log sigma_i^2`` (the parameter ``log_vars``) the total is
+
+    .. math:: \sum_i a_i e^{-s_i} L_i + b_i s_i
+
+    with ``(a_i, b_i) = (1, 1)`` by default, ``(0.5, 0.5)`` for ``"regression"`` tasks and
+    ``(1, 0.5)`` for ``"classification"`` tasks (Kendall et al.'s exact terms). On CUDA the total
+    is one fused Triton launch and its gradient another, whatever the number of tasks.
+
+    Args:
+        num_tasks: number of tasks K (may be omitted when ``tasks`` is given).
+        tasks: task names; enables calling with a dict and names tasks in errors.
+        task_types: ``"regression"`` / ``"classification"`` per task (a sequence in task order,
+            a dict by task name, or one string for all); ``None`` gives the ``exp(-s) L + s`` form.
+        init_log_var: initial ``s_i`` (one number, or one per task).
+        reduction: ``None`` requires scalar losses; ``"mean"`` / ``"sum"`` reduce each loss.
+        check_finite: raise ``FloatingPointError`` naming the task on a NaN or infinite loss.
+            This reads the losses on the host (a synchronisation): leave it off in CUDA graphs.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see the README).
+
+    Example:
+        >>> import torch
+        >>> from fused_mtl import UncertaintyWeighting
+        >>> uw = UncertaintyWeighting(tasks=["depth", "seg"], task_types=["regression", "classification"])
+        >>> total = uw({"depth": torch.tensor(2.0), "seg": torch.tensor(0.5)})
+        >>> total  # 0.5 * 2.0 + 1.0 * 0.5 at s = 0
+        tensor(1.5000, grad_fn=<...>)
+        >>> uw.weights
+        tensor([0.5000, 1.0000])
+    """
+
+    log_vars: nn.Parameter
+    _parametrization = Parametrization.LOG_VARIANCE
+
+    def __init__(
+        self,
+        num_tasks: int | None = None,
+        *,
+        tasks: Sequence[str] | None = None,
+        task_types: TaskTypes = None,
+        init_log_var: float | Sequence[float] = 0.0,
+        reduction: Reduction = None,
+        check_finite: bool = False,
+        backend: Backend = "auto",
+    ) -> None:
+        super().__init__(num_tasks, tasks, reduction, check_finite, backend)
+        initial = torch.as_tensor(init_log_var, dtype=torch.float32)
+        if initial.dim() == 0:
+            initial = initial.expand(self.num_tasks)
+        if initial.shape != (self.num_tasks,):
+            raise ValueError(
+                f"init_log_var must be one number or {self.num_tasks} numbers, "
+                f"got shape {tuple(initial.shape)}"
+            )
+        self.log_vars = nn.Parameter(initial.clone())
+        self.task_types = resolve_task_types(task_types, self.num_tasks, self.tasks)
+        if self.task_types is not None:
+            labels = [task_label(i, self.tasks) for i in range(self.num_tasks)]
+            loss_coefs, reg_coefs = reference.task_type_coefficients(self.task_types, labels)
+            # Non-persistent: they follow .to(device) but are configuration, not state.
+            self.loss_coefs = torch.tensor(loss_coefs)
+            self.reg_coefs = torch.tensor(reg_coefs)
+
+    def _task_parameter(self) -> Tensor:
+        return self.log_vars
+
+    @property
+    def sigmas(self) -> Tensor:
+        """The learned standard deviations ``sigma_i = exp(s_i / 2)`` (detached)."""
+        return torch.exp(0.5 * self.log_vars.detach())
