@@ -19,7 +19,7 @@ BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
 ENV_VAR = "FUSED_MTL_BACKEND"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-_triton_import_error: list[BaseException | None] = []
+_import_outcome: list[ImportError | None] = []
 
 
 def check_backend(backend: str) -> Backend:
@@ -29,15 +29,21 @@ def check_backend(backend: str) -> Backend:
     return backend  # type: ignore[return-value]
 
 
-def triton_import_error() -> BaseException | None:
-    """``None`` when triton imports, else the error it raised (computed once)."""
-    if not _triton_import_error:
+def _triton_import_error() -> ImportError | None:
+    """``None`` when triton imports, else the error it raised (tried once per process)."""
+    if not _import_outcome:
         try:
             importlib.import_module("triton")
-            _triton_import_error.append(None)
+            _import_outcome.append(None)
         except ImportError as error:
-            _triton_import_error.append(error)
-    return _triton_import_error[0]
+            _import_outcome.append(error)
+    return _import_outcome[0]
+
+
+@torch.compiler.assume_constant_result
+def triton_available() -> bool:
+    # A constant for torch.compile: the import is tried on the first call, even inside tracing.
+    return _triton_import_error() is None
 
 
 def triton_interpreter_enabled() -> bool:
@@ -61,14 +67,14 @@ def resolve_backend(backend: Backend, *tensors: torch.Tensor) -> Literal["triton
     device = tensors[0].device
     dtypes_supported = all(t.dtype in KERNEL_DTYPES for t in tensors)
     if requested == "auto":
-        if device.type == "cuda" and dtypes_supported and triton_import_error() is None:
+        if device.type == "cuda" and dtypes_supported and triton_available():
             return "triton"
         return "torch"
     # requested == "triton": run the kernels or say exactly why they cannot run.
-    if triton_import_error() is not None:
+    if not triton_available():
         raise RuntimeError(
             f"backend='triton' needs the triton package, which failed to import "
-            f"({triton_import_error()}); install fused-mtl[triton] or use backend='torch'"
+            f"({_triton_import_error()}); install fused-mtl[triton] or use backend='torch'"
         )
     if device.type == "cpu" and not triton_interpreter_enabled():
         raise RuntimeError(
