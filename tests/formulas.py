@@ -1,0 +1,91 @@
+"""Float64 references written from the papers' formulas, independently of fused_mtl.
+
+Each function takes float64 tensors of shape (K,) and returns ``(value, magnitude)`` pairs: the
+exact value and the sum of the absolute values of the parts it adds up. Rounding errors are
+bounded relative to the magnitude (a sum of terms of both signs can cancel to a value much
+smaller than its parts), so tests compare ``|got - value| <= rtol * magnitude``.
+
+Gradients are written out by hand from the formulas, not taken from autograd.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Expected:
+    total: Tensor
+    total_magnitude: Tensor
+    grad_losses: Tensor  # d total / d L_i, for an upstream gradient of 1
+    grad_params: Tensor  # d total / d q_i
+    grad_params_magnitude: Tensor
+
+
+def log_variance(losses: Tensor, s: Tensor, a: Tensor | None = None, b: Tensor | None = None) -> Expected:
+    """Kendall et al.: term_i = a_i exp(-s_i) L_i + b_i s_i (a = b = 1 unless given)."""
+    a = torch.ones_like(s) if a is None else a
+    b = torch.ones_like(s) if b is None else b
+    weighted = a * torch.exp(-s) * losses
+    return Expected(
+        total=(weighted + b * s).sum(),
+        total_magnitude=(weighted.abs() + (b * s).abs()).sum(),
+        grad_losses=a * torch.exp(-s),
+        grad_params=-weighted + b,
+        grad_params_magnitude=weighted.abs() + b.abs(),
+    )
+
+
+def liebel_koerner(losses: Tensor, p: Tensor) -> Expected:
+    """Liebel & Koerner: term_i = 0.5 / p_i^2 L_i + log(1 + p_i^2)."""
+    weighted = 0.5 / p**2 * losses
+    regulariser = torch.log(1 + p**2)
+    d_weighted = -losses / p**3
+    d_regulariser = 2 * p / (1 + p**2)
+    return Expected(
+        total=(weighted + regulariser).sum(),
+        total_magnitude=(weighted.abs() + regulariser.abs()).sum(),
+        grad_losses=0.5 / p**2,
+        grad_params=d_weighted + d_regulariser,
+        grad_params_magnitude=d_weighted.abs() + d_regulariser.abs(),
+    )
+
+
+def dynamic_noise(losses: Tensor, eta: Tensor) -> Expected:
+    """Dynamic Loss Weighting: term_i = L_i / eta_i^2 + log(eta_i)."""
+    weighted = losses / eta**2
+    regulariser = torch.log(eta)
+    d_weighted = -2 * losses / eta**3
+    d_regulariser = 1 / eta
+    return Expected(
+        total=(weighted + regulariser).sum(),
+        total_magnitude=(weighted.abs() + regulariser.abs()).sum(),
+        grad_losses=1 / eta**2,
+        grad_params=d_weighted + d_regulariser,
+        grad_params_magnitude=d_weighted.abs() + d_regulariser.abs(),
+    )
+
+
+# Kendall et al.'s exact terms: (a, b) per task type.
+TASK_TYPE_COEFFICIENTS = {"regression": (0.5, 0.5), "classification": (1.0, 0.5)}
+
+
+def awl_loop(losses: list[float], params: list[float]) -> float:
+    """The AutomaticWeightedLoss snippet as users write it: a Python loop over tasks."""
+    import math
+
+    total = 0.0
+    for loss, p in zip(losses, params, strict=True):
+        total += 0.5 / p**2 * loss + math.log(1 + p**2)
+    return total
+
+
+def multi_noise_loop(losses: list[float], eta: list[float]) -> float:
+    """The MultiNoiseLoss snippet as users write it: a Python loop over tasks."""
+    import math
+
+    total = 0.0
+    for loss, e in zip(losses, eta, strict=True):
+        total += loss / e**2 + math.log(e)
+    return total
