@@ -9,6 +9,7 @@ interpreter and therefore needs ``TRITON_INTERPRET=1`` set before the kernels ar
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from typing import Literal
 
@@ -19,6 +20,15 @@ BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
 ENV_VAR = "FUSED_MTL_BACKEND"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+def _triton_installed() -> bool:
+    # find_spec locates the package without importing it: `import fused_mtl` stays light.
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+TRITON_INSTALLED = _triton_installed()
 _import_outcome: list[ImportError | None] = []
 
 
@@ -40,9 +50,11 @@ def _triton_import_error() -> ImportError | None:
     return _import_outcome[0]
 
 
-@torch.compiler.assume_constant_result
 def triton_available() -> bool:
-    # A constant for torch.compile: the import is tried on the first call, even inside tracing.
+    """Whether triton imports. The import is tried on the first eager call; while torch.compile
+    traces (imports cannot be traced) the answer is whether the package is installed."""
+    if not _import_outcome and torch.compiler.is_compiling():
+        return TRITON_INSTALLED
     return _triton_import_error() is None
 
 

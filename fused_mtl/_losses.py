@@ -165,7 +165,7 @@ def stack_losses(
             losses = [arg[name] for name in names]  # type: ignore[union-attr]
         elif isinstance(arg, (list, tuple)):
             losses = list(arg)
-        elif isinstance(arg, Tensor) and num_tasks > 1:
+        elif isinstance(arg, Tensor) and arg.dim() > 0 and num_tasks > 1:
             return _from_stacked(arg, num_tasks, reduction, device)
         else:
             losses = [arg]
