@@ -123,7 +123,8 @@ def _check_task_loss(
             f"task {label}: loss has shape {tuple(checked.shape)}; pass reduction='mean' or "
             "reduction='sum', or reduce it to a scalar"
         )
-    return checked.reshape(())
+    # A 0-dim loss is used as it is: a reshape would add a view node to autograd for each task.
+    return checked if checked.dim() == 0 else checked.reshape(())
 
 
 def _from_stacked(
