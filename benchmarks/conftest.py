@@ -25,7 +25,9 @@ def _triton_version() -> str:
 @pytest.fixture
 def record_environment(benchmark):
     """Record where a result was measured next to it in the JSON output."""
-    device = os.environ.get("FUSED_MTL_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+    device = os.environ.get(
+        "FUSED_MTL_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"
+    )
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     benchmark.extra_info.update(
         device=device,

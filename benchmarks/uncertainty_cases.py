@@ -25,9 +25,7 @@ def per_task_loop(losses: list[torch.Tensor], log_vars: torch.Tensor) -> torch.T
 def make_case(implementation: str, num_tasks: int, device: str) -> Callable[[], None]:
     """One forward + backward of ``implementation`` over ``num_tasks`` scalar losses."""
     gen = torch.Generator().manual_seed(num_tasks)
-    losses = [
-        torch.rand((), generator=gen).to(device).requires_grad_() for _ in range(num_tasks)
-    ]
+    losses = [torch.rand((), generator=gen).to(device).requires_grad_() for _ in range(num_tasks)]
     synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     if implementation == "per_task_loop":
         log_vars = torch.zeros(num_tasks, device=device, requires_grad=True)

@@ -53,7 +53,9 @@ def main() -> None:
 
     model = TwoHeads().to(args.device)
     # The drop-in swap: this line replaces a hand-written loss-combining module.
-    balancer = UncertaintyWeighting(tasks=["clean", "noisy"], task_types="regression").to(args.device)
+    balancer = UncertaintyWeighting(tasks=["clean", "noisy"], task_types="regression").to(
+        args.device
+    )
     optimizer = torch.optim.Adam(
         [{"params": model.parameters()}, {"params": balancer.parameters(), "lr": 1e-2}], lr=3e-3
     )
@@ -69,14 +71,18 @@ def main() -> None:
         optimizer.zero_grad()
         total.backward()
         optimizer.step()
-        if step % (args.steps // 5) == 0 or step == 1:
+        if step % max(1, args.steps // 5) == 0 or step == 1:
             mse = "  ".join(f"{name} mse {loss.item():.4f}" for name, loss in losses.items())
             print(f"step {step:5d}  total {total.item():8.4f}  {mse}")
 
     print()
     print(f"{'task':8s} {'true noise variance':>20s} {'learned sigma^2':>16s} {'weight':>8s}")
     for name, true, learned, weight in zip(
-        balancer.tasks, NOISE_VARIANCES, (balancer.sigmas**2).tolist(), balancer.weights.tolist(), strict=True
+        balancer.tasks,
+        NOISE_VARIANCES,
+        (balancer.sigmas**2).tolist(),
+        balancer.weights.tolist(),
+        strict=True,
     ):
         print(f"{name:8s} {true:20.3f} {learned:16.3f} {weight:8.2f}")
 

@@ -13,5 +13,5 @@ Triton is optional and imported only when a Triton kernel first runs.
 from fused_mtl import compat, functional, reference
 from fused_mtl.uncertainty import UncertaintyWeighting
 
-__all__ = ["UncertaintyWeighting", "compat", "functional", "reference", "__version__"]
+__all__ = ["UncertaintyWeighting", "__version__", "compat", "functional", "reference"]
 __version__ = "0.1.0"

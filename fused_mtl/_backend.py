@@ -20,6 +20,7 @@ BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
 ENV_VAR = "FUSED_MTL_BACKEND"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+
 def _triton_installed() -> bool:
     # find_spec locates the package without importing it: `import fused_mtl` stays light.
     try:
@@ -67,7 +68,9 @@ def _requested(backend: Backend) -> Backend:
         return backend
     override = os.environ.get(ENV_VAR, "auto")
     if override not in BACKENDS:
-        raise ValueError(f"environment variable {ENV_VAR} must be one of {BACKENDS}, got {override!r}")
+        raise ValueError(
+            f"environment variable {ENV_VAR} must be one of {BACKENDS}, got {override!r}"
+        )
     return override  # type: ignore[return-value]
 
 
@@ -94,7 +97,9 @@ def resolve_backend(backend: Backend, *tensors: torch.Tensor) -> Literal["triton
             "TRITON_INTERPRET=1 before fused_mtl's kernels are imported, or use backend='torch'"
         )
     if device.type not in ("cpu", "cuda"):
-        raise RuntimeError(f"backend='triton' supports CUDA (and interpreted CPU) tensors, not {device.type}")
+        raise RuntimeError(
+            f"backend='triton' supports CUDA (and interpreted CPU) tensors, not {device.type}"
+        )
     if not dtypes_supported:
         found = sorted({str(t.dtype) for t in tensors})
         raise TypeError(

@@ -30,7 +30,9 @@ def task_label(index: int, names: Sequence[str] | None) -> str:
     return repr(names[index]) if names is not None else str(index)
 
 
-def resolve_tasks(num_tasks: int | None, tasks: Sequence[str] | None) -> tuple[int, list[str] | None]:
+def resolve_tasks(
+    num_tasks: int | None, tasks: Sequence[str] | None
+) -> tuple[int, list[str] | None]:
     """Check ``num_tasks`` / ``tasks`` of a constructor; return ``(K, names or None)``."""
     if tasks is None:
         if num_tasks is None:
@@ -145,7 +147,9 @@ def _from_stacked(
             "scalar; pass reduction='mean' or reduction='sum'"
         )
     if losses[0].numel() == 0:
-        raise ValueError(f"the losses tensor has shape {tuple(losses.shape)}: task losses are empty")
+        raise ValueError(
+            f"the losses tensor has shape {tuple(losses.shape)}: task losses are empty"
+        )
     flat = losses.reshape(num_tasks, -1)
     return flat.mean(dim=1) if reduction == "mean" else flat.sum(dim=1)
 

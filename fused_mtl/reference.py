@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "Parametrization",
     "TASK_TYPE_COEFFICIENTS",
+    "Parametrization",
     "compute_dtype",
     "result_dtype",
     "task_type_coefficients",

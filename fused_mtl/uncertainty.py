@@ -107,7 +107,9 @@ class UncertaintyWeighting(UncertaintyModule):
     Example:
         >>> import torch
         >>> from fused_mtl import UncertaintyWeighting
-        >>> uw = UncertaintyWeighting(tasks=["depth", "seg"], task_types=["regression", "classification"])
+        >>> uw = UncertaintyWeighting(
+        ...     tasks=["depth", "seg"], task_types=["regression", "classification"]
+        ... )
         >>> total = uw({"depth": torch.tensor(2.0), "seg": torch.tensor(0.5)})
         >>> total  # 0.5 * 2.0 + 1.0 * 0.5 at s = 0
         tensor(1.5000, grad_fn=<...>)

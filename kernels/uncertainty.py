@@ -3,13 +3,13 @@
 For K tasks with losses ``L`` and per-task parameters ``q`` the total is ``sum_i w_i * L_i + r_i``
 where (see ``fused_mtl.reference``)
 
-=================  =========================  ===================  ==============================
-parametrisation    weight ``w_i``             regulariser ``r_i``  ``d term_i / d q_i``
-=================  =========================  ===================  ==============================
-LOG_VARIANCE (0)   ``a_i * exp(-s_i)``        ``b_i * s_i``        ``-w_i * L_i + b_i``
-LIEBEL_KOERNER (1) ``0.5 / p_i^2``            ``log(1 + p_i^2)``   ``-2 w_i L_i / p_i + 2 p_i / (1 + p_i^2)``
-DYNAMIC_NOISE (2)  ``1 / eta_i^2``            ``log(eta_i)``       ``-2 w_i L_i / eta_i + 1 / eta_i``
-=================  =========================  ===================  ==============================
+==================  ======================  ===================  ==========================
+parametrisation     weight ``w_i``          regulariser ``r_i``  ``d term_i / d q_i``
+==================  ======================  ===================  ==========================
+LOG_VARIANCE (0)    ``a_i * exp(-s_i)``     ``b_i * s_i``        ``b_i - w_i L_i``
+LIEBEL_KOERNER (1)  ``0.5 / p_i^2``         ``log(1 + p_i^2)``   ``2p_i/(1+p_i^2) - 2w_i L_i/p_i``
+DYNAMIC_NOISE (2)   ``1 / eta_i^2``         ``log(eta_i)``       ``1/eta_i - 2w_i L_i/eta_i``
+==================  ======================  ===================  ==========================
 
 and ``d term_i / d L_i = w_i`` in every case. The parametrisation is a constexpr, so each variant
 compiles to straight-line code with no branch at run time.
@@ -159,7 +159,9 @@ def uncertainty_forward(
     losses, params = losses.contiguous(), params.contiguous()
     loss_coefs, reg_coefs, has_coefs = _coefficient_pointers(params, loss_coefs, reg_coefs)
     num_tasks = losses.numel()
-    total = torch.empty((), dtype=torch.promote_types(losses.dtype, params.dtype), device=losses.device)
+    total = torch.empty(
+        (), dtype=torch.promote_types(losses.dtype, params.dtype), device=losses.device
+    )
     block = min(triton.next_power_of_2(num_tasks), _MAX_FORWARD_BLOCK)
     _uncertainty_forward_kernel[(1,)](
         losses,

@@ -23,7 +23,9 @@ class Expected:
     grad_params_magnitude: Tensor
 
 
-def log_variance(losses: Tensor, s: Tensor, a: Tensor | None = None, b: Tensor | None = None) -> Expected:
+def log_variance(
+    losses: Tensor, s: Tensor, a: Tensor | None = None, b: Tensor | None = None
+) -> Expected:
     """Kendall et al.: term_i = a_i exp(-s_i) L_i + b_i s_i (a = b = 1 unless given)."""
     a = torch.ones_like(s) if a is None else a
     b = torch.ones_like(s) if b is None else b

@@ -84,7 +84,9 @@ def test_multi_noise_matches_the_snippet(backend, device):
     ref_eta = torch.tensor(eta, dtype=torch.float64, requires_grad=True)
     ref_losses = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in losses]
     snippet_multi_noise_total(ref_eta, ref_losses).backward()
-    torch.testing.assert_close(multi_loss.noise_params.grad.double().cpu(), ref_eta.grad, **GRAD_TOL)
+    torch.testing.assert_close(
+        multi_loss.noise_params.grad.double().cpu(), ref_eta.grad, **GRAD_TOL
+    )
     for got, ref in zip(loss_tensors, ref_losses, strict=True):
         torch.testing.assert_close(got.grad.double().cpu(), ref.grad, **GRAD_TOL)
 
@@ -99,7 +101,10 @@ def test_same_training_trajectory_as_the_snippet(backend):
     opt_theirs = torch.optim.SGD([theirs], lr=0.1)
     for step in range(10):
         losses = [torch.tensor(1.0 + 0.1 * step), torch.tensor(3.0 / (step + 1))]
-        for opt, total in ((opt_ours, ours(*losses)), (opt_theirs, snippet_awl_total(theirs, losses))):
+        for opt, total in (
+            (opt_ours, ours(*losses)),
+            (opt_theirs, snippet_awl_total(theirs, losses)),
+        ):
             opt.zero_grad()
             total.backward()
             opt.step()

@@ -20,7 +20,9 @@ def make_step(balancer):
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_fullgraph_compile_matches_eager(backend, compiler, device):
     torch._dynamo.reset()
-    uw = UncertaintyWeighting(tasks=["depth", "seg"], init_log_var=[0.2, -0.4], backend=backend).to(device)
+    uw = UncertaintyWeighting(tasks=["depth", "seg"], init_log_var=[0.2, -0.4], backend=backend).to(
+        device
+    )
     x = torch.randn(8, device=device, requires_grad=True)
     y = torch.randn(8, device=device)
     step = make_step(uw)
@@ -65,4 +67,6 @@ def test_opcheck(parametrization, device):
     args = (losses, params, *(coefs if parametrization == 0 else (None, None)), parametrization)
     torch.library.opcheck(_forward_op, args)
     grad = torch.tensor(0.5, device=device)
-    torch.library.opcheck(_backward_op, (grad, *(a.detach() if isinstance(a, torch.Tensor) else a for a in args)))
+    torch.library.opcheck(
+        _backward_op, (grad, *(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+    )

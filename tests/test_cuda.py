@@ -47,7 +47,13 @@ def test_cuda_graph_replay_matches_eager():
             losses.copy_(new_losses)
         graph.replay()
         torch.cuda.synchronize()
-        expected = log_variance(new_losses.double(), torch.full((num_tasks,), 0.3, dtype=torch.float64).float().double())
+        expected = log_variance(
+            new_losses.double(), torch.full((num_tasks,), 0.3, dtype=torch.float64).float().double()
+        )
         torch.testing.assert_close(total.double().cpu(), expected.total, rtol=2e-6, atol=0)
-        torch.testing.assert_close(uw.log_vars.grad.double().cpu(), expected.grad_params, rtol=2e-6, atol=2e-6)
-        torch.testing.assert_close(losses.grad.double().cpu(), expected.grad_losses, rtol=2e-6, atol=0)
+        torch.testing.assert_close(
+            uw.log_vars.grad.double().cpu(), expected.grad_params, rtol=2e-6, atol=2e-6
+        )
+        torch.testing.assert_close(
+            losses.grad.double().cpu(), expected.grad_losses, rtol=2e-6, atol=0
+        )

@@ -31,7 +31,9 @@ def scalars(values, device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_calling_convention_gives_the_same_total(backend, device):
-    uw = UncertaintyWeighting(tasks=["depth", "seg", "normal"], init_log_var=LOG_VARS, backend=backend)
+    uw = UncertaintyWeighting(
+        tasks=["depth", "seg", "normal"], init_log_var=LOG_VARS, backend=backend
+    )
     uw.to(device)
     l1, l2, l3 = scalars(LOSSES, device)
     expected = expected_total(LOSSES, LOG_VARS).total
@@ -53,7 +55,9 @@ def test_gradients_reach_losses_and_log_vars(backend, device):
     losses = [torch.tensor(v, device=device, requires_grad=True) for v in LOSSES]
     uw(*losses).backward()
     expected = expected_total(LOSSES, LOG_VARS)
-    torch.testing.assert_close(uw.log_vars.grad.double().cpu(), expected.grad_params, rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        uw.log_vars.grad.double().cpu(), expected.grad_params, rtol=1e-6, atol=0
+    )
     got = torch.stack([loss.grad for loss in losses]).double().cpu()
     torch.testing.assert_close(got, expected.grad_losses, rtol=1e-6, atol=0)
 
@@ -68,13 +72,17 @@ def test_task_types_as_sequence_dict_or_single_string(backend, device):
             tasks=["a", "b", "c"], task_types=task_types, init_log_var=LOG_VARS, backend=backend
         ).to(device)
         assert math.isclose(uw(*scalars(LOSSES, device)).item(), expected, rel_tol=1e-6)
-    uw = UncertaintyWeighting(3, task_types="classification", init_log_var=LOG_VARS, backend=backend)
+    uw = UncertaintyWeighting(
+        3, task_types="classification", init_log_var=LOG_VARS, backend=backend
+    )
     expected_cls = expected_total(LOSSES, LOG_VARS, ["classification"] * 3).total.item()
     assert math.isclose(uw.to(device)(*scalars(LOSSES, device)).item(), expected_cls, rel_tol=1e-6)
 
 
 def test_weights_and_sigmas():
-    uw = UncertaintyWeighting(2, task_types=["regression", "classification"], init_log_var=[0.4, -1.0])
+    uw = UncertaintyWeighting(
+        2, task_types=["regression", "classification"], init_log_var=[0.4, -1.0]
+    )
     assert not uw.weights.requires_grad and not uw.sigmas.requires_grad
     expected_weights = torch.tensor([0.5 * math.exp(-0.4), 1.0 * math.exp(1.0)])
     torch.testing.assert_close(uw.weights, expected_weights)
@@ -91,10 +99,15 @@ def test_parameter_name_shape_and_initial_value():
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_reduction_of_non_scalar_losses(reduction, backend, device):
-    per_sample = [torch.tensor([1.0, 2.0, 6.0], device=device), torch.tensor([[0.5, 1.5]], device=device)]
+    per_sample = [
+        torch.tensor([1.0, 2.0, 6.0], device=device),
+        torch.tensor([[0.5, 1.5]], device=device),
+    ]
     reduce = {"mean": lambda v: sum(v) / len(v), "sum": sum}[reduction]
     reduced = [reduce([1.0, 2.0, 6.0]), reduce([0.5, 1.5])]
-    uw = UncertaintyWeighting(2, init_log_var=[0.1, 0.2], reduction=reduction, backend=backend).to(device)
+    uw = UncertaintyWeighting(2, init_log_var=[0.1, 0.2], reduction=reduction, backend=backend).to(
+        device
+    )
     expected = expected_total(reduced, [0.1, 0.2]).total.item()
     assert math.isclose(uw(*per_sample).item(), expected, rel_tol=1e-6)
     stacked = torch.tensor([[1.0, 2.0, 6.0], [0.5, 1.5, 0.0]], device=device)
@@ -107,7 +120,10 @@ def test_reduction_of_non_scalar_losses(reduction, backend, device):
 def test_single_task(backend, device):
     uw = UncertaintyWeighting(1, init_log_var=0.5, backend=backend).to(device)
     expected = 2.0 * math.exp(-0.5) + 0.5
-    for call in (lambda: uw(torch.tensor(2.0, device=device)), lambda: uw([torch.tensor(2.0, device=device)])):
+    for call in (
+        lambda: uw(torch.tensor(2.0, device=device)),
+        lambda: uw([torch.tensor(2.0, device=device)]),
+    ):
         assert math.isclose(call().item(), expected, rel_tol=1e-6)
 
 
@@ -155,18 +171,36 @@ def named_module(**kwargs):
 @pytest.mark.parametrize(
     ("call", "error", "message"),
     [
-        (lambda uw: uw(torch.tensor(1.0)), ValueError, r"expected 2 \(depth, seg\) task losses, got 1"),
+        (
+            lambda uw: uw(torch.tensor(1.0)),
+            ValueError,
+            r"expected 2 \(depth, seg\) task losses, got 1",
+        ),
         (lambda uw: uw(*[torch.tensor(1.0)] * 3), ValueError, "got 3"),
         (lambda uw: uw(), ValueError, "got 0"),
         (lambda uw: uw({"depth": torch.tensor(1.0)}), ValueError, r"missing task\(s\) \['seg'\]"),
         (
-            lambda uw: uw({"depth": torch.tensor(1.0), "seg": torch.tensor(1.0), "edges": torch.tensor(1.0)}),
+            lambda uw: uw(
+                {"depth": torch.tensor(1.0), "seg": torch.tensor(1.0), "edges": torch.tensor(1.0)}
+            ),
             ValueError,
             r"unknown task\(s\) \['edges'\]",
         ),
-        (lambda uw: uw(torch.tensor(1.0), torch.ones(8, 1)), ValueError, r"task 'seg': loss has shape \(8, 1\); pass reduction="),
-        (lambda uw: uw(torch.tensor(1.0), torch.tensor(2)), TypeError, "task 'seg': loss must be a floating-point tensor, got torch.int64"),
-        (lambda uw: uw(torch.tensor(1.0), 2.0), TypeError, "task 'seg': loss must be a tensor, got float"),
+        (
+            lambda uw: uw(torch.tensor(1.0), torch.ones(8, 1)),
+            ValueError,
+            r"task 'seg': loss has shape \(8, 1\); pass reduction=",
+        ),
+        (
+            lambda uw: uw(torch.tensor(1.0), torch.tensor(2)),
+            TypeError,
+            "task 'seg': loss must be a floating-point tensor, got torch.int64",
+        ),
+        (
+            lambda uw: uw(torch.tensor(1.0), 2.0),
+            TypeError,
+            "task 'seg': loss must be a tensor, got float",
+        ),
         (lambda uw: uw(torch.tensor(1.0), torch.ones(0)), ValueError, "task 'seg': loss is empty"),
         (lambda uw: uw(torch.ones(3)), ValueError, r"got one tensor of shape \(3,\)"),
         (lambda uw: uw(torch.ones(2, 4)), ValueError, r"shape \(2, 4\).*pass reduction="),
@@ -190,13 +224,17 @@ def test_unnamed_tasks_are_named_by_index():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device: CUDA")
 def test_loss_on_another_device():
-    with pytest.raises(ValueError, match="task 'seg': loss is on cuda:0 but the module's parameters are on cpu"):
+    with pytest.raises(
+        ValueError, match="task 'seg': loss is on cuda:0 but the module's parameters are on cpu"
+    ):
         named_module()(torch.tensor(1.0), torch.tensor(1.0, device="cuda"))
 
 
 def test_loss_on_another_device_meta():
     # The meta device stands in for a second device on machines without a GPU.
-    with pytest.raises(ValueError, match="task 'seg': loss is on meta but the module's parameters are on cpu"):
+    with pytest.raises(
+        ValueError, match="task 'seg': loss is on meta but the module's parameters are on cpu"
+    ):
         named_module()(torch.tensor(1.0), torch.tensor(1.0, device="meta"))
 
 
@@ -225,12 +263,36 @@ def test_without_check_finite_a_nan_propagates():
         ({"tasks": []}, ValueError, "tasks is empty"),
         ({"tasks": "ab"}, TypeError, "tasks must be a sequence of task names"),
         ({"num_tasks": 3, "tasks": ["a", "b"]}, ValueError, "num_tasks=3 but 2 task names"),
-        ({"num_tasks": 2, "task_types": ["regression"]}, ValueError, "task_types has 1 entries for 2 tasks"),
-        ({"tasks": ["a", "b"], "task_types": ["regression", "ranking"]}, ValueError, "task 'b': unknown task type 'ranking'"),
-        ({"tasks": ["a", "b"], "task_types": {"a": "regression"}}, ValueError, r"task_types: missing task\(s\) \['b'\]"),
-        ({"num_tasks": 2, "task_types": {"a": "regression"}}, ValueError, "task_types given as a dict need task names"),
-        ({"num_tasks": 2, "init_log_var": [0.0, 1.0, 2.0]}, ValueError, "init_log_var must be one number or 2 numbers"),
-        ({"num_tasks": 2, "reduction": "max"}, ValueError, "reduction must be None, 'mean' or 'sum'"),
+        (
+            {"num_tasks": 2, "task_types": ["regression"]},
+            ValueError,
+            "task_types has 1 entries for 2 tasks",
+        ),
+        (
+            {"tasks": ["a", "b"], "task_types": ["regression", "ranking"]},
+            ValueError,
+            "task 'b': unknown task type 'ranking'",
+        ),
+        (
+            {"tasks": ["a", "b"], "task_types": {"a": "regression"}},
+            ValueError,
+            r"task_types: missing task\(s\) \['b'\]",
+        ),
+        (
+            {"num_tasks": 2, "task_types": {"a": "regression"}},
+            ValueError,
+            "task_types given as a dict need task names",
+        ),
+        (
+            {"num_tasks": 2, "init_log_var": [0.0, 1.0, 2.0]},
+            ValueError,
+            "init_log_var must be one number or 2 numbers",
+        ),
+        (
+            {"num_tasks": 2, "reduction": "max"},
+            ValueError,
+            "reduction must be None, 'mean' or 'sum'",
+        ),
         ({"num_tasks": 2, "backend": "cuda"}, ValueError, "backend must be one of"),
     ],
 )
@@ -245,8 +307,16 @@ def test_bad_constructor_arguments(kwargs, error, message):
         (torch.ones(3), torch.zeros(2), r"shape \(K,\), got \(3,\) and \(2,\)"),
         (torch.ones(2, 1), torch.zeros(2), r"shape \(K,\)"),
         (torch.ones(0), torch.zeros(0), "at least one task"),
-        (torch.ones(2, dtype=torch.int64), torch.zeros(2), "losses must be a floating-point tensor"),
-        (torch.ones(2), torch.zeros(2, device="meta"), "losses are on cpu but the per-task parameters on meta"),
+        (
+            torch.ones(2, dtype=torch.int64),
+            torch.zeros(2),
+            "losses must be a floating-point tensor",
+        ),
+        (
+            torch.ones(2),
+            torch.zeros(2, device="meta"),
+            "losses are on cpu but the per-task parameters on meta",
+        ),
     ],
 )
 def test_functional_bad_input(losses, log_vars, message):
@@ -275,13 +345,20 @@ def test_backend_environment_override(monkeypatch):
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match="backend='triton' on CPU tensors runs only in the Triton interpreter"):
+    with pytest.raises(
+        RuntimeError, match="backend='triton' on CPU tensors runs only in the Triton interpreter"
+    ):
         UncertaintyWeighting(2, backend="triton")(torch.tensor(1.0), torch.tensor(2.0))
 
 
 def test_triton_rejects_float64():
-    with pytest.raises(TypeError, match="backend='triton' supports float32, float16 and bfloat16, got torch.float64"):
-        UncertaintyWeighting(2, backend="triton").double()(torch.tensor(1.0).double(), torch.tensor(2.0).double())
+    with pytest.raises(
+        TypeError,
+        match=r"backend='triton' supports float32, float16 and bfloat16, got torch\.float64",
+    ):
+        UncertaintyWeighting(2, backend="triton").double()(
+            torch.tensor(1.0).double(), torch.tensor(2.0).double()
+        )
 
 
 def test_auto_uses_triton_only_on_cuda(device):

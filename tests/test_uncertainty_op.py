@@ -75,11 +75,14 @@ def run_op(losses, params, parametrization, backend, loss_coefs=None, reg_coefs=
     return total, losses.grad, params.grad
 
 
-def check_against(expected: Expected, total, grad_losses, grad_params, out_dtype, loss_dtype, param_dtype):
+def check_against(
+    expected: Expected, total, grad_losses, grad_params, out_dtype, loss_dtype, param_dtype
+):
     sum_rtol = SUM_RTOL.get(out_dtype, SUM_RTOL_FP32)
-    total_bound_rtol = ELEMENT_RTOL[out_dtype] * expected.total.abs() / expected.total_magnitude.clamp_min(
-        1e-300
-    ) + sum_rtol
+    total_bound_rtol = (
+        ELEMENT_RTOL[out_dtype] * expected.total.abs() / expected.total_magnitude.clamp_min(1e-300)
+        + sum_rtol
+    )
     assert_close_to(total, expected.total, expected.total_magnitude, total_bound_rtol, "total")
     assert_close_to(
         grad_losses,
@@ -131,7 +134,12 @@ def test_task_type_coefficients(backend, num_tasks, device):
     expected = log_variance(losses, s, a, b)
     f32 = dict(dtype=torch.float32, device=device)
     total, grad_losses, grad_params = run_op(
-        losses.to(**f32), s.to(**f32), Parametrization.LOG_VARIANCE, backend, a.to(**f32), b.to(**f32)
+        losses.to(**f32),
+        s.to(**f32),
+        Parametrization.LOG_VARIANCE,
+        backend,
+        a.to(**f32),
+        b.to(**f32),
     )
     check_against(expected, total, grad_losses, grad_params, *(torch.float32,) * 3)
 
@@ -148,7 +156,9 @@ def test_mixed_dtypes_follow_promotion(backend, loss_dtype, device):
     )
     assert total.dtype == torch.float32
     assert grad_losses.dtype == loss_dtype and grad_params.dtype == torch.float32
-    check_against(expected, total, grad_losses, grad_params, torch.float32, loss_dtype, torch.float32)
+    check_against(
+        expected, total, grad_losses, grad_params, torch.float32, loss_dtype, torch.float32
+    )
 
 
 # Valid but numerically extreme inputs: every result must be finite and match the formulas.
@@ -169,9 +179,19 @@ def test_extreme_log_variances(backend, device):
         assert bool(torch.isfinite(value).all())
     rtol = EXTREME_RTOL[torch.float32]
     assert_close_to(total, expected.total, expected.total_magnitude, rtol, "total")
-    assert_close_to(grad_losses, UPSTREAM_GRAD * expected.grad_losses, UPSTREAM_GRAD * expected.grad_losses, rtol, "dL")
     assert_close_to(
-        grad_params, UPSTREAM_GRAD * expected.grad_params, UPSTREAM_GRAD * expected.grad_params_magnitude, rtol, "ds"
+        grad_losses,
+        UPSTREAM_GRAD * expected.grad_losses,
+        UPSTREAM_GRAD * expected.grad_losses,
+        rtol,
+        "dL",
+    )
+    assert_close_to(
+        grad_params,
+        UPSTREAM_GRAD * expected.grad_params,
+        UPSTREAM_GRAD * expected.grad_params_magnitude,
+        rtol,
+        "ds",
     )
 
 
@@ -185,7 +205,9 @@ def test_float16_losses_near_their_maximum(backend, device):
         losses.to(device), s.to(device), Parametrization.LOG_VARIANCE, backend
     )
     assert bool(torch.isfinite(total)) and total.dtype == torch.float32
-    check_against(expected, total, grad_losses, grad_params, torch.float32, torch.float16, torch.float32)
+    check_against(
+        expected, total, grad_losses, grad_params, torch.float32, torch.float16, torch.float32
+    )
 
 
 class _LaunchCounter:
