@@ -21,6 +21,8 @@ supports (no bf16 arithmetic, no libdevice).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -139,6 +141,12 @@ def _num_warps(block: int) -> int:
     return max(1, min(8, block // 256))
 
 
+def _device_of(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    # Triton launches on the current CUDA device; tensors on another GPU would be read through
+    # the wrong context. CPU tensors (the interpreter) need no guard.
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 def _coefficient_pointers(
     params: torch.Tensor, loss_coefs: torch.Tensor | None, reg_coefs: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -163,18 +171,19 @@ def uncertainty_forward(
         (), dtype=torch.promote_types(losses.dtype, params.dtype), device=losses.device
     )
     block = min(triton.next_power_of_2(num_tasks), _MAX_FORWARD_BLOCK)
-    _uncertainty_forward_kernel[(1,)](
-        losses,
-        params,
-        loss_coefs,
-        reg_coefs,
-        total,
-        num_tasks,
-        PARAMETRIZATION=parametrization,
-        HAS_COEFS=has_coefs,
-        BLOCK_K=block,
-        num_warps=_num_warps(block),
-    )
+    with _device_of(losses):
+        _uncertainty_forward_kernel[(1,)](
+            losses,
+            params,
+            loss_coefs,
+            reg_coefs,
+            total,
+            num_tasks,
+            PARAMETRIZATION=parametrization,
+            HAS_COEFS=has_coefs,
+            BLOCK_K=block,
+            num_warps=_num_warps(block),
+        )
     return total
 
 
@@ -193,18 +202,19 @@ def uncertainty_backward(
     grad_losses = torch.empty_like(losses)
     grad_params = torch.empty_like(params)
     block = min(triton.next_power_of_2(num_tasks), _MAX_BACKWARD_BLOCK)
-    _uncertainty_backward_kernel[(triton.cdiv(num_tasks, block),)](
-        grad_total,
-        losses,
-        params,
-        loss_coefs,
-        reg_coefs,
-        grad_losses,
-        grad_params,
-        num_tasks,
-        PARAMETRIZATION=parametrization,
-        HAS_COEFS=has_coefs,
-        BLOCK_K=block,
-        num_warps=_num_warps(block),
-    )
+    with _device_of(losses):
+        _uncertainty_backward_kernel[(triton.cdiv(num_tasks, block),)](
+            grad_total,
+            losses,
+            params,
+            loss_coefs,
+            reg_coefs,
+            grad_losses,
+            grad_params,
+            num_tasks,
+            PARAMETRIZATION=parametrization,
+            HAS_COEFS=has_coefs,
+            BLOCK_K=block,
+            num_warps=_num_warps(block),
+        )
     return grad_losses, grad_params
