@@ -17,8 +17,9 @@ on the first Triton call). Each op is a single kernel already, so there is nothi
 fuse inside it. Neither path synchronises with the host, so a step that uses them can be captured
 in a CUDA graph.
 
-The torch path calls ``fused_mtl.reference`` directly; autograd differentiates it, which also
-gives higher-order gradients (the Triton backward is first-order only).
+The torch path calls ``fused_mtl.reference`` directly and autograd differentiates it. In eager
+mode a backward with ``create_graph=True`` on the Triton path also goes through the reference, so
+that second derivatives are right; under ``torch.compile`` double backward is not supported.
 """
 
 from __future__ import annotations
@@ -57,6 +58,19 @@ class _UncertaintyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         losses, params, loss_coefs, reg_coefs = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradient itself will be differentiated (a gradient penalty,
+            # a meta-learning step), so build it from differentiable torch ops, not the kernel.
+            with torch.enable_grad():
+                total = reference.uncertainty_total(
+                    losses, params, Parametrization(ctx.parametrization), loss_coefs, reg_coefs
+                )
+            return (
+                *torch.autograd.grad(total, (losses, params), grad_total, create_graph=True),
+                None,
+                None,
+                None,
+            )
         grad_losses, grad_params = _launch_backward(
             grad_total, losses, params, loss_coefs, reg_coefs, ctx.parametrization
         )

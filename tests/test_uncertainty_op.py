@@ -262,3 +262,20 @@ def test_fallback_gradcheck():
             lambda L, q, p=parametrization, c=coefs: uncertainty_weighting(L, q, p, *c, "torch"),
             (losses, params),
         )
+
+
+@pytest.mark.parametrize("parametrization", list(Parametrization), ids=lambda p: p.name.lower())
+def test_second_derivatives_match_the_torch_backend(parametrization, device):
+    """create_graph=True on the Triton path (a gradient penalty) gives true second derivatives."""
+    losses64, params64 = sample(parametrization, 5, seed=7)
+    results = {}
+    for backend in ("triton", "torch"):
+        losses = losses64.float().to(device).requires_grad_()
+        params = params64.float().to(device).requires_grad_()
+        total = uncertainty_weighting(losses, params, parametrization, backend=backend)
+        grad_losses, grad_params = torch.autograd.grad(total, (losses, params), create_graph=True)
+        penalty = (grad_losses**2).sum() + (grad_params**2).sum()
+        results[backend] = torch.autograd.grad(penalty, (losses, params))
+    for got, expected in zip(results["triton"], results["torch"], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+    assert results["triton"][1].abs().sum() > 0  # the penalty does depend on the parameters
