@@ -12,8 +12,12 @@ def main(path: str) -> None:
     with open(path) as file:
         data = json.load(file)
     medians: dict[int, dict[str, float]] = defaultdict(dict)
+    dispatch: dict[str, float] = {}
     for bench in data["benchmarks"]:
         params = bench["params"]
+        if "wrapper" in params:
+            dispatch[bench["name"].split("[")[1].rstrip("]")] = bench["stats"]["median"]
+            continue
         medians[params["num_tasks"]][params["implementation"]] = bench["stats"]["median"]
     info = data["benchmarks"][0]["extra_info"]
     print(
@@ -32,6 +36,14 @@ def main(path: str) -> None:
             f"| {num_tasks} | {loop * 1e6:.0f} µs | {auto * 1e6:.0f} µs | {fallback * 1e6:.0f} µs "
             f"| {loop / auto:.1f}× |"
         )
+    if dispatch:
+        print()
+        print("Wrapper dispatch cost, forward + backward of the same torch body at K = 2:")
+        print()
+        print("| wrapper | median |")
+        print("|---|---|")
+        for wrapper, median in sorted(dispatch.items()):
+            print(f"| {wrapper} | {median * 1e6:.0f} µs |")
 
 
 if __name__ == "__main__":
