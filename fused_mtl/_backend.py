@@ -2,8 +2,9 @@
 
 ``backend="auto"`` picks Triton for CUDA tensors in fp32/fp16/bf16 when triton imports, and the
 torch reference otherwise; the environment variable ``FUSED_MTL_BACKEND`` (``auto``, ``triton`` or
-``torch``) overrides "auto". ``backend="triton"`` on CPU tensors runs the kernels in the Triton
-interpreter and therefore needs ``TRITON_INTERPRET=1`` set before the kernels are first imported.
+``torch``) overrides "auto", read when a module is built and on each functional call.
+``backend="triton"`` on CPU tensors runs the kernels in the Triton interpreter and therefore needs
+``TRITON_INTERPRET=1`` set before the kernels are first imported.
 """
 
 from __future__ import annotations
@@ -63,7 +64,12 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _requested(backend: Backend) -> Backend:
+def requested_backend(backend: Backend) -> Backend:
+    """``backend`` with the ``FUSED_MTL_BACKEND`` override applied to "auto".
+
+    Modules call this once, when they are built, and keep the answer: an environment lookup costs
+    several microseconds, too much to pay on every call of a fused op.
+    """
     if backend != "auto":
         return backend
     override = os.environ.get(ENV_VAR, "auto")
@@ -74,17 +80,19 @@ def _requested(backend: Backend) -> Backend:
     return override  # type: ignore[return-value]
 
 
-def resolve_backend(backend: Backend, *tensors: torch.Tensor) -> Literal["triton", "torch"]:
-    """The implementation that runs for these tensors; raises when "triton" cannot run them."""
-    requested = _requested(backend)
+def resolve_backend(requested: Backend, *tensors: torch.Tensor) -> Literal["triton", "torch"]:
+    """The implementation that runs for these tensors; raises when "triton" cannot run them.
+
+    ``requested`` comes from ``requested_backend``: the environment is not read here.
+    """
     if requested == "torch":
         return "torch"
     device = tensors[0].device
-    dtypes_supported = all(t.dtype in KERNEL_DTYPES for t in tensors)
     if requested == "auto":
-        if device.type == "cuda" and dtypes_supported and triton_available():
-            return "triton"
-        return "torch"
+        if device.type != "cuda":
+            return "torch"
+        supported = all(t.dtype in KERNEL_DTYPES for t in tensors)
+        return "triton" if supported and triton_available() else "torch"
     # requested == "triton": run the kernels or say exactly why they cannot run.
     if not triton_available():
         raise RuntimeError(
@@ -100,7 +108,7 @@ def resolve_backend(backend: Backend, *tensors: torch.Tensor) -> Literal["triton
         raise RuntimeError(
             f"backend='triton' supports CUDA (and interpreted CPU) tensors, not {device.type}"
         )
-    if not dtypes_supported:
+    if not all(t.dtype in KERNEL_DTYPES for t in tensors):
         found = sorted({str(t.dtype) for t in tensors})
         raise TypeError(
             f"backend='triton' supports float32, float16 and bfloat16, got {', '.join(found)}; "

@@ -156,7 +156,10 @@ def uncertainty_weighting(
     reg_coefs: Tensor | None = None,
     backend: Backend = "auto",
 ) -> Tensor:
-    """Balanced total of a ``(K,)`` losses tensor; dispatches to Triton or the torch reference."""
+    """Balanced total of a ``(K,)`` losses tensor; dispatches to Triton or the torch reference.
+
+    ``backend`` is taken as requested: callers apply ``FUSED_MTL_BACKEND`` beforehand.
+    """
     _check_inputs(losses, params, (loss_coefs, reg_coefs))
     if resolve_backend(backend, losses, params) == "torch":
         return reference.uncertainty_total(losses, params, parametrization, loss_coefs, reg_coefs)

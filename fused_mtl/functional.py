@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from fused_mtl import reference
-from fused_mtl._backend import Backend, check_backend
+from fused_mtl._backend import Backend, check_backend, requested_backend
 from fused_mtl._losses import resolve_task_types
 from fused_mtl._uncertainty_op import uncertainty_weighting as _uncertainty_op
 from fused_mtl.reference import Parametrization
@@ -38,7 +38,7 @@ def uncertainty_weighting(
         >>> uncertainty_weighting(torch.tensor([1.0, 2.0]), torch.zeros(2))
         tensor(3.)
     """
-    check_backend(backend)
+    requested = requested_backend(check_backend(backend))
     loss_coefs = reg_coefs = None
     if task_types is not None and log_vars.dim() == 1:
         num_tasks = log_vars.shape[0]
@@ -47,5 +47,5 @@ def uncertainty_weighting(
         loss_coefs = torch.tensor(a, device=log_vars.device)
         reg_coefs = torch.tensor(b, device=log_vars.device)
     return _uncertainty_op(
-        losses, log_vars, Parametrization.LOG_VARIANCE, loss_coefs, reg_coefs, backend
+        losses, log_vars, Parametrization.LOG_VARIANCE, loss_coefs, reg_coefs, requested
     )

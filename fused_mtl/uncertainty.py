@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from fused_mtl import reference
-from fused_mtl._backend import Backend, check_backend
+from fused_mtl._backend import Backend, check_backend, requested_backend
 from fused_mtl._losses import (
     Reduction,
     TaskTypes,
@@ -47,6 +47,8 @@ class UncertaintyModule(nn.Module):
         self.reduction = check_reduction(reduction)
         self.check_finite = bool(check_finite)
         self.backend = check_backend(backend)
+        # FUSED_MTL_BACKEND is applied here, once: see requested_backend.
+        self._requested_backend = requested_backend(self.backend)
         self.register_buffer("loss_coefs", None, persistent=False)
         self.register_buffer("reg_coefs", None, persistent=False)
 
@@ -66,7 +68,12 @@ class UncertaintyModule(nn.Module):
         if self.check_finite:
             raise_if_not_finite(stacked, self.tasks)
         return uncertainty_weighting(
-            stacked, params, self._parametrization, self.loss_coefs, self.reg_coefs, self.backend
+            stacked,
+            params,
+            self._parametrization,
+            self.loss_coefs,
+            self.reg_coefs,
+            self._requested_backend,
         )
 
     @property
@@ -102,7 +109,8 @@ class UncertaintyWeighting(UncertaintyModule):
         reduction: ``None`` requires scalar losses; ``"mean"`` / ``"sum"`` reduce each loss.
         check_finite: raise ``FloatingPointError`` naming the task on a NaN or infinite loss.
             This reads the losses on the host (a synchronisation): leave it off in CUDA graphs.
-        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see the README).
+        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see the README). The environment
+            variable ``FUSED_MTL_BACKEND`` overrides ``"auto"``; it is read here, at construction.
 
     Example:
         >>> import torch

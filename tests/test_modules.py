@@ -335,8 +335,12 @@ def test_backend_environment_override(monkeypatch):
     monkeypatch.setenv("FUSED_MTL_BACKEND", "triton")
     assert ran_triton(UncertaintyWeighting(2)(*losses))
     assert not ran_triton(UncertaintyWeighting(2, backend="torch")(*losses))  # explicit wins
+    built_before = UncertaintyWeighting(2)  # the override is read at construction
+    assert ran_triton(uncertainty_weighting(torch.ones(2, requires_grad=True), torch.zeros(2)))
     monkeypatch.setenv("FUSED_MTL_BACKEND", "torch")
     assert not ran_triton(UncertaintyWeighting(2)(*losses))
+    assert ran_triton(built_before(*losses))
+    assert not ran_triton(uncertainty_weighting(torch.ones(2, requires_grad=True), torch.zeros(2)))
     assert ran_triton(UncertaintyWeighting(2, backend="triton")(*losses))
     monkeypatch.setenv("FUSED_MTL_BACKEND", "fast")
     with pytest.raises(ValueError, match="FUSED_MTL_BACKEND must be one of"):
