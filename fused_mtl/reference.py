@@ -90,7 +90,6 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _weights_and_regularisers(
-    losses: Tensor,
     params: Tensor,
     parametrization: Parametrization,
     loss_coefs: Tensor | None,
@@ -126,7 +125,7 @@ def uncertainty_terms(
     dtype = compute_dtype(result_dtype(losses, params))
     losses, params = losses.to(dtype), params.to(dtype)
     weights, regularisers = _weights_and_regularisers(
-        losses, params, parametrization, loss_coefs, reg_coefs
+        params, parametrization, loss_coefs, reg_coefs
     )
     return weights * losses + regularisers
 
@@ -149,5 +148,5 @@ def uncertainty_weights(
     loss_coefs: Tensor | None = None,
 ) -> Tensor:
     """The effective weight ``w_i = dTotal / dL_i`` that multiplies each task loss."""
-    weights, _ = _weights_and_regularisers(params, params, parametrization, loss_coefs, None)
+    weights, _ = _weights_and_regularisers(params, parametrization, loss_coefs, None)
     return weights

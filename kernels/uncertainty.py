@@ -35,7 +35,7 @@ _MAX_BACKWARD_BLOCK = 1024
 
 
 @triton.jit
-def _weight_and_regulariser(losses, params, loss_coefs, reg_coefs, PARAMETRIZATION: tl.constexpr):
+def _weight_and_regulariser(params, loss_coefs, reg_coefs, PARAMETRIZATION: tl.constexpr):
     """Per-task ``w`` and ``r`` of ``term = w * L + r`` (fp32 in, fp32 out)."""
     if PARAMETRIZATION == 0:
         weight = loss_coefs * tl.exp(-params)
@@ -88,7 +88,7 @@ def _uncertainty_forward_kernel(
             losses_ptr, params_ptr, loss_coefs_ptr, reg_coefs_ptr, offsets, mask, HAS_COEFS
         )
         weight, regulariser = _weight_and_regulariser(
-            losses, params, loss_coefs, reg_coefs, PARAMETRIZATION
+            params, loss_coefs, reg_coefs, PARAMETRIZATION
         )
         partial += tl.where(mask, weight * losses + regulariser, 0.0)
     total = tl.sum(partial, axis=0)
@@ -117,7 +117,7 @@ def _uncertainty_backward_kernel(
     losses, params, loss_coefs, reg_coefs = _load_task_block(
         losses_ptr, params_ptr, loss_coefs_ptr, reg_coefs_ptr, offsets, mask, HAS_COEFS
     )
-    weight, _ = _weight_and_regulariser(losses, params, loss_coefs, reg_coefs, PARAMETRIZATION)
+    weight, _ = _weight_and_regulariser(params, loss_coefs, reg_coefs, PARAMETRIZATION)
     if PARAMETRIZATION == 0:
         grad_params = reg_coefs - weight * losses
     elif PARAMETRIZATION == 1:
