@@ -46,14 +46,21 @@ def _launch_backward(grad_total, losses, params, loss_coefs, reg_coefs, parametr
     )
 
 
+def _setup_context(ctx, inputs, output):
+    """What both wrappers keep for the backward: the inputs and the (constexpr) parametrisation."""
+    losses, params, loss_coefs, reg_coefs, parametrization = inputs
+    ctx.save_for_backward(losses, params, loss_coefs, reg_coefs)
+    ctx.parametrization = parametrization
+
+
 class _UncertaintyFunction(torch.autograd.Function):
     """Eager-mode autograd node of the Triton path (see the module docstring for why)."""
 
     @staticmethod
     def forward(ctx, losses, params, loss_coefs, reg_coefs, parametrization):
-        ctx.save_for_backward(losses, params, loss_coefs, reg_coefs)
-        ctx.parametrization = parametrization
-        return _launch_forward(losses, params, loss_coefs, reg_coefs, parametrization)
+        inputs = (losses, params, loss_coefs, reg_coefs, parametrization)
+        _setup_context(ctx, inputs, None)
+        return _launch_forward(*inputs)
 
     @staticmethod
     def backward(ctx, grad_total):
@@ -108,12 +115,6 @@ def _backward_op(
 @_backward_op.register_fake
 def _backward_fake(grad_total, losses, params, loss_coefs, reg_coefs, parametrization):
     return torch.empty_like(losses), torch.empty_like(params)
-
-
-def _setup_context(ctx, inputs, output):
-    losses, params, loss_coefs, reg_coefs, parametrization = inputs
-    ctx.save_for_backward(losses, params, loss_coefs, reg_coefs)
-    ctx.parametrization = parametrization
 
 
 def _backward(ctx, grad_total):
