@@ -9,11 +9,12 @@ from torch import Tensor
 
 from fused_mtl import reference
 from fused_mtl._backend import Backend, check_backend, requested_backend
+from fused_mtl._gram_op import TaskGrads, task_gram_or_norms
 from fused_mtl._losses import resolve_task_types
 from fused_mtl._uncertainty_op import uncertainty_weighting as _uncertainty_op
 from fused_mtl.reference import Parametrization
 
-__all__ = ["uncertainty_weighting"]
+__all__ = ["task_grad_norms", "task_gram", "uncertainty_weighting"]
 
 
 def uncertainty_weighting(
@@ -49,3 +50,40 @@ def uncertainty_weighting(
     return _uncertainty_op(
         losses, log_vars, Parametrization.LOG_VARIANCE, loss_coefs, reg_coefs, requested
     )
+
+
+def task_grad_norms(task_grads: TaskGrads, *, backend: Backend = "auto") -> Tensor:
+    r"""Per-task gradient norms :math:`\lVert g_i \rVert_2`, shape ``(K,)``.
+
+    ``task_grads`` holds, for each shared parameter, the gradients of all K tasks stacked on a
+    first axis: a sequence of tensors shaped ``(K, *param.shape)`` (what
+    ``torch.autograd.grad(..., is_grads_batched=True)`` returns), or one ``(K, P)`` matrix.
+    ``g_i`` is task i's gradient over all of them together. On CUDA one Triton launch reads every
+    tensor (no concatenated copy) and a second sums the per-program partials in a fixed order,
+    so the result is bitwise reproducible. The result is float32 (float64 for float64 input).
+
+    Example:
+        >>> import torch
+        >>> from fused_mtl.functional import task_grad_norms
+        >>> weight_grads = torch.tensor([[[3.0, 0.0]], [[0.0, 1.0]]])  # K = 2, weight (1, 2)
+        >>> bias_grads = torch.tensor([[4.0], [0.0]])  # K = 2, bias (1,)
+        >>> task_grad_norms([weight_grads, bias_grads])
+        tensor([5., 1.])
+    """
+    return task_gram_or_norms(task_grads, True, requested_backend(check_backend(backend)))
+
+
+def task_gram(task_grads: TaskGrads, *, backend: Backend = "auto") -> Tensor:
+    r"""Gram matrix ``(K, K)`` of the per-task gradients, :math:`M_{ik} = \langle g_i, g_k \rangle`.
+
+    Same input, dispatch and dtype rules as ``task_grad_norms``, whose result is
+    ``sqrt(diag(M))``. The Triton path returns an exactly symmetric matrix.
+
+    Example:
+        >>> import torch
+        >>> from fused_mtl.functional import task_gram
+        >>> task_gram(torch.tensor([[1.0, 2.0], [3.0, -1.0]]))
+        tensor([[ 5.,  1.],
+                [ 1., 10.]])
+    """
+    return task_gram_or_norms(task_grads, False, requested_backend(check_backend(backend)))

@@ -22,6 +22,20 @@ For K tasks with scalar losses ``L_i`` and one learned parameter per task, the b
 - ``DYNAMIC_NOISE`` (the Dynamic-Loss-Weighting form), parameter ``eta_i``::
 
       term_i = L_i / eta_i^2 + log(eta_i)
+
+Per-task gradients
+------------------
+With ``g_i`` task i's gradient of the shared parameters (all of them, flattened and joined), the
+Gram matrix is ``M_ik = <g_i, g_k>`` and the norms are ``||g_i|| = sqrt(M_ii)``. Gradients come
+as one tensor ``(K, *param.shape)`` per shared parameter, so ``M = sum_j G_j G_j^T``.
+
+GradNorm
+--------
+GradNorm (Chen et al., ICML 2018) learns task weights ``w`` from the gradient norms. With
+``G_i = w_i ||g_i||``, ``G_mean = mean_i G_i``, training rates ``r_i = L~_i / mean_j L~_j``
+where ``L~_i = L_i(t) / L_i(0)``, and the constant targets ``T_i = G_mean * r_i^alpha``, the
+GradNorm loss ``sum_i |G_i - T_i|`` has the weight gradient ``sign(G_i - T_i) * ||g_i||``. A
+task that trains slowly (``r_i > 1``) gets a target above the mean, and its weight grows.
 """
 
 from __future__ import annotations
@@ -36,7 +50,11 @@ __all__ = [
     "TASK_TYPE_COEFFICIENTS",
     "Parametrization",
     "compute_dtype",
+    "gradnorm_weight_grad",
+    "renormalized_weights",
     "result_dtype",
+    "task_grad_norms",
+    "task_gram",
     "task_type_coefficients",
     "uncertainty_terms",
     "uncertainty_total",
@@ -150,3 +168,41 @@ def uncertainty_weights(
     """The effective weight ``w_i = dTotal / dL_i`` that multiplies each task loss."""
     weights, _ = _weights_and_regularisers(params, parametrization, loss_coefs, None)
     return weights
+
+
+def _task_matrices(task_grads: Sequence[Tensor]) -> list[Tensor]:
+    """Each ``(K, *param.shape)`` gradient as a ``(K, P_j)`` matrix in the compute dtype."""
+    dtype = torch.float64 if any(g.dtype == torch.float64 for g in task_grads) else torch.float32
+    return [g.reshape(g.shape[0], -1).to(dtype) for g in task_grads]
+
+
+def task_gram(task_grads: Sequence[Tensor]) -> Tensor:
+    """``M = sum_j G_j G_j^T``, shape ``(K, K)``: float64 if any input is, else float32."""
+    matrices = _task_matrices(task_grads)
+    return torch.stack([m @ m.T for m in matrices]).sum(0)
+
+
+def task_grad_norms(task_grads: Sequence[Tensor]) -> Tensor:
+    """``||g_i||``, shape ``(K,)``: the square root of the Gram's diagonal, in its dtype."""
+    matrices = _task_matrices(task_grads)
+    # The norm of the per-parameter norms; vector_norm's gradient at a zero norm is zero.
+    per_parameter = torch.stack([torch.linalg.vector_norm(m, dim=1) for m in matrices])
+    return torch.linalg.vector_norm(per_parameter, dim=0)
+
+
+def gradnorm_weight_grad(
+    weights: Tensor, grad_norms: Tensor, losses: Tensor, initial_losses: Tensor, alpha: float
+) -> Tensor:
+    """GradNorm's gradient for the task weights: ``sign(w_i ||g_i|| - T_i) * ||g_i||``."""
+    weighted_norms = weights * grad_norms
+    loss_ratios = losses / initial_losses
+    training_rates = loss_ratios / loss_ratios.mean()
+    # The target is a constant of the GradNorm loss: it carries no gradient of its own.
+    targets = weighted_norms.mean() * training_rates**alpha
+    return torch.sign(weighted_norms - targets) * grad_norms
+
+
+def renormalized_weights(weights: Tensor, min_weight: float) -> Tensor:
+    """Weights rescaled to sum to K, each first raised to at least ``min_weight`` (> 0)."""
+    positive = weights.clamp_min(min_weight)
+    return positive * (weights.shape[0] / positive.sum())

@@ -21,11 +21,10 @@ supports (no bf16 arithmetic, no libdevice).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+from fused_mtl.kernels._launch import on_device_of
 
 # A forward of K <= 65,536 tasks reads at most 3 * 256 KiB: a single program looping over blocks
 # finishes in a few microseconds, well under the ~5 us a second launch would cost, and it sums in
@@ -141,12 +140,6 @@ def _num_warps(block: int) -> int:
     return max(1, min(8, block // 256))
 
 
-def _device_of(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
-    # Triton launches on the current CUDA device; tensors on another GPU would be read through
-    # the wrong context. CPU tensors (the interpreter) need no guard.
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
-
-
 def _coefficient_pointers(
     params: torch.Tensor, loss_coefs: torch.Tensor | None, reg_coefs: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -171,7 +164,7 @@ def uncertainty_forward(
         (), dtype=torch.promote_types(losses.dtype, params.dtype), device=losses.device
     )
     block = min(triton.next_power_of_2(num_tasks), _MAX_FORWARD_BLOCK)
-    with _device_of(losses):
+    with on_device_of(losses):
         _uncertainty_forward_kernel[(1,)](
             losses,
             params,
@@ -202,7 +195,7 @@ def uncertainty_backward(
     grad_losses = torch.empty_like(losses)
     grad_params = torch.empty_like(params)
     block = min(triton.next_power_of_2(num_tasks), _MAX_BACKWARD_BLOCK)
-    with _device_of(losses):
+    with on_device_of(losses):
         _uncertainty_backward_kernel[(triton.cdiv(num_tasks, block),)](
             grad_total,
             losses,

@@ -91,3 +91,16 @@ def multi_noise_loop(losses: list[float], eta: list[float]) -> float:
     for loss, e in zip(losses, eta, strict=True):
         total += loss / e**2 + math.log(e)
     return total
+
+
+def gram(task_grads: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Gram of per-task gradients, M_ik = <g_i, g_k>, with g_i task i's gradient over every
+    parameter joined into one vector; and its magnitude sum_p |g_ip| |g_kp|."""
+    g = torch.cat([t.double().cpu().reshape(t.shape[0], -1) for t in task_grads], dim=1)
+    return g @ g.T, g.abs() @ g.abs().T
+
+
+def grad_norms(task_grads: list[Tensor]) -> Tensor:
+    """||g_i||, the square root of the sum of squares of task i's gradient over every parameter."""
+    g = torch.cat([t.double().cpu().reshape(t.shape[0], -1) for t in task_grads], dim=1)
+    return g.square().sum(dim=1).sqrt()

@@ -5,6 +5,7 @@ The Triton backend runs the real kernels: compiled on CUDA, in the Triton interp
 
 import pytest
 import torch
+from checks import LaunchCounter, assert_close_to
 from formulas import Expected, dynamic_noise, liebel_koerner, log_variance
 
 from fused_mtl._uncertainty_op import uncertainty_weighting
@@ -54,17 +55,6 @@ def sample(parametrization, num_tasks, seed=0):
     else:
         params = uniform * 1.3 + 0.2  # log(eta) needs eta > 0
     return losses, params
-
-
-def assert_close_to(got, value, magnitude, rtol, what):
-    error = (got.double().cpu() - value).abs()
-    bound = rtol * magnitude
-    worst = int(torch.argmax(error - bound)) if error.dim() else 0
-    assert bool((error <= bound).all()), (
-        f"{what}: error {error.flatten()[worst].item():.3e} > bound "
-        f"{bound.flatten()[worst].item():.3e} (got {got.flatten()[worst].item()}, "
-        f"expected {value.flatten()[worst].item()})"
-    )
 
 
 def run_op(losses, params, parametrization, backend, loss_coefs=None, reg_coefs=None):
@@ -210,23 +200,12 @@ def test_float16_losses_near_their_maximum(backend, device):
     )
 
 
-class _LaunchCounter:
-    """Stands in for a Triton kernel and counts its launches (``kernel[grid](...)``)."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
-
-
 @pytest.mark.parametrize("num_tasks", [1, 3, 65536])
 def test_one_launch_forward_one_launch_backward(num_tasks, device, monkeypatch):
     from fused_mtl.kernels import uncertainty as kernels
 
-    forward = _LaunchCounter(kernels._uncertainty_forward_kernel)
-    backward = _LaunchCounter(kernels._uncertainty_backward_kernel)
+    forward = LaunchCounter(kernels._uncertainty_forward_kernel)
+    backward = LaunchCounter(kernels._uncertainty_backward_kernel)
     monkeypatch.setattr(kernels, "_uncertainty_forward_kernel", forward)
     monkeypatch.setattr(kernels, "_uncertainty_backward_kernel", backward)
     losses = torch.rand(num_tasks, device=device, requires_grad=True)
