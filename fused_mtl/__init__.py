@@ -2,7 +2,10 @@
 
 The public surface::
 
-    fused_mtl.UncertaintyWeighting      # the module (parameter log_vars)
+    fused_mtl.Balancer                  # the interface: balancer.backward(losses), .weights
+    fused_mtl.UncertaintyWeighting      # learned uncertainty (parameter log_vars)
+    fused_mtl.GradNorm                  # gradient-norm balancing (parameter weights)
+    fused_mtl.synthetic                 # the GradNorm paper's toy multi-task regression
     fused_mtl.functional                # the same math on tensors
     fused_mtl.compat                    # drop-ins: AutomaticWeightedLoss, MultiNoiseLoss
     fused_mtl.reference                 # the math in plain torch (fallback and test oracle)
@@ -10,8 +13,19 @@ The public surface::
 Triton is optional and imported only when a Triton kernel first runs.
 """
 
-from fused_mtl import compat, functional, reference
+from fused_mtl import compat, functional, reference, synthetic
+from fused_mtl.balancer import Balancer
+from fused_mtl.gradnorm import GradNorm
 from fused_mtl.uncertainty import UncertaintyWeighting
 
-__all__ = ["UncertaintyWeighting", "__version__", "compat", "functional", "reference"]
+__all__ = [
+    "Balancer",
+    "GradNorm",
+    "UncertaintyWeighting",
+    "__version__",
+    "compat",
+    "functional",
+    "reference",
+    "synthetic",
+]
 __version__ = "0.1.0"

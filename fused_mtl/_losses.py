@@ -154,15 +154,16 @@ def _from_stacked(
     return flat.mean(dim=1) if reduction == "mean" else flat.sum(dim=1)
 
 
-def stack_losses(
+def check_losses(
     args: tuple[object, ...],
     *,
     num_tasks: int,
     names: Sequence[str] | None,
     reduction: Reduction,
     device: torch.device,
-) -> Tensor:
-    """Turn any calling convention into one ``(K,)`` tensor (see the module docstring)."""
+) -> tuple[Tensor, list[Tensor] | None]:
+    """The ``(K,)`` tensor of ``stack_losses``, and the task losses before stacking when they
+    were given one by one (``None`` for one stacked tensor)."""
     if len(args) == 1:
         (arg,) = args
         if isinstance(arg, Mapping):
@@ -171,7 +172,7 @@ def stack_losses(
         elif isinstance(arg, (list, tuple)):
             losses = list(arg)
         elif isinstance(arg, Tensor) and arg.dim() > 0 and num_tasks > 1:
-            return _from_stacked(arg, num_tasks, reduction, device)
+            return _from_stacked(arg, num_tasks, reduction, device), None
         else:
             losses = [arg]
     else:
@@ -183,7 +184,22 @@ def stack_losses(
         _check_task_loss(loss, task_label(index, names), reduction, device)
         for index, loss in enumerate(losses)
     ]
-    return torch.stack(checked)
+    return torch.stack(checked), checked
+
+
+def stack_losses(
+    args: tuple[object, ...],
+    *,
+    num_tasks: int,
+    names: Sequence[str] | None,
+    reduction: Reduction,
+    device: torch.device,
+) -> Tensor:
+    """Turn any calling convention into one ``(K,)`` tensor (see the module docstring)."""
+    stacked, _ = check_losses(
+        args, num_tasks=num_tasks, names=names, reduction=reduction, device=device
+    )
+    return stacked
 
 
 def raise_if_not_finite(losses: Tensor, names: Sequence[str] | None) -> None:

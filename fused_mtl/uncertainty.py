@@ -8,22 +8,22 @@ import torch
 from torch import Tensor, nn
 
 from fused_mtl import reference
-from fused_mtl._backend import Backend, check_backend, requested_backend
+from fused_mtl._backend import Backend
 from fused_mtl._losses import (
     Reduction,
     TaskTypes,
     check_reduction,
     raise_if_not_finite,
     resolve_task_types,
-    resolve_tasks,
     stack_losses,
     task_label,
 )
 from fused_mtl._uncertainty_op import uncertainty_weighting
+from fused_mtl.balancer import Balancer, LossArgs
 from fused_mtl.reference import Parametrization
 
 
-class UncertaintyModule(nn.Module):
+class UncertaintyModule(Balancer):
     """What every uncertainty-weighting module shares: task bookkeeping and the fused call.
 
     Subclasses own one parameter of shape ``(K,)`` and name it (``log_vars``, ``params``, ...);
@@ -42,20 +42,16 @@ class UncertaintyModule(nn.Module):
         check_finite: bool,
         backend: Backend,
     ) -> None:
-        super().__init__()
-        self.num_tasks, self.tasks = resolve_tasks(num_tasks, tasks)
+        super().__init__(num_tasks, tasks, backend)
         self.reduction = check_reduction(reduction)
         self.check_finite = bool(check_finite)
-        self.backend = check_backend(backend)
-        # FUSED_MTL_BACKEND is applied here, once: see requested_backend.
-        self._requested_backend = requested_backend(self.backend)
         self.register_buffer("loss_coefs", None, persistent=False)
         self.register_buffer("reg_coefs", None, persistent=False)
 
     def _task_parameter(self) -> Tensor:
         raise NotImplementedError
 
-    def forward(self, *losses: Tensor | Sequence[Tensor] | dict[str, Tensor]) -> Tensor:
+    def forward(self, *losses: LossArgs) -> Tensor:
         """The balanced total (0-dim) of the task losses, in any calling convention."""
         params = self._task_parameter()
         stacked = stack_losses(
@@ -76,8 +72,18 @@ class UncertaintyModule(nn.Module):
             self._requested_backend,
         )
 
+    def backward(self, *losses: LossArgs) -> Tensor:
+        """``total = self(*losses)``, then ``total.backward()``; returns the total, detached.
+
+        The same gradients as calling the module and ``.backward()`` on its result: the
+        model's, and this module's parameter by the uncertainty-weighting formula.
+        """
+        total = self(*losses)
+        total.backward()
+        return total.detach()
+
     @property
-    def weights(self) -> Tensor:
+    def weights(self) -> Tensor:  # type: ignore[override]
         """Effective weight of each task loss, ``d total / d L_i`` (detached, shape ``(K,)``)."""
         with torch.no_grad():
             return reference.uncertainty_weights(
@@ -85,8 +91,7 @@ class UncertaintyModule(nn.Module):
             )
 
     def extra_repr(self) -> str:
-        tasks = self.tasks if self.tasks is not None else self.num_tasks
-        return f"tasks={tasks}, reduction={self.reduction!r}, backend={self.backend!r}"
+        return f"{super().extra_repr()}, reduction={self.reduction!r}"
 
 
 class UncertaintyWeighting(UncertaintyModule):

@@ -104,3 +104,19 @@ def grad_norms(task_grads: list[Tensor]) -> Tensor:
     """||g_i||, the square root of the sum of squares of task i's gradient over every parameter."""
     g = torch.cat([t.double().cpu().reshape(t.shape[0], -1) for t in task_grads], dim=1)
     return g.square().sum(dim=1).sqrt()
+
+
+def gradnorm_weight_grad(
+    weights: Tensor, grad_norms: Tensor, losses: Tensor, initial_losses: Tensor, alpha: float
+) -> tuple[Tensor, Tensor]:
+    """GradNorm (Chen et al. 2018), steps 1-3: d L_grad / d w_i = sign(G_i - T_i) ||g_i||.
+
+    Returns the gradient and the gaps G_i - T_i (tests keep them away from zero, where the sign
+    would be decided by rounding)."""
+    weighted = weights * grad_norms  # G_i
+    mean_weighted = weighted.mean()  # G bar
+    loss_ratios = losses / initial_losses  # L~_i
+    rates = loss_ratios / loss_ratios.mean()  # r_i
+    targets = mean_weighted * rates**alpha  # T_i, a constant
+    gaps = weighted - targets
+    return torch.sign(gaps) * grad_norms, gaps

@@ -157,8 +157,17 @@ def test_functional(backend, device):
 
 
 def test_public_surface():
-    assert set(fused_mtl.__all__) >= {"UncertaintyWeighting", "functional", "compat"}
-    assert fused_mtl.functional.__all__ == ["uncertainty_weighting"]
+    assert set(fused_mtl.__all__) >= {
+        "Balancer",
+        "GradNorm",
+        "UncertaintyWeighting",
+        "functional",
+        "compat",
+        "synthetic",
+    }
+    assert fused_mtl.functional.__all__ == ["task_grad_norms", "task_gram", "uncertainty_weighting"]
+    for balancer in (fused_mtl.UncertaintyWeighting, fused_mtl.GradNorm):
+        assert issubclass(balancer, fused_mtl.Balancer)
 
 
 # --- bad input: each error names the task and the fault -------------------------------------

@@ -1,0 +1,147 @@
+"""Per-task gradients of the shared parameters: one batched backward, or one backward per task.
+
+For K task losses and shared parameters ``W_1 .. W_n``, ``TaskGradients`` returns one tensor per
+parameter shaped ``(K, *W_j.shape)`` whose row ``i`` is ``dL_i / dW_j``, the input of
+``task_grad_norms`` and ``task_gram``.
+
+- ``"batched"``: one call of ``torch.autograd.grad`` on the stacked ``(K,)`` losses with the
+  identity as ``K`` batched output gradients (``is_grads_batched=True``, which vmaps the
+  backward). The graph is walked once instead of K times.
+- ``"loop"``: K calls of ``torch.autograd.grad``, one per task loss, as common implementations
+  do. It works with every model.
+
+The mode is chosen on the first call, which runs both: the loop and then the batched backward.
+The loop also finds a task that does not reach the shared parameters and names it: from the
+graph when the task losses were given one by one (a task whose loss has no path to a parameter),
+and from the values otherwise (a task whose gradient is zero for every shared parameter).
+
+The batched mode is kept only if it runs and agrees with the loop; otherwise the loop is kept and
+``reason`` says why. So a model whose operations cannot be vmapped costs one failed attempt,
+never a wrong gradient. The first call therefore costs K + 1 backward passes and a host
+synchronisation; the following calls cost one (batched) or K (loop) and never synchronise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from fused_mtl._losses import task_label
+
+GradientMode = Literal["batched", "loop"]
+
+
+def _agreement_rtol(dtype: torch.dtype) -> float:
+    # The two modes add the same products in different orders: they differ by a few ulps per
+    # reduction. The square root of the dtype's epsilon (3e-4 in fp32) is far above that and far
+    # below the O(1) difference of a wrong gradient.
+    return torch.finfo(dtype).eps ** 0.5
+
+
+class TaskGradients:
+    """Computes per-task gradients of fixed shared parameters; see the module docstring."""
+
+    def __init__(self, parameters: Sequence[Tensor], parameter_names: Sequence[str]) -> None:
+        self.parameters = list(parameters)
+        self.parameter_names = list(parameter_names)
+        self.mode: GradientMode | None = None
+        self.reason = "not chosen yet: the mode is chosen on the first call"
+        self._identity: Tensor | None = None
+
+    def __call__(
+        self,
+        losses: Tensor,
+        task_names: Sequence[str] | None,
+        separate_losses: Sequence[Tensor] | None = None,
+    ) -> list[Tensor]:
+        """Gradients of each of the ``(K,)`` ``losses``; the graph is retained for a backward.
+
+        ``separate_losses``: the same losses before stacking, when the caller has them.
+        """
+        if self.mode == "batched":
+            return self._batched(losses)
+        if self.mode == "loop":
+            return self._loop(separate_losses or losses, task_names)
+        return self._choose_mode(losses, task_names, separate_losses)
+
+    def _choose_mode(
+        self,
+        losses: Tensor,
+        task_names: Sequence[str] | None,
+        separate_losses: Sequence[Tensor] | None,
+    ) -> list[Tensor]:
+        looped = self._loop(separate_losses or losses, task_names)
+        for index in range(losses.shape[0]):
+            if all(not bool(grads[index].any()) for grads in looped):
+                raise ValueError(
+                    f"task {task_label(index, task_names)}: its gradient is zero for every "
+                    "shared parameter: its loss does not depend on them (choose parameters "
+                    "that all tasks use)"
+                )
+        try:
+            batched = self._batched(losses)
+        except RuntimeError as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            self.mode, self.reason = "loop", f"the batched backward failed: {first_line}"
+            return looped
+        for name, one, other in zip(self.parameter_names, batched, looped, strict=True):
+            rtol = _agreement_rtol(other.dtype)
+            scale = float(other.abs().max()) if other.numel() else 0.0
+            if not torch.allclose(one, other, rtol=rtol, atol=rtol * scale):
+                self.mode = "loop"
+                self.reason = (
+                    f"the batched backward disagrees with per-task backward passes on {name} "
+                    f"(largest difference {float((one - other).abs().max()):.3g})"
+                )
+                return looped
+        self.mode = "batched"
+        self.reason = "one batched backward agreed with per-task backward passes"
+        return batched
+
+    def _identity_for(self, losses: Tensor) -> Tensor:
+        num_tasks = losses.shape[0]
+        identity = self._identity
+        if (
+            identity is None
+            or identity.shape[0] != num_tasks
+            or identity.dtype != losses.dtype
+            or identity.device != losses.device
+        ):
+            identity = torch.eye(num_tasks, dtype=losses.dtype, device=losses.device)
+            self._identity = identity
+        return identity
+
+    def _batched(self, losses: Tensor) -> list[Tensor]:
+        grads = torch.autograd.grad(
+            losses,
+            self.parameters,
+            grad_outputs=self._identity_for(losses),
+            retain_graph=True,
+            is_grads_batched=True,
+            allow_unused=True,
+        )
+        for name, grad in zip(self.parameter_names, grads, strict=True):
+            if grad is None:
+                raise ValueError(f"no task loss reaches the shared parameter {name}")
+        return list(grads)
+
+    def _loop(
+        self, losses: Tensor | Sequence[Tensor], task_names: Sequence[str] | None
+    ) -> list[Tensor]:
+        per_task = []
+        for index in range(len(losses)):
+            grads = torch.autograd.grad(
+                losses[index], self.parameters, retain_graph=True, allow_unused=True
+            )
+            for name, grad in zip(self.parameter_names, grads, strict=True):
+                if grad is None:
+                    raise ValueError(
+                        f"task {task_label(index, task_names)}: its loss does not reach the "
+                        f"shared parameter {name}; every task needs a gradient for every shared "
+                        "parameter (choose parameters that all tasks use)"
+                    )
+            per_task.append(grads)
+        return [torch.stack(grads) for grads in zip(*per_task, strict=True)]

@@ -1,0 +1,226 @@
+"""``GradNorm``: task weights learned from per-task gradient norms (Chen et al., ICML 2018)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fused_mtl import reference
+from fused_mtl._backend import Backend
+from fused_mtl._gram_op import task_gram_or_norms
+from fused_mtl._losses import check_losses, task_label
+from fused_mtl._task_gradients import TaskGradients
+from fused_mtl.balancer import Balancer, LossArgs
+
+# Renormalisation raises a weight that an optimiser step pushed to or below zero to this floor
+# before rescaling the sum to K: the weights stay positive and the rescaling finite.
+MIN_WEIGHT = 1e-6
+
+SharedParameters = nn.Module | Tensor | Iterable[Tensor]
+
+
+def _shared_parameters(shared: SharedParameters) -> tuple[list[Tensor], list[str]]:
+    """The shared parameters as a list, with the names errors use."""
+    if isinstance(shared, nn.Module):
+        named = list(shared.named_parameters())
+    elif isinstance(shared, Tensor):
+        named = [("0", shared)]
+    else:
+        named = [(str(index), p) for index, p in enumerate(shared)]
+    if not named:
+        raise ValueError("shared_parameters is empty: give the parameters all tasks share")
+    parameters, names = [], []
+    for key, parameter in named:
+        if not isinstance(parameter, Tensor):
+            raise TypeError(f"shared parameter {key}: expected a tensor, got {type(parameter)}")
+        name = f"{key!r} (shape {tuple(parameter.shape)})"
+        if not parameter.requires_grad:
+            raise ValueError(f"shared parameter {name} does not require grad")
+        if not parameter.is_leaf:
+            raise ValueError(
+                f"shared parameter {name} is not a leaf tensor (it was computed by an "
+                "operation); pass the model's parameters, e.g. model.trunk[-1].parameters()"
+            )
+        if any(parameter is seen for seen in parameters):
+            raise ValueError(f"shared parameter {name} is given twice")
+        parameters.append(parameter)
+        names.append(name)
+    return parameters, names
+
+
+class GradNorm(Balancer):
+    r"""GradNorm: learn task weights that balance the tasks' gradient norms and training rates.
+
+    With per-task gradients ``g_i`` of the shared parameters, ``G_i = w_i ||g_i||`` and training
+    rates ``r_i = L~_i / mean_j L~_j`` (``L~_i = L_i(t) / L_i(0)``), each ``backward`` gives the
+    weights the gradient of :math:`\sum_i |G_i - \bar G r_i^\alpha|` (targets held constant),
+    ``sign(G_i - T_i) ||g_i||``, and the model the gradients of :math:`\sum_i w_i L_i` with the
+    weights held constant, so that nothing of second order reaches the model.
+
+    Step by step, ``backward(losses)``:
+
+    1. renormalises the weights so that they sum to K (each at least ``MIN_WEIGHT``), which
+       applies the previous optimiser step's update; the weights used, and seen in
+       ``weights`` after the call, always sum to K;
+    2. computes the per-task gradients of the shared parameters (one batched backward when the
+       model allows it; see ``gradient_mode``) and their norms in one fused launch;
+    3. records ``initial_losses`` on the first call unless they were given;
+    4. accumulates GradNorm's gradient into ``weights.grad`` and backpropagates
+       ``sum_i w_i L_i`` into the model; returns that total, detached.
+
+    Everything after the first call runs on the device without a host synchronisation. The first
+    call also checks that every task's loss reaches every shared parameter and that the initial
+    losses are positive, and chooses how per-task gradients are computed (K + 1 backward passes).
+
+    Args:
+        shared_parameters: the parameters whose per-task gradients are balanced (the paper uses
+            the last shared layer): a module, a tensor or an iterable of tensors.
+        num_tasks: number of tasks K (may be omitted when ``tasks`` is given).
+        tasks: task names; enables calling with a dict and names tasks in errors.
+        alpha: the asymmetry ``alpha >= 0``; larger values pull the training rates together
+            more strongly. 1.5 is the paper's default.
+        initial_losses: ``L_i(0)``, one positive number per task; recorded from the first call
+            when omitted.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``, for the gradient norms.
+
+    Attributes:
+        gradient_mode: ``"batched"`` or ``"loop"`` once chosen (``None`` before the first call);
+            ``gradient_mode_reason`` says why.
+        grad_norms: the per-task gradient norms of the last call (detached), for logging.
+
+    Example:
+        >>> import torch
+        >>> from fused_mtl import GradNorm
+        >>> trunk, heads = torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)
+        >>> gradnorm = GradNorm(trunk.parameters(), tasks=["a", "b"])
+        >>> optimizer = torch.optim.SGD([*trunk.parameters(), *heads.parameters(),
+        ...                              *gradnorm.parameters()], lr=0.01)
+        >>> out = heads(torch.relu(trunk(torch.randn(16, 4))))
+        >>> total = gradnorm.backward({"a": out[:, 0].square().mean(), "b": out[:, 1].abs().mean()})
+        >>> optimizer.step()
+        >>> gradnorm.weights.shape, gradnorm.gradient_mode
+        (torch.Size([2]), 'batched')
+    """
+
+    weights: nn.Parameter
+    initial_losses: Tensor
+
+    def __init__(
+        self,
+        shared_parameters: SharedParameters,
+        num_tasks: int | None = None,
+        *,
+        tasks: Sequence[str] | None = None,
+        alpha: float = 1.5,
+        initial_losses: Sequence[float] | Tensor | None = None,
+        backend: Backend = "auto",
+    ) -> None:
+        super().__init__(num_tasks, tasks, backend)
+        parameters, names = _shared_parameters(shared_parameters)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
+            raise ValueError(f"alpha must be a number >= 0, got {alpha!r}")
+        if not math.isfinite(alpha):
+            raise ValueError(f"alpha must be finite, got {alpha!r}")
+        self.alpha = float(alpha)
+        device = parameters[0].device
+        self.weights = nn.Parameter(torch.ones(self.num_tasks, device=device))
+        # NaN marks "not recorded yet"; a buffer, so that a checkpoint keeps L_i(0).
+        self.register_buffer(
+            "initial_losses", torch.full((self.num_tasks,), math.nan, device=device)
+        )
+        self._initial_recorded = False
+        if initial_losses is not None:
+            self._set_initial_losses(torch.as_tensor(initial_losses, dtype=torch.float32))
+        # The model's parameters are referenced, not registered: they are not GradNorm's state.
+        self._task_gradients = TaskGradients(parameters, names)
+        self.grad_norms: Tensor | None = None
+        self.register_load_state_dict_post_hook(GradNorm._after_load)
+
+    @property
+    def gradient_mode(self) -> str | None:
+        return self._task_gradients.mode
+
+    @property
+    def gradient_mode_reason(self) -> str:
+        return self._task_gradients.reason
+
+    def forward(self, *losses: LossArgs) -> Tensor:
+        raise TypeError(
+            "GradNorm needs the per-task gradients of the shared parameters: call "
+            "gradnorm.backward(losses) instead of gradnorm(losses)"
+        )
+
+    def _set_initial_losses(self, values: Tensor) -> None:
+        """Check ``L_i(0)`` on the host (a synchronisation: at construction or first call)."""
+        values = values.detach().float().cpu()
+        if values.shape != (self.num_tasks,):
+            raise ValueError(
+                f"initial_losses must have {self.num_tasks} entries, got shape "
+                f"{tuple(values.shape)}"
+            )
+        for index, value in enumerate(values.tolist()):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(
+                    f"task {task_label(index, self.tasks)}: initial loss is {value}; GradNorm's "
+                    "training rates L_i(t) / L_i(0) need a finite, positive initial loss"
+                )
+        self.initial_losses.copy_(values)
+        self._initial_recorded = True
+
+    @staticmethod
+    def _after_load(module: nn.Module, incompatible_keys: object) -> None:
+        assert isinstance(module, GradNorm)
+        module._initial_recorded = not bool(torch.isnan(module.initial_losses).any())
+
+    @torch.no_grad()
+    def renormalize_(self) -> None:
+        """Rescale the weights in place to sum to K, each at least ``MIN_WEIGHT`` (step 5).
+
+        ``backward`` calls it first; call it yourself only to log the renormalised weights
+        between an optimiser step and the next ``backward``.
+        """
+        self.weights.copy_(reference.renormalized_weights(self.weights, MIN_WEIGHT))
+
+    def backward(self, *losses: LossArgs) -> Tensor:
+        """One GradNorm step's gradients (see the class docstring); returns the total."""
+        self.renormalize_()
+        stacked, separate = check_losses(
+            losses,
+            num_tasks=self.num_tasks,
+            names=self.tasks,
+            reduction=None,
+            device=self.weights.device,
+        )
+        if not stacked.requires_grad:
+            raise ValueError(
+                "GradNorm.backward: no task loss requires grad; compute the losses from the "
+                "model's outputs (not under torch.no_grad() and not detached)"
+            )
+        task_grads = self._task_gradients(stacked, self.tasks, separate)
+        grad_norms = task_gram_or_norms(task_grads, True, self._requested_backend)
+        current = stacked.detach()
+        if not self._initial_recorded:
+            self._set_initial_losses(current)
+        dtype = torch.promote_types(grad_norms.dtype, self.weights.dtype)
+        weights = self.weights.detach()
+        weight_grad = reference.gradnorm_weight_grad(
+            weights.to(dtype),
+            grad_norms.to(dtype),
+            current.to(dtype),
+            self.initial_losses.to(dtype),
+            self.alpha,
+        ).to(self.weights.dtype)
+        if self.weights.grad is None:
+            self.weights.grad = weight_grad
+        else:
+            self.weights.grad += weight_grad
+        self.grad_norms = grad_norms.detach()
+        total = (weights.to(stacked.dtype) * stacked).sum()
+        total.backward()
+        return total.detach()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, alpha={self.alpha}"
