@@ -15,10 +15,18 @@ The loop also finds a task that does not reach the shared parameters and names i
 graph when the task losses were given one by one (a task whose loss has no path to a parameter),
 and from the values otherwise (a task whose gradient is zero for every shared parameter).
 
-The batched mode is kept only if it runs and agrees with the loop; otherwise the loop is kept and
-``reason`` says why. So a model whose operations cannot be vmapped costs one failed attempt,
-never a wrong gradient. The first call therefore costs K + 1 backward passes and a host
-synchronisation; the following calls cost one (batched) or K (loop) and never synchronise.
+With ``requested="auto"`` the batched mode is kept only if it runs and agrees with the loop;
+otherwise the loop is kept and ``reason`` says why. ``requested="batched"`` raises instead of
+falling back; ``requested="loop"`` never tries the batched backward. So a model whose operations
+cannot be vmapped costs one failed attempt, never a wrong gradient. The first call therefore
+costs K + 1 backward passes and a host synchronisation; the following calls cost one (batched)
+or K (loop) and never synchronise.
+
+Which is faster depends on the device and the model. The batched backward replaces K walks of
+the graph by one, which saves K - 1 sets of kernel launches on a GPU. It computes the same
+products: where each task's loss only reaches its own head, the loop skips the other heads while
+the batched backward carries a zero slice through them, so on a CPU the loop can win (measured
+on 2 cores, 8 separate heads: 1.9 ms for the loop vs 3.8 ms batched).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from torch import Tensor
 from fused_mtl._losses import task_label
 
 GradientMode = Literal["batched", "loop"]
+GRADIENT_MODES = ("auto", "batched", "loop")
 
 
 def _agreement_rtol(dtype: torch.dtype) -> float:
@@ -44,9 +53,19 @@ def _agreement_rtol(dtype: torch.dtype) -> float:
 class TaskGradients:
     """Computes per-task gradients of fixed shared parameters; see the module docstring."""
 
-    def __init__(self, parameters: Sequence[Tensor], parameter_names: Sequence[str]) -> None:
+    def __init__(
+        self,
+        parameters: Sequence[Tensor],
+        parameter_names: Sequence[str],
+        requested: str = "auto",
+    ) -> None:
+        if requested not in GRADIENT_MODES:
+            raise ValueError(
+                f"per_task_gradients must be one of {GRADIENT_MODES}, got {requested!r}"
+            )
         self.parameters = list(parameters)
         self.parameter_names = list(parameter_names)
+        self.requested = requested
         self.mode: GradientMode | None = None
         self.reason = "not chosen yet: the mode is chosen on the first call"
         self._identity: Tensor | None = None
@@ -74,32 +93,43 @@ class TaskGradients:
         separate_losses: Sequence[Tensor] | None,
     ) -> list[Tensor]:
         looped = self._loop(separate_losses or losses, task_names)
-        for index in range(losses.shape[0]):
-            if all(not bool(grads[index].any()) for grads in looped):
+        # One host read for every task: which has a non-zero gradient for some parameter.
+        reached = torch.stack([(grads.flatten(1) != 0).any(dim=1) for grads in looped]).any(dim=0)
+        for index, task_reached in enumerate(reached.tolist()):
+            if not task_reached:
                 raise ValueError(
                     f"task {task_label(index, task_names)}: its gradient is zero for every "
                     "shared parameter: its loss does not depend on them (choose parameters "
                     "that all tasks use)"
                 )
+        if self.requested == "loop":
+            self.mode, self.reason = "loop", "requested (per_task_gradients='loop')"
+            return looped
         try:
             batched = self._batched(losses)
         except RuntimeError as error:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-            self.mode, self.reason = "loop", f"the batched backward failed: {first_line}"
-            return looped
+            return self._fall_back(looped, f"the batched backward failed: {first_line}")
         for name, one, other in zip(self.parameter_names, batched, looped, strict=True):
             rtol = _agreement_rtol(other.dtype)
             scale = float(other.abs().max()) if other.numel() else 0.0
             if not torch.allclose(one, other, rtol=rtol, atol=rtol * scale):
-                self.mode = "loop"
-                self.reason = (
+                return self._fall_back(
+                    looped,
                     f"the batched backward disagrees with per-task backward passes on {name} "
-                    f"(largest difference {float((one - other).abs().max()):.3g})"
+                    f"(largest difference {float((one - other).abs().max()):.3g})",
                 )
-                return looped
         self.mode = "batched"
         self.reason = "one batched backward agreed with per-task backward passes"
         return batched
+
+    def _fall_back(self, looped: list[Tensor], reason: str) -> list[Tensor]:
+        if self.requested == "batched":
+            raise RuntimeError(
+                f"per_task_gradients='batched' cannot be used with this model: {reason}"
+            )
+        self.mode, self.reason = "loop", reason
+        return looped
 
     def _identity_for(self, losses: Tensor) -> Tensor:
         num_tasks = losses.shape[0]

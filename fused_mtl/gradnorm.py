@@ -85,6 +85,10 @@ class GradNorm(Balancer):
         initial_losses: ``L_i(0)``, one positive number per task; recorded from the first call
             when omitted.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``, for the gradient norms.
+        per_task_gradients: how they are computed: ``"auto"`` (one batched backward
+            when the model allows it, checked against per-task backward passes on the first
+            call, else the loop), ``"batched"`` (raise if it cannot be used) or ``"loop"`` (one
+            backward per task; on a CPU often as fast, see ``fused_mtl._task_gradients``).
 
     Attributes:
         gradient_mode: ``"batched"`` or ``"loop"`` once chosen (``None`` before the first call);
@@ -117,6 +121,7 @@ class GradNorm(Balancer):
         alpha: float = 1.5,
         initial_losses: Sequence[float] | Tensor | None = None,
         backend: Backend = "auto",
+        per_task_gradients: str = "auto",
     ) -> None:
         super().__init__(num_tasks, tasks, backend)
         parameters, names = _shared_parameters(shared_parameters)
@@ -135,7 +140,7 @@ class GradNorm(Balancer):
         if initial_losses is not None:
             self._set_initial_losses(torch.as_tensor(initial_losses, dtype=torch.float32))
         # The model's parameters are referenced, not registered: they are not GradNorm's state.
-        self._task_gradients = TaskGradients(parameters, names)
+        self._task_gradients = TaskGradients(parameters, names, per_task_gradients)
         self.grad_norms: Tensor | None = None
         self.register_load_state_dict_post_hook(GradNorm._after_load)
 

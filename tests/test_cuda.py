@@ -7,7 +7,9 @@ import pytest
 import torch
 from formulas import log_variance
 
-from fused_mtl import UncertaintyWeighting
+from fused_mtl import GradNorm, UncertaintyWeighting
+from fused_mtl.functional import task_grad_norms, task_gram
+from fused_mtl.synthetic import MultiTaskMLP
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -57,3 +59,45 @@ def test_cuda_graph_replay_matches_eager():
         torch.testing.assert_close(
             losses.grad.double().cpu(), expected.grad_losses, rtol=2e-6, atol=0
         )
+
+
+def test_gradnorm_step_has_no_host_synchronisation_after_the_first():
+    model = MultiTaskMLP(4, input_dim=16, output_dim=8, hidden=32).cuda()
+    gradnorm = GradNorm(model.last_shared_layer.parameters(), 4, backend="triton")
+    inputs, targets = torch.randn(32, 16, device="cuda"), torch.randn(4, 32, 8, device="cuda")
+
+    def step():
+        gradnorm.backward((model(inputs) - targets).square().mean(dim=(1, 2)))
+
+    step()  # the first call chooses the gradient mode and records L_i(0): it synchronises
+    step()  # kernels compiled outside the checked region
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert gradnorm.gradient_mode == "batched"
+
+
+def test_task_gram_cuda_graph_replay_is_bitwise_eager():
+    grads = [torch.randn(8, 1000, device="cuda"), torch.randn(8, 77, device="cuda")]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            task_gram(grads, backend="triton")
+            task_grad_norms(grads, backend="triton")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        matrix = task_gram(grads, backend="triton")
+        norms = task_grad_norms(grads, backend="triton")
+    for seed in range(3):
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        for grad in grads:
+            grad.copy_(torch.randn(grad.shape, generator=gen, device="cuda"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(matrix, task_gram(grads, backend="triton"))
+        assert torch.equal(norms, task_grad_norms(grads, backend="triton"))

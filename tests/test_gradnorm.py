@@ -422,3 +422,26 @@ def test_toy_data():
     assert train.inputs.shape[0] == 40 and test.targets.shape == (3, 10, 100)
     with pytest.raises(ValueError, match="sigmas must have 3 entries"):
         gradnorm_toy(num_tasks=3, sigmas=[1.0, 2.0])
+
+
+def test_requested_per_task_gradient_modes(device):
+    net = make_net(device)
+    inputs, targets = make_batch(device)
+    results = {}
+    for requested in ["loop", "batched"]:
+        gradnorm = GradNorm(net.shared.parameters(), 3, per_task_gradients=requested)
+        net.zero_grad()
+        gradnorm.backward(net.losses(inputs, targets))
+        assert gradnorm.gradient_mode == requested
+        results[requested] = gradnorm.grad_norms
+    torch.testing.assert_close(results["loop"], results["batched"], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="per_task_gradients must be one of"):
+        GradNorm(net.shared.parameters(), 3, per_task_gradients="vmap")
+
+
+def test_requested_batched_mode_raises_when_it_cannot_be_used(device):
+    layer, head = nn.Linear(3, 4).to(device), nn.Linear(4, 1).to(device)
+    features = _SquareIntoBuffer.apply(layer(torch.randn(5, 3, device=device)))
+    gradnorm = GradNorm(layer.parameters(), 2, per_task_gradients="batched")
+    with pytest.raises(RuntimeError, match="per_task_gradients='batched' cannot be used"):
+        gradnorm.backward(head(features).square().mean(), (head(features) - 1).square().mean())
