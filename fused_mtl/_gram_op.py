@@ -88,14 +88,20 @@ def _matrix_grads(
     return [(symmetric @ m.to(symmetric.dtype)).to(m.dtype) for m in matrices]
 
 
+def _setup_context(ctx, inputs, output):
+    """What both wrappers keep for the backward: the output, the matrices, the mode."""
+    matrices, diagonal = inputs
+    ctx.save_for_backward(output, *matrices)
+    ctx.diagonal = diagonal
+
+
 class _TaskGramFunction(torch.autograd.Function):
     """Eager-mode autograd node of the Triton path."""
 
     @staticmethod
     def forward(ctx, diagonal, *matrices):
         result = _launch(matrices, diagonal)
-        ctx.save_for_backward(result, *matrices)
-        ctx.diagonal = diagonal
+        _setup_context(ctx, (matrices, diagonal), result)
         return result
 
     @staticmethod
@@ -114,12 +120,6 @@ def _task_gram_fake(matrices, diagonal):
     num_tasks = matrices[0].shape[0]
     shape = (num_tasks,) if diagonal else (num_tasks, num_tasks)
     return matrices[0].new_empty(shape, dtype=torch.float32)
-
-
-def _setup_context(ctx, inputs, output):
-    matrices, diagonal = inputs
-    ctx.save_for_backward(output, *matrices)
-    ctx.diagonal = diagonal
 
 
 def _backward(ctx, grad_result):

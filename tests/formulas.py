@@ -93,16 +93,21 @@ def multi_noise_loop(losses: list[float], eta: list[float]) -> float:
     return total
 
 
+def _joined(task_grads: list[Tensor]) -> Tensor:
+    """(K, P) float64: row i is task i's gradient over every parameter, joined."""
+    return torch.cat([t.double().cpu().reshape(t.shape[0], -1) for t in task_grads], dim=1)
+
+
 def gram(task_grads: list[Tensor]) -> tuple[Tensor, Tensor]:
     """Gram of per-task gradients, M_ik = <g_i, g_k>, with g_i task i's gradient over every
     parameter joined into one vector; and its magnitude sum_p |g_ip| |g_kp|."""
-    g = torch.cat([t.double().cpu().reshape(t.shape[0], -1) for t in task_grads], dim=1)
+    g = _joined(task_grads)
     return g @ g.T, g.abs() @ g.abs().T
 
 
 def grad_norms(task_grads: list[Tensor]) -> Tensor:
     """||g_i||, the square root of the sum of squares of task i's gradient over every parameter."""
-    g = torch.cat([t.double().cpu().reshape(t.shape[0], -1) for t in task_grads], dim=1)
+    g = _joined(task_grads)
     return g.square().sum(dim=1).sqrt()
 
 
