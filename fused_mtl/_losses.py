@@ -56,7 +56,7 @@ def resolve_tasks(
     return len(names), names
 
 
-def _check_names(given: Sequence[str], names: Sequence[str] | None, what: str) -> None:
+def check_names(given: Sequence[str], names: Sequence[str] | None, what: str) -> None:
     """Raise on a dict keyed by task names that has unknown or missing names."""
     if names is None:
         raise ValueError(f"{what} given as a dict need task names: construct with tasks=[...]")
@@ -80,7 +80,7 @@ def resolve_task_types(
     if isinstance(task_types, str):
         types = [task_types] * num_tasks
     elif isinstance(task_types, Mapping):
-        _check_names(list(task_types), names, "task_types")
+        check_names(list(task_types), names, "task_types")
         types = [task_types[name] for name in names]  # type: ignore[union-attr]
     else:
         types = list(task_types)
@@ -167,7 +167,7 @@ def check_losses(
     if len(args) == 1:
         (arg,) = args
         if isinstance(arg, Mapping):
-            _check_names(list(arg), names, "losses")
+            check_names(list(arg), names, "losses")
             losses = [arg[name] for name in names]  # type: ignore[union-attr]
         elif isinstance(arg, (list, tuple)):
             losses = list(arg)

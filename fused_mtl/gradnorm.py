@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -11,47 +11,16 @@ from torch import Tensor, nn
 from fused_mtl import reference
 from fused_mtl._backend import Backend
 from fused_mtl._gram_op import task_gram_or_norms
-from fused_mtl._losses import check_losses, task_label
-from fused_mtl._task_gradients import TaskGradients
-from fused_mtl.balancer import Balancer, LossArgs
+from fused_mtl._losses import task_label
+from fused_mtl._task_gradients import SharedParameters
+from fused_mtl.balancer import GradientBalancer, LossArgs
 
 # Renormalisation raises a weight that an optimiser step pushed to or below zero to this floor
 # before rescaling the sum to K: the weights stay positive and the rescaling finite.
 MIN_WEIGHT = 1e-6
 
-SharedParameters = nn.Module | Tensor | Iterable[Tensor]
 
-
-def _shared_parameters(shared: SharedParameters) -> tuple[list[Tensor], list[str]]:
-    """The shared parameters as a list, with the names errors use."""
-    if isinstance(shared, nn.Module):
-        named = list(shared.named_parameters())
-    elif isinstance(shared, Tensor):
-        named = [("0", shared)]
-    else:
-        named = [(str(index), p) for index, p in enumerate(shared)]
-    if not named:
-        raise ValueError("shared_parameters is empty: give the parameters all tasks share")
-    parameters, names = [], []
-    for key, parameter in named:
-        if not isinstance(parameter, Tensor):
-            raise TypeError(f"shared parameter {key}: expected a tensor, got {type(parameter)}")
-        name = f"{key!r} (shape {tuple(parameter.shape)})"
-        if not parameter.requires_grad:
-            raise ValueError(f"shared parameter {name} does not require grad")
-        if not parameter.is_leaf:
-            raise ValueError(
-                f"shared parameter {name} is not a leaf tensor (it was computed by an "
-                "operation); pass the model's parameters, e.g. model.trunk[-1].parameters()"
-            )
-        if any(parameter is seen for seen in parameters):
-            raise ValueError(f"shared parameter {name} is given twice")
-        parameters.append(parameter)
-        names.append(name)
-    return parameters, names
-
-
-class GradNorm(Balancer):
+class GradNorm(GradientBalancer):
     r"""GradNorm: learn task weights that balance the tasks' gradient norms and training rates.
 
     With per-task gradients ``g_i`` of the shared parameters, ``G_i = w_i ||g_i||`` and training
@@ -123,14 +92,13 @@ class GradNorm(Balancer):
         backend: Backend = "auto",
         per_task_gradients: str = "auto",
     ) -> None:
-        super().__init__(num_tasks, tasks, backend)
-        parameters, names = _shared_parameters(shared_parameters)
+        super().__init__(shared_parameters, num_tasks, tasks, backend, per_task_gradients)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
             raise ValueError(f"alpha must be a number >= 0, got {alpha!r}")
         if not math.isfinite(alpha):
             raise ValueError(f"alpha must be finite, got {alpha!r}")
         self.alpha = float(alpha)
-        device = parameters[0].device
+        device = self._shared[0].device
         self.weights = nn.Parameter(torch.ones(self.num_tasks, device=device))
         # NaN marks "not recorded yet"; a buffer, so that a checkpoint keeps L_i(0).
         self.register_buffer(
@@ -139,24 +107,8 @@ class GradNorm(Balancer):
         self._initial_recorded = False
         if initial_losses is not None:
             self._set_initial_losses(torch.as_tensor(initial_losses, dtype=torch.float32))
-        # The model's parameters are referenced, not registered: they are not GradNorm's state.
-        self._task_gradients = TaskGradients(parameters, names, per_task_gradients)
         self.grad_norms: Tensor | None = None
         self.register_load_state_dict_post_hook(GradNorm._after_load)
-
-    @property
-    def gradient_mode(self) -> str | None:
-        return self._task_gradients.mode
-
-    @property
-    def gradient_mode_reason(self) -> str:
-        return self._task_gradients.reason
-
-    def forward(self, *losses: LossArgs) -> Tensor:
-        raise TypeError(
-            "GradNorm needs the per-task gradients of the shared parameters: call "
-            "gradnorm.backward(losses) instead of gradnorm(losses)"
-        )
 
     def _set_initial_losses(self, values: Tensor) -> None:
         """Check ``L_i(0)`` on the host (a synchronisation: at construction or first call)."""
@@ -192,18 +144,7 @@ class GradNorm(Balancer):
     def backward(self, *losses: LossArgs) -> Tensor:
         """One GradNorm step's gradients (see the class docstring); returns the total."""
         self.renormalize_()
-        stacked, separate = check_losses(
-            losses,
-            num_tasks=self.num_tasks,
-            names=self.tasks,
-            reduction=None,
-            device=self.weights.device,
-        )
-        if not stacked.requires_grad:
-            raise ValueError(
-                "GradNorm.backward: no task loss requires grad; compute the losses from the "
-                "model's outputs (not under torch.no_grad() and not detached)"
-            )
+        stacked, separate = self._graph_losses(losses, self.weights.device)
         task_grads = self._task_gradients(stacked, self.tasks, separate)
         grad_norms = task_gram_or_norms(task_grads, True, self._requested_backend)
         current = stacked.detach()

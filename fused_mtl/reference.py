@@ -36,6 +36,26 @@ GradNorm (Chen et al., ICML 2018) learns task weights ``w`` from the gradient no
 where ``L~_i = L_i(t) / L_i(0)``, and the constant targets ``T_i = G_mean * r_i^alpha``, the
 GradNorm loss ``sum_i |G_i - T_i|`` has the weight gradient ``sign(G_i - T_i) * ||g_i||``. A
 task that trains slowly (``r_i > 1``) gets a target above the mean, and its weight grows.
+
+Dynamic Weight Average
+----------------------
+DWA (Liu, Johns & Davison, CVPR 2019) weights the losses of period t by how fast each fell over
+the two periods before: with ``L^_n(e)`` task n's mean training loss over period e,
+``r_n = L^_n(t-1) / L^_n(t-2)`` and temperature T, ``w_i = K exp(r_i / T) / sum_n exp(r_n / T)``.
+The weights sum to K; a task whose loss fell least gets the largest weight.
+
+Dynamic Task Prioritization
+---------------------------
+DTP (Guo et al., ECCV 2018), at task level, weights each loss by a focal term of a key
+performance indicator ``k_i`` in [0, 1] (accuracy, IoU, ...) smoothed over time:
+``w_i = -(1 - k_i)^gamma_i log(k_i)``. A task that performs badly (small ``k_i``) is weighted up.
+
+MGDA
+----
+MGDA (Sener & Koltun, NeurIPS 2018) takes the point of the convex hull of the task gradients
+with the smallest norm: ``alpha = argmin_{alpha in simplex} ||sum_i alpha_i g_i||^2``, which needs
+only the Gram matrix ``M``: the objective is ``alpha^T M alpha``. The gradients may first be
+normalised, ``g_i / c_i``, which turns ``M`` into ``M_ik / (c_i c_k)``.
 """
 
 from __future__ import annotations
@@ -47,10 +67,16 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "ENUMERATION_MAX_TASKS",
+    "MGDA_NORMALIZATIONS",
     "TASK_TYPE_COEFFICIENTS",
     "Parametrization",
     "compute_dtype",
+    "dtp_weights",
+    "dwa_weights",
+    "gradient_scales",
     "gradnorm_weight_grad",
+    "min_norm_weights",
     "renormalized_weights",
     "result_dtype",
     "task_grad_norms",
@@ -206,3 +232,157 @@ def renormalized_weights(weights: Tensor, min_weight: float) -> Tensor:
     """Weights rescaled to sum to K, each first raised to at least ``min_weight`` (> 0)."""
     positive = weights.clamp_min(min_weight)
     return positive * (weights.shape[0] / positive.sum())
+
+
+def dwa_weights(last_means: Tensor, before_last_means: Tensor, temperature: float) -> Tensor:
+    """DWA's weights from the mean losses of the last two periods (``t-1`` and ``t-2``)."""
+    rates = last_means / before_last_means
+    return rates.shape[0] * torch.softmax(rates / temperature, dim=0)
+
+
+def dtp_weights(kpis: Tensor, gamma: Tensor, kpi_floor: float) -> Tensor:
+    """DTP's focal weights ``-(1 - k)^gamma log k``; ``k`` is raised to ``kpi_floor`` first.
+
+    Without the floor a KPI of 0 would give an infinite weight; with it the weight is at most
+    ``-log(kpi_floor)``. A KPI of 1 gives a weight of 0 (1 for ``gamma = 0``: torch's 0^0 = 1).
+    """
+    kpis = kpis.clamp_min(kpi_floor)
+    return -((1 - kpis) ** gamma) * torch.log(kpis)
+
+
+#: How MGDA may normalise task gradients before taking the min-norm point: ``g_i / c_i``.
+MGDA_NORMALIZATIONS = ("none", "l2", "loss", "loss+")
+
+
+def gradient_scales(gram: Tensor, losses: Tensor, normalization: str) -> Tensor:
+    """The ``c_i`` of a normalisation: 1, ``||g_i||``, ``L_i`` or ``L_i ||g_i||``.
+
+    A zero gradient keeps a scale of 1 under ``"l2"``/``"loss+"``, so that its row of the
+    normalised Gram stays 0 instead of 0 / 0.
+    """
+    if normalization not in MGDA_NORMALIZATIONS:
+        raise ValueError(
+            f"normalization must be one of {MGDA_NORMALIZATIONS}, got {normalization!r}"
+        )
+    ones = torch.ones_like(gram.diagonal())
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    norms = torch.where(norms > 0, norms, ones)
+    losses = losses.to(gram.dtype)
+    return {"none": ones, "l2": norms, "loss": losses, "loss+": losses * norms}[normalization]
+
+
+#: Up to this many tasks the min-norm problem is solved exactly by enumerating its 2^K - 1 faces
+#: in one batched solve: at K = 10, 1023 systems of size 11 take 1.7 ms on 2 CPU cores, against
+#: 10 ms for 250 Frank-Wolfe steps (about ten tiny operations each).
+ENUMERATION_MAX_TASKS = 10
+
+
+def min_norm_weights(gram: Tensor, iterations: int) -> Tensor:
+    """``argmin_{alpha in simplex} alpha^T M alpha`` for a ``(K, K)`` Gram matrix ``M``.
+
+    - K = 1: 1. K = 2: the closed form ``alpha_1 = clip((M_22 - M_12) / ||g_1 - g_2||^2, 0, 1)``
+      (1/2 when ``g_1 = g_2``).
+    - K <= ``ENUMERATION_MAX_TASKS``: exact. On each face S of the simplex the minimum over
+      the face's affine hull solves ``M_SS alpha_S = mu 1, sum alpha_S = 1``; the best of these
+      points, each clipped onto the simplex, is the optimum.
+    - Larger K: ``iterations`` steps of pairwise Frank-Wolfe from the uniform point, then a
+      polishing step. Each step moves weight from the support's worst task (largest slope
+      ``(M alpha)_i``) to the best task (smallest slope) with the exact line search, clipped so
+      that no weight turns negative. Its error falls linearly (Lacoste-Julien & Jaggi, NeurIPS
+      2015: the objective is a strongly convex function of ``G^T alpha``), but slowly when the
+      Gram is ill-conditioned and the optimum lies on a face, where weight keeps leaking back
+      to a task that should have none. The polish takes the exact minimum of the support's
+      face and of the faces without one of its tasks, and keeps the best point. On random
+      rank-deficient and badly scaled Gram matrices (K = 3 to 10), 250 steps and the polish
+      come within 1e-12 of the optimum, relative to the largest squared norm; without the
+      polish, within 3e-5.
+
+    Every path is a fixed sequence of tensor operations: it runs on the device without a host
+    synchronisation.
+    """
+    num_tasks = gram.shape[0]
+    if num_tasks == 1:
+        return torch.ones_like(gram[0])
+    if num_tasks == 2:
+        (m11, m12), (_, m22) = gram
+        distance = m11 + m22 - 2 * m12
+        first = torch.where(distance > 0, (m22 - m12) / distance, 0.5).clamp(0, 1)
+        return torch.stack([first, 1 - first])
+    if num_tasks <= ENUMERATION_MAX_TASKS:
+        return _enumerated(gram)
+    return _frank_wolfe(gram, iterations)
+
+
+def _frank_wolfe(gram: Tensor, iterations: int) -> Tensor:
+    """Pairwise Frank-Wolfe with exact line search, then the polish (see min_norm_weights)."""
+    tasks = torch.arange(gram.shape[0], device=gram.device)
+    alpha = torch.full_like(gram[0], 1 / gram.shape[0])
+    slopes = gram @ alpha
+    for _ in range(iterations):
+        toward = slopes.argmin()
+        away = torch.where(alpha > 0, slopes, -torch.inf).argmax()
+        direction = (tasks == toward).to(gram.dtype) - (tasks == away).to(gram.dtype)
+        gram_direction = gram @ direction
+        curvature = direction @ gram_direction
+        decrease = slopes[away] - slopes[toward]
+        movable = alpha[away]
+        # Without curvature (g_toward = g_away) the objective is linear along the direction.
+        step = torch.minimum(torch.where(curvature > 0, decrease / curvature, movable), movable)
+        # Clipping at the away weight sets it to exactly 0: a * 1 - a * 1.
+        alpha = alpha + step * direction
+        slopes = slopes + step * gram_direction
+    return _polished(gram, alpha)
+
+
+def _face_minima(gram: Tensor, supports: Tensor) -> Tensor:
+    """For each row of ``supports`` (a ``(S, K)`` 0/1 mask), the point of the simplex that
+    minimises ``alpha^T M alpha`` on the affine hull of that face, clipped onto the simplex.
+
+    On a support S: ``M_SS alpha_S - mu 1 = 0`` and ``1^T alpha_S = 1``; off S, ``alpha_i = 0``.
+    A singular system (tasks with affinely dependent gradients) gives a row of NaN.
+    """
+    on_face = supports[:, :, None] * supports[:, None, :]
+    off_face = torch.diag_embed(1 - supports)
+    systems = torch.cat(
+        [
+            torch.cat([on_face * gram + off_face, -supports[:, :, None]], dim=2),
+            torch.cat([supports, torch.zeros_like(supports[:, :1])], dim=1)[:, None, :],
+        ],
+        dim=1,
+    )
+    rhs = torch.zeros_like(systems[:, :, 0])
+    rhs[:, -1] = 1
+    # solve_ex reports a singular system in ``info`` instead of raising: no synchronisation.
+    solutions, info = torch.linalg.solve_ex(systems, rhs)
+    points = solutions[:, : gram.shape[0]].clamp_min(0)
+    points = points / points.sum(dim=1, keepdim=True)
+    return torch.where((info == 0)[:, None], points, torch.nan)
+
+
+def _best(gram: Tensor, candidates: Tensor) -> Tensor:
+    """The candidate (a row of ``(C, K)``) with the smallest finite ``alpha^T M alpha``."""
+    objectives = ((candidates @ gram) * candidates).sum(dim=1)
+    return candidates[torch.where(objectives.isfinite(), objectives, torch.inf).argmin()]
+
+
+def _polished(gram: Tensor, alpha: Tensor) -> Tensor:
+    """Step 2 of the Frank-Wolfe path: the best of ``alpha`` and the minima of its face and of
+    the faces without one of its tasks."""
+    support = alpha > 0
+    without_one = support & ~torch.eye(gram.shape[0], dtype=torch.bool, device=gram.device)
+    supports = torch.cat([support[None], without_one]).to(gram.dtype)
+    return _best(gram, torch.cat([alpha[None], _face_minima(gram, supports)]))
+
+
+def _enumerated(gram: Tensor) -> Tensor:
+    """The exact minimum for small K: the best face minimum over all 2^K - 1 supports.
+
+    The optimum is the minimum of some face whose gradients are affinely independent
+    (Caratheodory), so it is among the candidates; every candidate is a point of the simplex,
+    so a badly conditioned face can only lose the comparison.
+    """
+    num_tasks = gram.shape[0]
+    masks = torch.arange(1, 2**num_tasks, device=gram.device)
+    bits = 2 ** torch.arange(num_tasks, device=gram.device)
+    supports = ((masks[:, None] & bits) != 0).to(gram.dtype)
+    return _best(gram, _face_minima(gram, supports))

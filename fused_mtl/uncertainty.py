@@ -72,16 +72,6 @@ class UncertaintyModule(Balancer):
             self._requested_backend,
         )
 
-    def backward(self, *losses: LossArgs) -> Tensor:
-        """``total = self(*losses)``, then ``total.backward()``; returns the total, detached.
-
-        The same gradients as calling the module and ``.backward()`` on its result: the
-        model's, and this module's parameter by the uncertainty-weighting formula.
-        """
-        total = self(*losses)
-        total.backward()
-        return total.detach()
-
     @property
     def weights(self) -> Tensor:  # type: ignore[override]
         """Effective weight of each task loss, ``d total / d L_i`` (detached, shape ``(K,)``)."""

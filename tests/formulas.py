@@ -8,6 +8,8 @@ smaller than its parts), so tests compare ``|got - value| <= rtol * magnitude``.
 Gradients are written out by hand from the formulas, not taken from autograd.
 """
 
+import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -125,3 +127,82 @@ def gradnorm_weight_grad(
     targets = mean_weighted * rates**alpha  # T_i, a constant
     gaps = weighted - targets
     return torch.sign(gaps) * grad_norms, gaps
+
+
+# --- DWA, DTP and the min-norm problem: plain Python floats and float64 tensors. ---
+
+
+def dwa_history(steps, temperature, num_tasks):
+    """DWA over a scripted history, from the paper's formula in plain Python floats.
+
+    ``steps`` is a list of per-step loss lists, with the string ``"end"`` where a period ends.
+    Returns the weights in force after each entry (a list of K floats per entry).
+    """
+    period, means, history = [], [], []
+    weights = [1.0] * num_tasks
+    for step in steps:
+        if step == "end":
+            means.append([sum(column) / len(period) for column in zip(*period, strict=True)])
+            period = []
+            if len(means) >= 2:
+                rates = [last / before for last, before in zip(means[-1], means[-2], strict=True)]
+                exps = [math.exp(r / temperature) for r in rates]
+                weights = [num_tasks * e / sum(exps) for e in exps]
+        else:
+            period.append(step)
+        history.append(list(weights))
+    return history
+
+
+def dtp_history(reports, gamma, decay, floor):
+    """DTP weights after each KPI report: EMA (first report sets it), then -(1-k)^g log k."""
+    average, history = None, []
+    for kpis in reports:
+        average = (
+            list(kpis)
+            if average is None
+            else [decay * a + (1 - decay) * k for a, k in zip(average, kpis, strict=True)]
+        )
+        history.append(
+            [
+                -((1 - max(a, floor)) ** g) * math.log(max(a, floor))
+                for a, g in zip(average, gamma, strict=True)
+            ]
+        )
+    return history
+
+
+def min_norm_exact(gram):
+    """``min alpha^T M alpha`` over the simplex by enumerating supports (float64, small K).
+
+    On a support S the minimum solves the KKT system ``M_SS alpha_S = mu 1, 1^T alpha_S = 1``;
+    among the supports whose solution is non-negative, the smallest objective is the optimum.
+    Singular systems (rank-deficient M) are solved by least squares, which gives a minimiser of
+    the support's face when one exists; every candidate is checked for feasibility.
+    Returns ``(objective, alpha)``.
+    """
+    gram = gram.double()
+    k = gram.shape[0]
+    best = None
+    for size in range(1, k + 1):
+        for support in itertools.combinations(range(k), size):
+            index = list(support)
+            system = torch.zeros(size + 1, size + 1, dtype=torch.float64)
+            system[:size, :size] = gram[index][:, index]
+            system[:size, size] = -1
+            system[size, :size] = 1
+            rhs = torch.zeros(size + 1, dtype=torch.float64)
+            rhs[size] = 1
+            solution = torch.linalg.lstsq(system, rhs.unsqueeze(1)).solution.squeeze(1)
+            if not torch.allclose(system @ solution, rhs, atol=1e-9):
+                continue
+            alpha = torch.zeros(k, dtype=torch.float64)
+            alpha[index] = solution[:size]
+            if (alpha < -1e-12).any():
+                continue
+            alpha = alpha.clamp_min(0)
+            alpha = alpha / alpha.sum()
+            objective = alpha @ gram @ alpha
+            if best is None or objective < best[0]:
+                best = (objective, alpha)
+    return best

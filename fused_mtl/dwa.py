@@ -1,0 +1,142 @@
+"""``DWA``: Dynamic Weight Average (Liu, Johns & Davison, CVPR 2019)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fused_mtl import reference
+from fused_mtl._backend import Backend
+from fused_mtl._losses import Reduction, task_label
+from fused_mtl.balancer import LossWeighting
+
+
+class DWA(LossWeighting):
+    r"""Weight each task by how slowly its loss fell over the last two periods.
+
+    With :math:`\bar L_n(e)` task n's mean training loss over period e (an epoch by default),
+    the weights of period t are
+
+    .. math:: w_i = K \frac{\exp(r_i / T)}{\sum_n \exp(r_n / T)}, \qquad
+              r_n = \bar L_n(t-1) / \bar L_n(t-2)
+
+    and 1 during the first two periods. They sum to K and stay constant within a period.
+
+    Every call in training mode adds the losses (detached) to the period's sums on the device,
+    without a host synchronisation; calls in eval mode (validation) do not count. A period ends
+    when you call ``end_epoch()``, or by itself after ``period_steps`` calls. Ending a period
+    reads its K means on the host once, to check that they are finite and positive (the rates
+    divide by them).
+
+    The period sums, the last two period means and the weights are buffers, and the step and
+    period counters are in the module's extra state: ``load_state_dict(state_dict())`` resumes
+    with bit-identical weights, also in the middle of a period.
+
+    Args:
+        num_tasks: number of tasks K (may be omitted when ``tasks`` is given).
+        tasks: task names; enables calling with a dict and names tasks in errors.
+        temperature: T > 0; larger values give weights closer to 1. 2 is the paper's value.
+        period_steps: end a period by itself after this many training calls (``None``: call
+            ``end_epoch()``).
+        reduction: ``None`` requires scalar losses; ``"mean"`` / ``"sum"`` reduce each loss.
+        backend: accepted so that every method is constructed alike; DWA's arithmetic is a few
+            operations on K numbers per call and has no kernel.
+
+    Example:
+        >>> import torch
+        >>> from fused_mtl import DWA
+        >>> dwa = DWA(tasks=["depth", "seg"])
+        >>> for epoch_losses in ([2.0, 1.0], [1.0, 1.0]):  # one call per epoch, for brevity
+        ...     total = dwa(torch.tensor(epoch_losses))
+        ...     dwa.end_epoch()
+        >>> dwa.weights  # depth fell by half, seg stalled: seg gets the larger weight
+        tensor([0.8756, 1.1244])
+    """
+
+    weights: Tensor
+    period_loss_sums: Tensor
+    period_means: Tensor
+
+    def __init__(
+        self,
+        num_tasks: int | None = None,
+        *,
+        tasks: Sequence[str] | None = None,
+        temperature: float = 2.0,
+        period_steps: int | None = None,
+        reduction: Reduction = None,
+        backend: Backend = "auto",
+    ) -> None:
+        super().__init__(num_tasks, tasks, reduction, backend)
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, (int, float))
+            or not (math.isfinite(temperature) and temperature > 0)
+        ):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        if period_steps is not None and (
+            isinstance(period_steps, bool) or not isinstance(period_steps, int) or period_steps < 1
+        ):
+            raise ValueError(
+                f"period_steps must be a positive integer or None, got {period_steps!r}"
+            )
+        self.temperature = float(temperature)
+        self.period_steps = period_steps
+        num = self.num_tasks
+        self.register_buffer("weights", torch.ones(num))
+        self.register_buffer("period_loss_sums", torch.zeros(num))
+        # Row 0: the mean losses of the last finished period, t - 1; row 1: of t - 2.
+        self.register_buffer("period_means", torch.full((2, num), math.nan))
+        self.steps_in_period = 0
+        self.periods_finished = 0
+
+    def _observe(self, losses: Tensor) -> None:
+        sums = self.period_loss_sums
+        sums += losses.to(sums.dtype)
+        self.steps_in_period += 1
+        if self.steps_in_period == self.period_steps:
+            self.end_epoch()
+
+    @torch.no_grad()
+    def end_epoch(self) -> None:
+        """End the current period: its mean losses become ``L(t-1)``; update the weights."""
+        if self.steps_in_period == 0:
+            raise RuntimeError(
+                "DWA.end_epoch: no training losses since the last period ended; call the module "
+                "(or its backward) in training mode during the period"
+            )
+        means = self.period_loss_sums / self.steps_in_period
+        for index, value in enumerate(means.tolist()):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(
+                    f"task {task_label(index, self.tasks)}: mean loss over period "
+                    f"{self.periods_finished} is {value}; DWA's rates L(t-1) / L(t-2) need "
+                    "finite, positive losses"
+                )
+        # New tensors, not in-place updates: a total computed before may still need the old
+        # weights in its backward.
+        self.period_means = torch.stack([means, self.period_means[0]])
+        self.period_loss_sums = torch.zeros_like(self.period_loss_sums)
+        self.steps_in_period = 0
+        self.periods_finished += 1
+        if self.periods_finished >= 2:
+            self.weights = reference.dwa_weights(
+                self.period_means[0], self.period_means[1], self.temperature
+            )
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"steps_in_period": self.steps_in_period, "periods_finished": self.periods_finished}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.steps_in_period = int(state["steps_in_period"])
+        self.periods_finished = int(state["periods_finished"])
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, temperature={self.temperature}, "
+            f"period_steps={self.period_steps}"
+        )

@@ -1,0 +1,183 @@
+"""``MGDA``: the min-norm point of the task gradients (Sener & Koltun, NeurIPS 2018)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fused_mtl import reference
+from fused_mtl._backend import Backend
+from fused_mtl._gram_op import task_gram_or_norms
+from fused_mtl._losses import task_label
+from fused_mtl._task_gradients import SharedParameters, TaskGradients
+from fused_mtl.balancer import GradientBalancer, LossArgs, weighted_sum
+
+#: Pairwise Frank-Wolfe steps when K > ``reference.ENUMERATION_MAX_TASKS`` (smaller K are solved
+#: exactly); see ``reference.min_norm_weights`` for the precision they reach.
+SOLVER_ITERATIONS = 250
+
+
+class MGDA(GradientBalancer):
+    r"""Weight the tasks by the min-norm point of the convex hull of their gradients.
+
+    With per-task gradients ``g_i`` of the shared parameters, each ``backward`` finds
+
+    .. math:: \alpha = \arg\min_{\alpha \in \Delta} \Big\| \sum_i \alpha_i \hat g_i \Big\|^2,
+              \qquad \hat g_i = g_i / c_i
+
+    on the simplex :math:`\Delta` (the weights sum to 1), and trains the model on
+    :math:`\sum_i \alpha_i L_i`: the weights apply to the raw losses, whatever the
+    normalisation, as in the authors' code. The direction :math:`\sum_i \alpha_i g_i` decreases
+    every task's loss to first order, or is zero at a Pareto-stationary point.
+
+    Only the Gram matrix ``M = Ĝ Ĝᵀ`` enters the problem: it comes from the fused ``task_gram``
+    (one launch on CUDA). The solver (``reference.min_norm_weights``) uses the closed form for
+    K = 2, is exact up to K = 10 (one batched solve over the faces of the simplex) and runs
+    ``solver_iterations`` pairwise Frank-Wolfe steps and a polish beyond. Each is a fixed
+    sequence of tensor operations on the device, without a host synchronisation.
+
+    **MGDA-UB.** ``backward(losses, features=z)``, with ``z`` the shared representation that
+    every task's loss is computed from, takes the gradients with respect to ``z`` instead of the
+    shared parameters (Sener & Koltun's upper bound). ``torch.autograd.grad`` then only walks
+    the heads, from each loss back to ``z``: the per-task passes skip the shared encoder, and
+    only the final backward of :math:`\sum_i \alpha_i L_i` crosses it, once. With gradients of
+    the shared parameters, each of the K passes (or the batched one) crosses the encoder up to
+    those parameters. ``shared_parameters`` may be omitted when only MGDA-UB is used.
+
+    Args:
+        shared_parameters: the parameters whose per-task gradients define the problem (all
+            shared parameters, or the last shared layer for a cheaper approximation).
+        num_tasks: number of tasks K (may be omitted when ``tasks`` is given).
+        tasks: task names; enables calling with a dict and names tasks in errors.
+        normalization: ``c_i``: ``"none"`` (1, default), ``"l2"`` (``||g_i||``), ``"loss"``
+            (``L_i``) or ``"loss+"`` (``L_i ||g_i||``). The two loss normalisations read the
+            losses on the host at every call to check that they are positive.
+        solver_iterations: pairwise Frank-Wolfe steps for K > 10 (see ``SOLVER_ITERATIONS``).
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``, for the Gram matrix.
+        per_task_gradients: ``"auto"``, ``"batched"`` or ``"loop"``, as for ``GradNorm``.
+
+    Attributes:
+        weights: the ``alpha`` of the last call (uniform before the first).
+        gram: the (normalised) Gram matrix of the last call, detached, for logging.
+
+    Example:
+        >>> import torch
+        >>> from fused_mtl import MGDA
+        >>> trunk, heads = torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)
+        >>> mgda = MGDA(trunk.parameters(), tasks=["a", "b"])
+        >>> out = heads(torch.relu(trunk(torch.randn(16, 4))))
+        >>> total = mgda.backward({"a": out[:, 0].square().mean(), "b": out[:, 1].abs().mean()})
+        >>> float(mgda.weights.sum())
+        1.0
+    """
+
+    weights: Tensor
+
+    def __init__(
+        self,
+        shared_parameters: SharedParameters | None = None,
+        num_tasks: int | None = None,
+        *,
+        tasks: Sequence[str] | None = None,
+        normalization: str = "none",
+        solver_iterations: int = SOLVER_ITERATIONS,
+        backend: Backend = "auto",
+        per_task_gradients: str = "auto",
+    ) -> None:
+        super().__init__(shared_parameters, num_tasks, tasks, backend, per_task_gradients)
+        if normalization not in reference.MGDA_NORMALIZATIONS:
+            raise ValueError(
+                f"normalization must be one of {reference.MGDA_NORMALIZATIONS}, "
+                f"got {normalization!r}"
+            )
+        if (
+            isinstance(solver_iterations, bool)
+            or not isinstance(solver_iterations, int)
+            or solver_iterations < 1
+        ):
+            raise ValueError(
+                f"solver_iterations must be a positive integer, got {solver_iterations!r}"
+            )
+        self.normalization = normalization
+        self.solver_iterations = solver_iterations
+        device = self._shared[0].device if self._shared else None
+        # The last alpha: what the method computed, not state to resume from.
+        self.register_buffer(
+            "weights",
+            torch.full((self.num_tasks,), 1 / self.num_tasks, device=device),
+            persistent=False,
+        )
+        self._feature_gradients = TaskGradients([], ["features"], per_task_gradients)
+        self.gram: Tensor | None = None
+
+    @property
+    def gradient_mode(self) -> str | None:
+        """How the last call's per-task gradients were computed: ``"batched"`` or ``"loop"``."""
+        return self._last_gradients.mode
+
+    @property
+    def gradient_mode_reason(self) -> str:
+        return self._last_gradients.reason
+
+    @property
+    def _last_gradients(self) -> TaskGradients:
+        return getattr(self, "_used_gradients", self._task_gradients)
+
+    def backward(self, *losses: LossArgs, features: Tensor | None = None) -> Tensor:
+        """One MGDA step's gradients; ``features=z`` for MGDA-UB. Returns the total, detached."""
+        if features is not None:
+            device = self._check_features(features)
+            gradients, inputs = self._feature_gradients, [features]
+        elif self._shared:
+            device = self._shared[0].device
+            gradients, inputs = self._task_gradients, None
+        else:
+            raise ValueError(
+                "MGDA.backward: no shared parameters were given at construction; pass "
+                "features=z (MGDA-UB) or construct MGDA(shared_parameters, ...)"
+            )
+        stacked, separate = self._graph_losses(losses, device)
+        if self.normalization in ("loss", "loss+"):
+            self._check_positive(stacked)
+        self._used_gradients = gradients
+        task_grads = gradients(stacked, self.tasks, separate, inputs)
+        gram = task_gram_or_norms(task_grads, False, self._requested_backend)
+        scales = reference.gradient_scales(gram, stacked.detach(), self.normalization)
+        gram = gram / (scales[:, None] * scales[None, :])
+        alpha = reference.min_norm_weights(gram, self.solver_iterations)
+        self.gram = gram
+        self.weights = alpha
+        total = weighted_sum(alpha, stacked)
+        total.backward()
+        return total.detach()
+
+    def _check_features(self, features: object) -> torch.device:
+        if not isinstance(features, Tensor) or not features.is_floating_point():
+            raise TypeError(
+                f"MGDA.backward: features must be a floating-point tensor, got "
+                f"{getattr(features, 'dtype', type(features).__name__)}"
+            )
+        if not features.requires_grad:
+            raise ValueError(
+                "MGDA.backward: features does not require grad; pass the shared representation "
+                "z that the task losses are computed from (not detached)"
+            )
+        return features.device
+
+    def _check_positive(self, losses: Tensor) -> None:
+        for index, value in enumerate(losses.detach().tolist()):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(
+                    f"task {task_label(index, self.tasks)}: loss is {value}; "
+                    f"normalization={self.normalization!r} divides the gradient by the loss, "
+                    "which must be finite and positive"
+                )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, normalization={self.normalization!r}, "
+            f"solver_iterations={self.solver_iterations}"
+        )

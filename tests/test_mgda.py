@@ -1,0 +1,260 @@
+"""MGDA: the min-norm solver against an exact solver and the optimality conditions, and the
+module against the method written out in float64."""
+
+import copy
+
+import pytest
+import torch
+from formulas import min_norm_exact
+from torch import nn
+
+from fused_mtl import MGDA
+from fused_mtl.reference import ENUMERATION_MAX_TASKS, min_norm_weights
+
+TASKS = ["depth", "seg", "normals"]
+
+
+def sample_gram(kind, num_tasks, seed, dtype=torch.float64):
+    """Gram matrices of random task gradients (12 coordinates) of several kinds."""
+    gen = torch.Generator().manual_seed(seed)
+    grads = torch.randn(num_tasks, 12, generator=gen, dtype=torch.float64)
+    if kind == "rank2":
+        grads = torch.randn(num_tasks, 2, generator=gen, dtype=torch.float64) @ grads[:2]
+    elif kind == "rank1":
+        grads = torch.randn(num_tasks, 1, generator=gen, dtype=torch.float64) @ grads[:1]
+    elif kind == "scaled":  # norms spread over six decades
+        grads = grads * torch.logspace(-3, 3, num_tasks, dtype=torch.float64)[:, None]
+    elif kind == "duplicate":
+        grads[-1] = grads[0]
+    gram = grads @ grads.T
+    return gram.to(dtype)
+
+
+KINDS = ["random", "rank2", "rank1", "scaled", "duplicate"]
+
+# Objective and optimality are measured relative to the largest squared norm, the scale of the
+# problem. float64: the solvers are exact up to rounding (the Frank-Wolfe path after 250 steps
+# and its polish: see reference.min_norm_weights), so 1e-10 leaves room for the conditioning of
+# the face systems and is far below any wrong answer (a vertex or the uniform point is off by
+# 1e-2 or more on these samples). float32 Gram matrices, as MGDA computes them: 1e-5.
+OBJECTIVE_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def assert_min_norm(alpha, gram, what):
+    """alpha is on the simplex, as good as the exact optimum, and satisfies the optimality
+    conditions: no task's slope (M alpha)_i is below alpha^T M alpha (the Frank-Wolfe gap)."""
+    rtol = OBJECTIVE_RTOL[gram.dtype]
+    gram64, alpha64 = gram.double().cpu(), alpha.double().cpu()
+    scale = float(gram64.diagonal().max())
+    assert bool((alpha64 >= 0).all()), f"{what}: negative weight {alpha64}"
+    assert abs(float(alpha64.sum()) - 1) <= 1e-6, f"{what}: weights sum to {alpha64.sum()}"
+    optimum, _ = min_norm_exact(gram64)
+    objective = float(alpha64 @ gram64 @ alpha64)
+    assert objective - float(optimum) <= rtol * scale, f"{what}: {objective} vs {optimum}"
+    gap = objective - float((gram64 @ alpha64).min())
+    assert gap <= rtol * scale, f"{what}: optimality gap {gap:.3e}"
+
+
+@pytest.mark.parametrize("num_tasks", [3, 5, 10])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_solver_finds_the_min_norm_point(device, num_tasks, kind, dtype):
+    for seed in range(3):
+        gram = sample_gram(kind, num_tasks, seed, dtype).to(device)
+        alpha = min_norm_weights(gram, 250)
+        assert alpha.dtype == dtype and alpha.device == gram.device
+        assert_min_norm(alpha, gram, f"{kind} K={num_tasks} seed={seed}")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_frank_wolfe_path_finds_the_min_norm_point(device, kind, monkeypatch):
+    # Force the path used beyond ENUMERATION_MAX_TASKS on problems the exact solver can check.
+    monkeypatch.setattr("fused_mtl.reference.ENUMERATION_MAX_TASKS", 2)
+    for num_tasks in (3, 6, 10):
+        gram = sample_gram(kind, num_tasks, seed=7).to(device)
+        assert_min_norm(min_norm_weights(gram, 250), gram, f"{kind} K={num_tasks}")
+
+
+def test_the_frank_wolfe_path_runs_above_the_enumeration_limit(device):
+    num_tasks = ENUMERATION_MAX_TASKS + 6
+    gram = sample_gram("rank2", num_tasks, seed=3).to(device)
+    alpha = min_norm_weights(gram, 250).double().cpu()
+    gram = gram.double().cpu()
+    # Too many faces for the exact solver: check the optimality conditions alone.
+    gap = float(alpha @ gram @ alpha - (gram @ alpha).min())
+    assert (alpha >= 0).all() and abs(float(alpha.sum()) - 1) < 1e-12
+    assert gap <= 1e-10 * float(gram.diagonal().max())
+
+
+def test_two_tasks_use_the_closed_form_exactly(device):
+    for seed in range(5):
+        gram = sample_gram("random", 2, seed).to(device)
+        (m11, m12), (_, m22) = gram.tolist()
+        first = min(max((m22 - m12) / (m11 + m22 - 2 * m12), 0.0), 1.0)
+        alpha = min_norm_weights(gram, 250)
+        assert alpha.tolist() == pytest.approx([first, 1 - first], rel=1e-15, abs=1e-15)
+        assert_min_norm(alpha, gram, f"K=2 seed={seed}")
+    # One gradient is a multiple of the other, shorter one: all weight goes to the shorter one.
+    g = torch.tensor([[1.0, 2.0], [3.0, 6.0]], dtype=torch.float64, device=device)
+    assert min_norm_weights(g @ g.T, 250).tolist() == [1.0, 0.0]
+    # Equal gradients: every alpha is optimal; the solver returns one half each.
+    same = torch.ones(2, 2, dtype=torch.float64, device=device)
+    assert min_norm_weights(same, 250).tolist() == [0.5, 0.5]
+    assert min_norm_weights(torch.eye(1, device=device), 250).tolist() == [1.0]
+
+
+class TwoLayerNet(nn.Module):
+    """A shared layer, then one linear head per task; losses of different kinds."""
+
+    def __init__(self, bias=True):
+        super().__init__()
+        self.shared = nn.Linear(6, 5, bias=bias)
+        self.heads = nn.ModuleList(nn.Linear(5, 1) for _ in TASKS)
+
+    def features(self, inputs):
+        return self.shared(inputs)
+
+    def losses(self, features, targets):
+        outputs = [head(torch.tanh(features)).squeeze(1) for head in self.heads]
+        return [
+            (outputs[0] - targets[0]).square().mean(),
+            (outputs[1] - targets[1]).abs().mean() + 0.1,
+            torch.nn.functional.softplus(outputs[2] * targets[2]).mean(),
+        ]
+
+
+def make_problem(device, seed=0, bias=True, inputs=None):
+    torch.manual_seed(seed)
+    net = TwoLayerNet(bias).to(device)
+    gen = torch.Generator().manual_seed(seed + 100)
+    if inputs is None:
+        inputs = torch.randn(8, 6, generator=gen)
+    targets = [torch.randn(inputs.shape[0], generator=gen).to(device) for _ in TASKS]
+    return net, inputs.to(device), targets
+
+
+def expected_step(net, inputs, targets, normalization):
+    """MGDA in float64 from the definition: per-task gradients of the shared layer, their
+    normalised Gram, the exact min-norm alpha, and the gradients of sum_i alpha_i L_i."""
+    net = copy.deepcopy(net).double().cpu()
+    losses = net.losses(net.features(inputs.double().cpu()), [t.double().cpu() for t in targets])
+    shared = list(net.shared.parameters())
+    grads = torch.stack(
+        [
+            torch.cat([g.flatten() for g in torch.autograd.grad(loss, shared, retain_graph=True)])
+            for loss in losses
+        ]
+    )
+    values = torch.stack(losses).detach()
+    norms = grads.norm(dim=1)
+    scales = {
+        "none": torch.ones_like(values),
+        "l2": norms,
+        "loss": values,
+        "loss+": values * norms,
+    }[normalization]
+    unit = grads / scales[:, None]
+    _, alpha = min_norm_exact(unit @ unit.T)
+    total = sum(a * loss for a, loss in zip(alpha, losses, strict=True))
+    total.backward()
+    return alpha, {name: p.grad for name, p in net.named_parameters()}
+
+
+@pytest.mark.parametrize("normalization", ["none", "l2", "loss", "loss+"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_step_matches_the_method_in_float64(device, normalization, backend):
+    net, inputs, targets = make_problem(device)
+    alpha, grads = expected_step(net, inputs, targets, normalization)
+    mgda = MGDA(net.shared.parameters(), tasks=TASKS, normalization=normalization, backend=backend)
+    losses = net.losses(net.features(inputs), targets)
+    total = mgda.backward(dict(zip(TASKS, losses, strict=True)))
+    # float32 network and Gram: the weights agree to float32 precision of the problem.
+    assert torch.allclose(mgda.weights.double().cpu(), alpha, atol=1e-4), (mgda.weights, alpha)
+    for name, param in net.named_parameters():
+        assert torch.allclose(param.grad.double().cpu(), grads[name], rtol=1e-4, atol=1e-5), name
+    want = sum(a * loss.detach() for a, loss in zip(mgda.weights, losses, strict=True))
+    assert torch.allclose(total, want) and not total.requires_grad
+
+
+def test_the_normalisations_give_different_weights(device):
+    net, inputs, targets = make_problem(device)
+    weights = {}
+    for normalization in ("none", "l2", "loss", "loss+"):
+        mgda = MGDA(net.shared.parameters(), 3, normalization=normalization)
+        mgda.backward(net.losses(net.features(inputs), targets))
+        weights[normalization] = mgda.weights
+    values = list(weights.values())
+    assert all(
+        not torch.allclose(a, b, atol=1e-3) for i, a in enumerate(values) for b in values[i + 1 :]
+    )
+
+
+def test_mgda_ub_equals_mgda_when_the_representation_determines_the_gradient(device):
+    # z = x W^T with the rows of x orthonormal: the gradient of W is dz^T x, so
+    # <g_W^i, g_W^k> = tr(dz_i^T x x^T dz_k) = <dz_i, dz_k>: the same Gram, the same alpha.
+    basis, _ = torch.linalg.qr(torch.randn(6, 4, generator=torch.Generator().manual_seed(5)))
+    net, inputs, targets = make_problem(device, bias=False, inputs=basis.T)
+    by_parameters = MGDA(net.shared.parameters(), 3, normalization="l2")
+    by_parameters.backward(net.losses(net.features(inputs), targets))
+    grads = {name: p.grad.clone() for name, p in net.named_parameters()}
+    net.zero_grad()
+    upper_bound = MGDA(num_tasks=3, normalization="l2")
+    features = net.features(inputs)
+    upper_bound.backward(net.losses(features, targets), features=features)
+    assert torch.allclose(upper_bound.gram, by_parameters.gram, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(upper_bound.weights, by_parameters.weights, atol=1e-5)
+    for name, param in net.named_parameters():
+        assert torch.allclose(param.grad, grads[name], rtol=1e-4, atol=1e-6), name
+    # With inputs whose rows are not orthonormal the two Gram matrices differ: the test can fail.
+    net, inputs, targets = make_problem(device, bias=False, inputs=3 * basis.T + 1)
+    by_parameters = MGDA(net.shared.parameters(), 3, normalization="l2")
+    by_parameters.backward(net.losses(net.features(inputs), targets))
+    features = net.features(inputs)
+    upper_bound.backward(net.losses(features, targets), features=features)
+    assert not torch.allclose(upper_bound.gram, by_parameters.gram, rtol=1e-2)
+
+
+def test_mgda_ub_crosses_the_shared_layer_once(device):
+    net, inputs, targets = make_problem(device)
+    crossings = []
+    net.shared.weight.register_hook(lambda grad: crossings.append(grad.shape))
+    mgda = MGDA(tasks=TASKS)
+    features = net.features(inputs)
+    mgda.backward(net.losses(features, targets), features=features)
+    # The per-task passes stop at the representation; only the weighted total reaches the layer.
+    assert len(crossings) == 1
+    # And what reaches it is the gradient of sum_i alpha_i L_i, nothing more.
+    check, _, _ = make_problem(device)
+    losses = check.losses(check.features(inputs), targets)
+    sum(a * loss for a, loss in zip(mgda.weights, losses, strict=True)).backward()
+    for (name, param), expected in zip(net.named_parameters(), check.parameters(), strict=True):
+        assert torch.allclose(param.grad, expected.grad, rtol=1e-5, atol=1e-7), name
+    # Gradients of the parameters cross it in every per-task pass as well: 3 + 1 batched (the
+    # first call compares both modes) + 1 for the total.
+    crossings.clear()
+    by_parameters = MGDA(net.shared.parameters(), tasks=TASKS)
+    by_parameters.backward(net.losses(net.features(inputs), targets))
+    assert len(crossings) == 5
+
+
+def test_mgda_rejects_bad_input(device):
+    net, inputs, targets = make_problem(device)
+    with pytest.raises(ValueError, match="normalization must be one of"):
+        MGDA(net.shared.parameters(), 3, normalization="max")
+    with pytest.raises(ValueError, match="solver_iterations must be a positive integer"):
+        MGDA(net.shared.parameters(), 3, solver_iterations=0)
+    mgda = MGDA(net.shared.parameters(), tasks=TASKS, normalization="loss")
+    losses = net.losses(net.features(inputs), targets)
+    with pytest.raises(ValueError, match=r"task 'seg': loss is -1.0; normalization='loss'"):
+        mgda.backward([losses[0], losses[1] * 0 - 1, losses[2]])
+    with pytest.raises(TypeError, match=r"call mgda.backward\(losses\)"):
+        mgda(losses)
+    with pytest.raises(ValueError, match="no shared parameters were given"):
+        MGDA(num_tasks=3).backward(losses)
+    features = net.features(inputs)
+    with pytest.raises(ValueError, match="features does not require grad"):
+        MGDA(num_tasks=3).backward(losses, features=features.detach())
+    with pytest.raises(ValueError, match="task 'seg': its loss does not reach the shared"):
+        MGDA(net.heads[0].parameters(), tasks=TASKS).backward(losses)
+    with pytest.raises(ValueError, match="no task loss requires grad"):
+        mgda.backward([loss.detach() for loss in losses])
