@@ -3,15 +3,28 @@
 Run with ``FUSED_MTL_TEST_DEVICE=cuda``; on a machine without CUDA these tests are skipped.
 """
 
+import contextlib
+
 import pytest
 import torch
 from formulas import log_variance
 
-from fused_mtl import GradNorm, UncertaintyWeighting
+from fused_mtl import DTP, DWA, MGDA, EqualWeighting, GradNorm, UncertaintyWeighting
 from fused_mtl.functional import task_grad_norms, task_gram
 from fused_mtl.synthetic import MultiTaskMLP
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@contextlib.contextmanager
+def host_synchronisation_is_an_error():
+    """Any host synchronisation inside the block raises (after pending work has finished)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.parametrize("num_tasks", [2, 4096])
@@ -19,12 +32,8 @@ def test_no_host_synchronisation(num_tasks):
     uw = UncertaintyWeighting(num_tasks, backend="triton").cuda()
     losses = torch.rand(num_tasks, device="cuda", requires_grad=True)
     uw(losses).backward()  # compile the kernels outside the checked region
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with host_synchronisation_is_an_error():
         uw(losses).backward()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_cuda_graph_replay_matches_eager():
@@ -71,12 +80,8 @@ def test_gradnorm_step_has_no_host_synchronisation_after_the_first():
 
     step()  # the first call chooses the gradient mode and records L_i(0): it synchronises
     step()  # kernels compiled outside the checked region
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with host_synchronisation_is_an_error():
         step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert gradnorm.gradient_mode == "batched"
 
 
@@ -101,3 +106,38 @@ def test_task_gram_cuda_graph_replay_is_bitwise_eager():
         torch.cuda.synchronize()
         assert torch.equal(matrix, task_gram(grads, backend="triton"))
         assert torch.equal(norms, task_grad_norms(grads, backend="triton"))
+
+
+@pytest.mark.parametrize("num_tasks", [3, 12])  # the exact solver, and Frank-Wolfe beyond K = 10
+@pytest.mark.parametrize("features", [False, True])
+def test_mgda_step_has_no_host_synchronisation_after_the_first(num_tasks, features):
+    model = MultiTaskMLP(num_tasks, input_dim=16, output_dim=8, hidden=32).cuda()
+    shared = None if features else model.last_shared_layer.parameters()
+    mgda = MGDA(shared, num_tasks, normalization="l2", backend="triton")
+    inputs, targets = (
+        torch.randn(32, 16, device="cuda"),
+        torch.randn(num_tasks, 32, 8, device="cuda"),
+    )
+
+    def step():
+        if features:
+            z = model.trunk(inputs)
+            outputs = torch.stack([head(z) for head in model.heads])
+            mgda.backward((outputs - targets).square().mean(dim=(1, 2)), features=z)
+        else:
+            mgda.backward((model(inputs) - targets).square().mean(dim=(1, 2)))
+
+    step()  # the first call chooses the gradient mode: it synchronises
+    step()
+    with host_synchronisation_is_an_error():
+        step()
+    assert abs(float(mgda.weights.sum()) - 1) < 1e-5
+
+
+def test_loss_level_methods_have_no_host_synchronisation():
+    losses = torch.rand(4, device="cuda", requires_grad=True)
+    methods = [EqualWeighting(4).cuda(), DWA(4).cuda(), DTP(4).cuda()]
+    methods[2].update_kpis([0.1, 0.2, 0.3, 0.4])  # reads the KPIs on the host, by design
+    with host_synchronisation_is_an_error():
+        for method in methods:
+            method.backward(losses)  # DWA adds the losses to its period sums on the device

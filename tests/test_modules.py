@@ -159,14 +159,25 @@ def test_functional(backend, device):
 def test_public_surface():
     assert set(fused_mtl.__all__) >= {
         "Balancer",
+        "DTP",
+        "DWA",
+        "EqualWeighting",
         "GradNorm",
+        "MGDA",
         "UncertaintyWeighting",
         "functional",
         "compat",
         "synthetic",
     }
     assert fused_mtl.functional.__all__ == ["task_grad_norms", "task_gram", "uncertainty_weighting"]
-    for balancer in (fused_mtl.UncertaintyWeighting, fused_mtl.GradNorm):
+    for balancer in (
+        fused_mtl.UncertaintyWeighting,
+        fused_mtl.GradNorm,
+        fused_mtl.DWA,
+        fused_mtl.DTP,
+        fused_mtl.MGDA,
+        fused_mtl.EqualWeighting,
+    ):
         assert issubclass(balancer, fused_mtl.Balancer)
 
 
