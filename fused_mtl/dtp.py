@@ -101,8 +101,15 @@ class DTP(LossWeighting):
             check_names(list(values), self.tasks, what)
             values = [values[name] for name in self.tasks]  # type: ignore[union-attr]
         elif isinstance(values, Tensor):
-            values = values.detach().cpu()
-            values = [values] if values.dim() == 0 else list(values)
+            if values.dim() > 1:
+                raise ValueError(
+                    f"{what}: expected one number per task, got a tensor of shape "
+                    f"{tuple(values.shape)}"
+                )
+            # One host read for all K values.
+            values = values.detach().cpu().reshape(-1).tolist()
+            if len(values) == 1 and self.num_tasks > 1 and not broadcast:
+                raise TypeError(f"{what}: expected one number per task, got one number")
         elif isinstance(values, (int, float)) and (broadcast or self.num_tasks == 1):
             values = [values] * self.num_tasks
         elif isinstance(values, Sequence) and not isinstance(values, str):

@@ -253,3 +253,40 @@ def test_dtp_rejects_bad_input(device):
         DTP(tasks=TASKS, gamma={"depth": 1.0, "seg": -1.0, "normals": 0.0})
     with pytest.raises(ValueError, match=r"decay must be a number in \[0, 1\)"):
         DTP(2, decay=1.0)
+
+
+@pytest.mark.parametrize("num_tasks", [1, 65536])
+def test_one_task_and_many_tasks(device, num_tasks):
+    gen = torch.Generator().manual_seed(0)
+    history = torch.rand(4, num_tasks, generator=gen, dtype=torch.float64) + 0.5
+    dwa = DWA(num_tasks).to(device)
+    for losses in history:
+        dwa(losses.float().to(device))
+        dwa.end_epoch()
+    last, before = history[-1], history[-2]
+    rates = last / before
+    expected = num_tasks * torch.softmax(rates / 2.0, dim=0)  # float64, from the formula
+    error = (dwa.weights.double().cpu() - expected).abs().max()
+    assert error <= 1e-5 * float(expected.max()), error
+    kpis = torch.rand(num_tasks, generator=gen, dtype=torch.float64)
+    dtp = DTP(num_tasks, gamma=2.0).to(device)
+    dtp.update_kpis(kpis.float().to(device))
+    k = kpis.float().double()
+    expected = -((1 - k) ** 2) * torch.log(k)
+    assert torch.allclose(dtp.weights.double().cpu(), expected, rtol=1e-5, atol=1e-7)
+    total = EqualWeighting(num_tasks).to(device)(history[0].to(device))
+    assert abs(total.item() - float(history[0].sum())) <= 1e-12 * num_tasks
+
+
+def test_dwa_handles_losses_of_extreme_scale(device):
+    dwa = DWA(3).to(device)
+    for losses in ([1e30, 1e-30, 1.0], [2e30, 1e-30, 1.0], [1e30, 4e-30, 0.5]):
+        dwa(torch.tensor(losses, device=device))
+        dwa.end_epoch()
+    # Rates 0.5, 4 and 0.5: only the ratios enter the weights.
+    expected = torch.softmax(torch.tensor([0.5, 4.0, 0.5], dtype=torch.float64) / 2, dim=0) * 3
+    assert torch.allclose(dwa.weights.double().cpu(), expected, rtol=1e-6)
+    dwa(torch.tensor([6e4, 1.0, 1.0], dtype=torch.float16, device=device))
+    dwa(torch.tensor([6e4, 1.0, 1.0], dtype=torch.float16, device=device))
+    # Summed in float32: 1.2e5 does not overflow float16's 65504.
+    assert dwa.period_loss_sums.tolist()[0] == 120000.0

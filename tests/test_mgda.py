@@ -237,6 +237,14 @@ def test_mgda_ub_crosses_the_shared_layer_once(device):
     assert len(crossings) == 5
 
 
+def test_one_task_gets_all_the_weight(device):
+    net, inputs, targets = make_problem(device)
+    mgda = MGDA(net.shared.parameters(), 1, normalization="loss+")
+    loss = net.losses(net.features(inputs), targets)[0]
+    total = mgda.backward(loss)
+    assert mgda.weights.tolist() == [1.0] and total.item() == loss.item()
+
+
 def test_mgda_rejects_bad_input(device):
     net, inputs, targets = make_problem(device)
     with pytest.raises(ValueError, match="normalization must be one of"):
