@@ -277,6 +277,39 @@ def test_initial_losses_recorded_on_the_first_call_and_kept_in_the_state_dict(de
     torch.testing.assert_close(resumed.initial_losses, first)
 
 
+def test_gradnorm_resumes_bit_identically_from_a_checkpoint(device):
+    inputs, targets = make_batch(device)
+
+    def trainer(net):
+        gradnorm = GradNorm(net.shared.parameters(), tasks=TASKS)
+        optimizer = torch.optim.SGD([*net.parameters(), *gradnorm.parameters()], lr=0.05)
+        return gradnorm, optimizer
+
+    def run(net, gradnorm, optimizer, steps):
+        history = []
+        for _ in range(steps):
+            optimizer.zero_grad()
+            gradnorm.backward(net.losses(inputs, targets))
+            optimizer.step()
+            history.append(gradnorm.weights.detach().clone())
+        return history
+
+    net = make_net(device)
+    whole = run(net, *trainer(net), steps=4)
+    net = make_net(device)
+    gradnorm, optimizer = trainer(net)
+    run(net, gradnorm, optimizer, steps=2)
+    checkpoint = copy.deepcopy([net.state_dict(), gradnorm.state_dict(), optimizer.state_dict()])
+    resumed_net = make_net(device, seed=1)
+    resumed, resumed_optimizer = trainer(resumed_net)
+    for module, state in zip((resumed_net, resumed, resumed_optimizer), checkpoint, strict=True):
+        module.load_state_dict(state)
+    rest = run(resumed_net, resumed, resumed_optimizer, steps=2)
+    for got, want in zip(rest, whole[2:], strict=True):
+        assert torch.equal(got, want)
+    assert not torch.equal(whole[3], whole[1])
+
+
 def test_uncertainty_weighting_has_the_same_interface(device):
     net = make_net(device)
     inputs, targets = make_batch(device)
