@@ -111,6 +111,7 @@ class MGDA(GradientBalancer):
             persistent=False,
         )
         self._feature_gradients = TaskGradients([], ["features"], per_task_gradients)
+        self._last_gradients = self._task_gradients
         self.gram: Tensor | None = None
 
     @property
@@ -121,10 +122,6 @@ class MGDA(GradientBalancer):
     @property
     def gradient_mode_reason(self) -> str:
         return self._last_gradients.reason
-
-    @property
-    def _last_gradients(self) -> TaskGradients:
-        return getattr(self, "_used_gradients", self._task_gradients)
 
     def backward(self, *losses: LossArgs, features: Tensor | None = None) -> Tensor:
         """One MGDA step's gradients; ``features=z`` for MGDA-UB. Returns the total, detached."""
@@ -142,7 +139,7 @@ class MGDA(GradientBalancer):
         stacked, separate = self._graph_losses(losses, device)
         if self.normalization in ("loss", "loss+"):
             self._check_positive(stacked)
-        self._used_gradients = gradients
+        self._last_gradients = gradients
         task_grads = gradients(stacked, self.tasks, separate, inputs)
         gram = task_gram_or_norms(task_grads, False, self._requested_backend)
         scales = reference.gradient_scales(gram, stacked.detach(), self.normalization)

@@ -264,11 +264,14 @@ def gradient_scales(gram: Tensor, losses: Tensor, normalization: str) -> Tensor:
         raise ValueError(
             f"normalization must be one of {MGDA_NORMALIZATIONS}, got {normalization!r}"
         )
-    ones = torch.ones_like(gram.diagonal())
-    norms = gram.diagonal().clamp_min(0).sqrt()
-    norms = torch.where(norms > 0, norms, ones)
+    if normalization == "none":
+        return torch.ones_like(gram.diagonal())
     losses = losses.to(gram.dtype)
-    return {"none": ones, "l2": norms, "loss": losses, "loss+": losses * norms}[normalization]
+    if normalization == "loss":
+        return losses
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    norms = torch.where(norms > 0, norms, 1.0)
+    return norms if normalization == "l2" else losses * norms
 
 
 #: Up to this many tasks the min-norm problem is solved exactly by enumerating its 2^K - 1 faces
