@@ -1,40 +1,40 @@
-import os
-import subprocess
+"""pytest-benchmark glue: the cases come from ``fused_mtl.benchmark_cases``, the source that
+``fused-mtl bench`` times as well."""
+
+from collections.abc import Callable
 
 import pytest
-import torch
 
-
-def _git_revision() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _triton_version() -> str:
-    try:
-        import triton
-    except ImportError:
-        return "absent"
-    return triton.__version__
+from fused_mtl.benchmark_cases import Case, Unavailable, default_device, environment
 
 
 @pytest.fixture
-def record_environment(benchmark):
-    """Record where a result was measured next to it in the JSON output."""
-    device = os.environ.get(
-        "FUSED_MTL_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"
-    )
-    name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
-    benchmark.extra_info.update(
-        device=device,
-        device_name=name,
-        torch=torch.__version__,
-        triton=_triton_version(),
-        git_revision=_git_revision(),
-        cpu_threads=torch.get_num_threads(),
-    )
-    return device
+def bench_device() -> str:
+    """CUDA when available, else CPU; ``FUSED_MTL_BENCH_DEVICE`` chooses."""
+    return default_device()
+
+
+@pytest.fixture
+def run_case(benchmark, bench_device) -> Callable[[Callable[[str], Case]], None]:
+    """Build a case for the device (skipping it, with the reason, where it cannot run here),
+    time it, and record where and against what it was measured in ``extra_info``."""
+
+    def run(make: Callable[[str], Case]) -> None:
+        try:
+            case = make(bench_device)
+        except Unavailable as missing:
+            pytest.skip(missing.reason)
+        benchmark.group = case.group
+        benchmark.extra_info.update(
+            environment(bench_device),
+            implementation=case.implementation,
+            baseline=case.baseline,
+            compile_seconds=case.compile_seconds,
+            bytes_read=case.bytes_read,
+        )
+        with case.timing_guard():
+            benchmark(case.step)
+        if case.bytes_read and benchmark.stats is not None:  # None under --benchmark-disable
+            benchmark.extra_info["gb_per_s"] = case.bytes_read / benchmark.stats.stats.median / 1e9
+
+    return run

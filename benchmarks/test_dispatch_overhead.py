@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch import Tensor
 
+from fused_mtl.benchmark_cases import environment
+
 
 def _forward(losses: Tensor, params: Tensor) -> Tensor:
     return (torch.exp(-params) * losses + params).sum()
@@ -63,8 +65,11 @@ class _ProbeFunction(torch.autograd.Function):
 @pytest.mark.parametrize(
     "wrapper", [_probe_op, _ProbeFunction.apply], ids=["custom_op", "autograd_function"]
 )
-def test_wrapper_forward_backward(benchmark, record_environment, wrapper):
+def test_wrapper_forward_backward(benchmark, request, wrapper):
     benchmark.group = "dispatch overhead, fwd+bwd, K=2, CPU"
+    benchmark.extra_info.update(
+        environment("cpu"), implementation=request.node.callspec.id, baseline="autograd_function"
+    )
     losses = torch.rand(2, requires_grad=True)
     params = torch.zeros(2, requires_grad=True)
 

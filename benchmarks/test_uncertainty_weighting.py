@@ -1,20 +1,22 @@
-"""Uncertainty weighting, forward + backward: fused op vs torch fallback vs per-task loop.
+"""Uncertainty weighting, forward + backward over K scalar losses: the fused op (auto backend),
+the torch fallback, the per-task loop users copy, a vectorised eager expression, torch.compile of
+the loop, and on CUDA a CUDA-graph replay of the fused op.
 
-Run: ``pytest benchmarks/`` (``--benchmark-json out.json`` to keep the numbers). The device is
-CUDA when available, else CPU (set ``FUSED_MTL_BENCH_DEVICE`` to choose). Compare within a group.
+Run: ``pytest benchmarks/`` (``--benchmark-json out.json`` to keep the numbers). Compare within a
+group; the compiled loop is timed under ``fail_on_recompile`` and its first call (the compile) is
+in ``extra_info["compile_seconds"]``.
 """
 
 import pytest
-from uncertainty_cases import IMPLEMENTATIONS, make_case
 
-NUM_TASKS = [2, 8, 64, 256]
+from fused_mtl.benchmark_cases import (
+    UNCERTAINTY_IMPLEMENTATIONS,
+    UNCERTAINTY_TASK_COUNTS,
+    uncertainty_case,
+)
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("num_tasks", NUM_TASKS)
-def test_forward_backward(benchmark, record_environment, implementation, num_tasks):
-    benchmark.group = f"uncertainty fwd+bwd K={num_tasks}"
-    step = make_case(implementation, num_tasks, record_environment)
-    for _ in range(5):  # warm-up: kernel compilation, allocator
-        step()
-    benchmark(step)
+@pytest.mark.parametrize("implementation", UNCERTAINTY_IMPLEMENTATIONS)
+@pytest.mark.parametrize("num_tasks", UNCERTAINTY_TASK_COUNTS)
+def test_forward_backward(run_case, implementation, num_tasks):
+    run_case(lambda device: uncertainty_case(implementation, num_tasks, device))

@@ -14,6 +14,11 @@ layers and one linear head per task.
 Choices the paper leaves open, made here: the inputs are standard normal; by default the scales
 are spread evenly in log space over two orders of magnitude, ``sigma = logspace(0, 2, T)``.
 
+``noisy_regression`` is a second problem whose answer is known in advance: regression tasks on
+the same inputs whose targets carry Gaussian noise of given variances. With a mean squared error,
+the best a model can reach on task i is its noise variance, which is what uncertainty weighting's
+``sigma_i^2`` should learn.
+
 Example:
     >>> from fused_mtl.synthetic import MultiTaskMLP, gradnorm_toy
     >>> data = gradnorm_toy(num_tasks=3, num_samples=8)
@@ -26,12 +31,12 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MultiTaskMLP", "ToyRegression", "gradnorm_toy"]
+__all__ = ["MultiTaskMLP", "ToyRegression", "gradnorm_toy", "noisy_regression"]
 
 INPUT_DIM = 250
 OUTPUT_DIM = 100
@@ -46,11 +51,12 @@ class ToyRegression:
     inputs: Tensor  # (N, 250)
     targets: Tensor  # (T, N, 100)
     sigmas: Tensor  # (T,) task scales
+    noise_variances: Tensor | None = None  # (T,) variance of the label noise, where known
 
     def split(self, num_train: int) -> tuple[ToyRegression, ToyRegression]:
         """The first ``num_train`` samples and the rest, as two data sets."""
-        head = ToyRegression(self.inputs[:num_train], self.targets[:, :num_train], self.sigmas)
-        tail = ToyRegression(self.inputs[num_train:], self.targets[:, num_train:], self.sigmas)
+        head = replace(self, inputs=self.inputs[:num_train], targets=self.targets[:, :num_train])
+        tail = replace(self, inputs=self.inputs[num_train:], targets=self.targets[:, num_train:])
         return head, tail
 
 
@@ -64,10 +70,8 @@ def gradnorm_toy(
     dtype: torch.dtype = torch.float32,
 ) -> ToyRegression:
     """Draw the toy's task matrices and ``num_samples`` samples; deterministic for a seed."""
-    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
-        raise ValueError(f"num_tasks must be a positive integer, got {num_tasks!r}")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    _check_positive_int("num_tasks", num_tasks)
+    _check_positive_int("num_samples", num_samples)
     if sigmas is None:
         scales = torch.logspace(0, 2, num_tasks, dtype=torch.float64)
     else:
@@ -87,6 +91,54 @@ def gradnorm_toy(
         targets=targets.to(device=device, dtype=dtype),
         sigmas=scales.to(device=device, dtype=dtype),
     )
+
+
+def noisy_regression(
+    noise_variances: Sequence[float] = (0.01, 0.1, 1.0),
+    num_samples: int = 4096,
+    *,
+    input_dim: int = 8,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> ToyRegression:
+    """Regression tasks ``y_i = tanh(w_i · x) + sqrt(v_i)·noise`` with known noise variances.
+
+    ``x`` and the weights ``w_i`` are standard normal (``w_i`` scaled by ``1/sqrt(input_dim)``, so
+    the clean targets spread over tanh's range instead of saturating); each target has one output.
+    ``noise_variances`` are the ``v_i``; the returned set carries them.
+
+    Example:
+        >>> data = noisy_regression((0.01, 1.0), num_samples=5)
+        >>> data.targets.shape, data.noise_variances
+        (torch.Size([2, 5, 1]), tensor([0.0100, 1.0000]))
+    """
+    variances = torch.as_tensor(noise_variances, dtype=torch.float64)
+    if variances.dim() != 1 or variances.numel() == 0:
+        raise ValueError(f"noise_variances must be a non-empty sequence, got {noise_variances!r}")
+    for task, variance in enumerate(variances.tolist()):
+        if not variance >= 0 or variance == float("inf"):
+            raise ValueError(f"task {task}: noise variance must be finite and >= 0, got {variance}")
+    _check_positive_int("num_samples", num_samples)
+    _check_positive_int("input_dim", input_dim)
+    gen = torch.Generator().manual_seed(seed)
+    num_tasks = variances.numel()
+    task_weights = torch.randn(num_tasks, input_dim, generator=gen, dtype=torch.float64)
+    inputs = torch.randn(num_samples, input_dim, generator=gen, dtype=torch.float64)
+    clean = torch.tanh(task_weights @ inputs.T / input_dim**0.5)  # (T, N)
+    noise = torch.randn(num_tasks, num_samples, generator=gen, dtype=torch.float64)
+    targets = (clean + variances.sqrt()[:, None] * noise)[..., None]
+    return ToyRegression(
+        inputs=inputs.to(device=device, dtype=dtype),
+        targets=targets.to(device=device, dtype=dtype),
+        sigmas=torch.ones(num_tasks, device=device, dtype=dtype),
+        noise_variances=variances.to(device=device, dtype=dtype),
+    )
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 class MultiTaskMLP(nn.Module):

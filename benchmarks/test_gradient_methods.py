@@ -1,0 +1,49 @@
+"""Training steps of the gradient methods and the per-task gradient norms / Gram they use, fused
+vs what users run today.
+
+Run: ``pytest benchmarks/test_gradnorm.py``. Compare within a group; the norms / Gram cases also
+record the achieved bandwidth (bytes of gradients read per second) in ``extra_info``.
+"""
+
+import pytest
+import torch
+
+from fused_mtl.benchmark_cases import (
+    GRADIENT_STEP_IMPLEMENTATIONS,
+    GRAM_BASELINES,
+    GRAM_TASK_COUNTS,
+    GRAM_WIDTHS,
+    STEP_METHODS,
+    STEP_TASKS,
+    default_device,
+    gradient_step_case,
+    gram_case,
+    method_step_case,
+)
+
+WIDTHS = GRAM_WIDTHS[torch.device(default_device()).type]
+GRADIENT_STEPS = [
+    (method, implementation)
+    for method, implementations in GRADIENT_STEP_IMPLEMENTATIONS.items()
+    for implementation in implementations
+]
+
+
+@pytest.mark.parametrize(("method", "implementation"), GRADIENT_STEPS)
+def test_gradient_method_step(run_case, method, implementation):
+    run_case(lambda device: gradient_step_case(method, implementation, STEP_TASKS, device))
+
+
+@pytest.mark.parametrize("method", STEP_METHODS)
+def test_method_step(run_case, method):
+    run_case(lambda device: method_step_case(method, STEP_TASKS, device))
+
+
+@pytest.mark.parametrize("implementation", ["fused_auto", "baseline"])
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("num_tasks", GRAM_TASK_COUNTS)
+@pytest.mark.parametrize("op", ["norms", "gram"])
+def test_norms_and_gram(run_case, op, num_tasks, width, implementation):
+    if implementation == "baseline":
+        implementation = GRAM_BASELINES[op]
+    run_case(lambda device: gram_case(op, implementation, num_tasks, width, device))

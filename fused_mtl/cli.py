@@ -1,0 +1,358 @@
+"""The ``fused-mtl`` command (also ``python -m fused_mtl``): a thin shell over the package.
+
+- ``fused-mtl demo`` trains one network with each balancing method on two synthetic problems
+  (:mod:`fused_mtl.demo`) and shows what each did: a progress bar, a table per problem, PNG plots.
+- ``fused-mtl bench`` times the benchmark cases (:mod:`fused_mtl.benchmark_cases`, the ones
+  ``pytest benchmarks/`` times) and prints them with their ratios; ``--json`` / ``--markdown``
+  write them to files.
+
+Both need the ``demo`` extra (rich for progress and tables, matplotlib for the plots):
+``pip install "fused-mtl[demo]"``. Bad input ends with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+
+from fused_mtl.demo import METHODS
+
+USAGE_ERROR = 2
+DEFAULT_STEPS = 2000
+DEVICE_HELP = "cpu, cuda or cuda:N (default: cuda when present, else cpu)"
+
+
+class UsageError(Exception):
+    """Input the command cannot run with; reported as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _device(text: str) -> str:
+    """A device torch can run here: "cpu", "cuda" or "cuda:N"."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r}; use cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(
+                f"{text!r} was asked for, but torch {torch.__version__} sees no CUDA device"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: only {torch.cuda.device_count()} CUDA device(s) here"
+            )
+    return text
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _writable_directory(path: Path) -> Path:
+    """``path``, created if needed; a UsageError if files cannot be written there."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise UsageError(f"--out {str(path)!r} is not a writable directory: {reason}") from None
+    return path
+
+
+def _writable_file(path: Path | None, option: str) -> Path | None:
+    if path is not None:
+        _writable_directory(path.resolve().parent)
+        if path.is_dir():
+            raise UsageError(f"{option} {str(path)!r} is a directory, not a file")
+    return path
+
+
+def _extras() -> tuple[Any, Any]:
+    """rich's Console and Table classes; a UsageError naming the extra when it is missing."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        raise UsageError(
+            'this command needs the demo extra: pip install "fused-mtl[demo]" (rich is missing)'
+        ) from None
+    return Console, Table
+
+
+def _console() -> Any:
+    console_class, _ = _extras()
+    # Tables keep their columns when the output is a file or a pipe instead of a terminal.
+    return console_class(width=None if sys.stdout.isatty() else 150)
+
+
+def _progress(console: Any) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    return Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+# --- fused-mtl demo --------------------------------------------------------------------------
+
+
+def _demo(args: argparse.Namespace) -> int:
+    console = _console()
+    _, table_class = _extras()
+    try:
+        from fused_mtl import _plots
+    except ImportError:
+        raise UsageError(
+            'fused-mtl demo needs the demo extra: pip install "fused-mtl[demo]" '
+            "(matplotlib is missing)"
+        ) from None
+    from fused_mtl import demo
+
+    out = _writable_directory(Path(args.out))
+    methods = list(demo.METHODS) if args.method == "all" else [args.method]
+    console.print(
+        f"fused-mtl demo: {len(methods)} method(s) x {len(demo.PROBLEMS)} problems, "
+        f"{args.steps} steps each, device {args.device}, seed {args.seed}"
+    )
+    problems = [demo.make_problem(name, args.seed, args.device) for name in demo.PROBLEMS]
+    runs: dict[str, list[demo.MethodRun]] = {}
+    with _progress(console) as progress:
+        for problem in problems:
+            bar = progress.add_task(problem.name, total=len(methods) * args.steps)
+            runs[problem.name] = []
+            advance = functools.partial(progress.advance, bar)
+            for method in methods:
+                progress.update(bar, description=f"{problem.name}: {method}")
+                run = demo.train(problem, method, args.steps, args.seed, on_step=advance)
+                runs[problem.name].append(run)
+    summary: dict[str, Any] = {"steps": args.steps, "seed": args.seed, "device": args.device}
+    summary["problems"] = {}
+    for problem in problems:
+        console.print(_demo_table(table_class, problem, runs[problem.name]))
+        noise_table = _noise_table(table_class, problem, runs[problem.name])
+        if noise_table is not None:
+            console.print(noise_table)
+        summary["problems"][problem.name] = _demo_summary(problem, runs[problem.name])
+        for quantity in _plots.QUANTITIES:
+            path = out / f"{problem.name}_{quantity}.png"
+            _plots.plot(problem, runs[problem.name], quantity, path)
+            console.print(f"wrote {path}")
+    summary_path = out / "summary.json"
+    summary_path.write_text(json.dumps(summary, indent=1) + "\n")
+    console.print(f"wrote {summary_path}")
+    return 0
+
+
+def _task_labels(problem: Any) -> list[str]:
+    noise = problem.train.noise_variances
+    if noise is not None:
+        return [f"{i} (noise {float(v):g})" for i, v in enumerate(noise)]
+    return [f"{i} (scale {float(s):.3g})" for i, s in enumerate(problem.train.sigmas)]
+
+
+def _lines(values: Any, spec: str = ".3g") -> str:
+    return "\n".join(format(float(v), spec) for v in values)
+
+
+def _demo_table(table_class: Any, problem: Any, runs: Sequence[Any]) -> Any:
+    from fused_mtl.demo import METHODS
+
+    table = table_class(title=problem.description, show_lines=True)
+    for column in ("method", "task", "test loss", "L(t)/L(0)", "final weight"):
+        table.add_column(column, justify="left" if column in ("method", "task") else "right")
+    table.add_column("spread of L(t)/L(0)", justify="right")
+    table.add_column("ms / step", justify="right")
+    labels = "\n".join(_task_labels(problem))
+    for run in runs:
+        table.add_row(
+            METHODS[run.method],
+            labels,
+            _lines(run.test_losses),
+            _lines(run.loss_ratios[-1]),
+            _lines(run.weights[-1]),
+            f"{run.rate_spread:.3f}",
+            f"{run.seconds_per_step * 1e3:.2f}",
+        )
+    return table
+
+
+def _noise_table(table_class: Any, problem: Any, runs: Sequence[Any]) -> Any | None:
+    """Uncertainty weighting's learned sigma^2 next to the true noise variances."""
+    learned = [run.learned_variances for run in runs if run.learned_variances is not None]
+    noise = problem.train.noise_variances
+    if not learned or noise is None:
+        return None
+    table = table_class(title="uncertainty weighting: learned sigma^2 vs the true noise variance")
+    for column in ("task", "true noise variance", "learned sigma^2"):
+        table.add_column(column, justify="right")
+    for task, (true, found) in enumerate(zip(noise.tolist(), learned[0].tolist(), strict=True)):
+        table.add_row(str(task), f"{true:.3g}", f"{found:.3g}")
+    return table
+
+
+def _demo_summary(problem: Any, runs: Sequence[Any]) -> dict[str, Any]:
+    noise = problem.train.noise_variances
+    return {
+        "description": problem.description,
+        "noise_variances": None if noise is None else noise.tolist(),
+        "methods": {
+            run.method: {
+                "test_losses": run.test_losses.tolist(),
+                "final_loss_ratios": run.loss_ratios[-1].tolist(),
+                "rate_spread": run.rate_spread,
+                "final_weights": run.weights[-1].tolist(),
+                "learned_variances": None
+                if run.learned_variances is None
+                else run.learned_variances.tolist(),
+                "ms_per_step": run.seconds_per_step * 1e3,
+            }
+            for run in runs
+        },
+    }
+
+
+# --- fused-mtl bench -------------------------------------------------------------------------
+
+
+def _bench(args: argparse.Namespace) -> int:
+    console = _console()
+    _, table_class = _extras()
+    from fused_mtl import benchmark_cases, benchmark_report
+
+    json_path = _writable_file(args.json, "--json")
+    markdown_path = _writable_file(args.markdown, "--markdown")
+    factories = list(benchmark_cases.suite(args.device, quick=args.quick))
+    min_run_time = 0.05 if args.quick else 0.5
+    results = []
+    with _progress(console) as progress:
+        bar = progress.add_task("benchmark cases", total=len(factories))
+        for make in factories:
+            try:
+                case = make()
+            except benchmark_cases.Unavailable as missing:
+                results.append(
+                    benchmark_report.Result(
+                        missing.group, missing.implementation, "", None, skipped=missing.reason
+                    )
+                )
+            else:
+                progress.update(bar, description=f"{case.group}: {case.implementation}")
+                results.append(benchmark_report.measure(case, min_run_time))
+            progress.advance(bar)
+    environment = benchmark_cases.environment(args.device)
+    environment["date"] = datetime.date.today().isoformat()
+    command = "fused-mtl bench " + " ".join(args.argv)
+    table = table_class(title=f"fused-mtl bench on {environment['device_name']}")
+    for column in benchmark_report.COLUMNS:
+        table.add_column(
+            column, justify="left" if column in ("group", "implementation") else "right"
+        )
+    for row in benchmark_report.table_rows(results):
+        table.add_row(*row.values())
+    console.print(table)
+    for result in results:
+        if result.median_s is None:
+            console.print(f"not run: {result.group} {result.implementation}: {result.skipped}")
+    if json_path is not None:
+        document = {
+            "environment": environment,
+            "command": command,
+            "min_run_time_s": min_run_time,
+            "results": [result.to_json() for result in results],
+        }
+        json_path.write_text(json.dumps(document, indent=1) + "\n")
+        console.print(f"wrote {json_path}")
+    if markdown_path is not None:
+        markdown_path.write_text(benchmark_report.markdown(results, environment, command))
+        console.print(f"wrote {markdown_path}")
+    return 0
+
+
+# --- entry points ----------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fused-mtl", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench}")
+
+    demo = commands.add_parser(
+        "demo",
+        help="train a multi-task network with each balancing method and compare them",
+        description="Train the same network with each balancing method on the GradNorm paper's "
+        "toy regression and on tasks with known noise; print a table per problem and write PNG "
+        "plots (weights and loss ratios over the steps) and summary.json to --out.",
+    )
+    demo.add_argument("--method", choices=(*METHODS, "all"), default="all")
+    demo.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS)
+    demo.add_argument(
+        "--device", type=_device, default=None, help="cpu or cuda (default: cuda if present)"
+    )
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", default="fused-mtl-demo", help="folder for the plots (created)")
+    demo.set_defaults(run=_demo)
+
+    bench = commands.add_parser(
+        "bench",
+        help="time the fused ops against eager PyTorch and torch.compile",
+        description="Time the fused ops and the balancing methods against what users run today "
+        "(per-task loops, vectorised eager, torch.compile of the loop) on this machine.",
+    )
+    bench.add_argument(
+        "--device", type=_device, default=None, help="cpu or cuda (default: cuda if present)"
+    )
+    bench.add_argument("--quick", action="store_true", help="a few small cases, short timings")
+    bench.add_argument("--json", type=Path, default=None, metavar="PATH")
+    bench.add_argument("--markdown", type=Path, default=None, metavar="PATH")
+    bench.set_defaults(run=_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    args.argv = argv[1:]
+    args.device = args.device or _default_device()
+    try:
+        return args.run(args)
+    except UsageError as error:
+        print(f"fused-mtl {args.command}: error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+def run() -> NoReturn:
+    """The console script."""
+    sys.exit(main())

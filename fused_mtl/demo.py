@@ -1,0 +1,226 @@
+"""The experiment behind ``fused-mtl demo``: one network trained with each balancing method on two
+synthetic problems, with what every method does recorded along the way.
+
+The problems (both in :mod:`fused_mtl.synthetic`):
+
+- ``gradnorm_toy``: the GradNorm paper's regression, 4 tasks alike except for their scale
+  (``sigma = 1, 4.6, 21.5, 100``): with equal weights the large tasks dominate the shared trunk.
+- ``known_noise``: 3 regression tasks whose targets carry Gaussian noise of variance 0.01, 0.1 and
+  1. A task's test loss cannot go below its noise variance, and uncertainty weighting's learned
+  ``sigma_i^2`` should approach it.
+
+Every method starts from the same initial network and sees the same batches. Choices the methods
+leave to the user, made here: DWA's period is one pass over the training set; DTP's KPI of a task
+is the fraction of its initial validation loss that training has removed,
+``clamp(1 - L_val(t)/L_val(0), 0, 1)``, reported after each period; MGDA uses the ``"l2"``
+normalisation over the whole trunk; GradNorm (alpha = 1.5) balances the last shared layer.
+
+This module is torch only; the command line (:mod:`fused_mtl.cli`) draws the tables and plots.
+
+Example:
+    >>> problem = make_problem("known_noise", seed=0)
+    >>> run = train(problem, "uw", steps=3, seed=0)
+    >>> run.weights.shape, run.loss_ratios.shape, run.test_losses.shape
+    (torch.Size([3, 3]), torch.Size([2, 3]), torch.Size([3]))
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fused_mtl.balancer import Balancer
+from fused_mtl.dtp import DTP
+from fused_mtl.dwa import DWA
+from fused_mtl.equal import EqualWeighting
+from fused_mtl.gradnorm import GradNorm
+from fused_mtl.mgda import MGDA
+from fused_mtl.synthetic import MultiTaskMLP, ToyRegression, gradnorm_toy, noisy_regression
+from fused_mtl.uncertainty import UncertaintyWeighting
+
+__all__ = [
+    "METHODS",
+    "PROBLEMS",
+    "MethodRun",
+    "Problem",
+    "make_problem",
+    "train",
+]
+
+METHODS: dict[str, str] = {
+    "equal": "equal weighting",
+    "uw": "uncertainty weighting",
+    "dwa": "DWA (T = 2)",
+    "dtp": "DTP (gamma = 1)",
+    "gradnorm": "GradNorm (alpha = 1.5)",
+    "mgda": 'MGDA ("l2")',
+}
+PROBLEMS = ("gradnorm_toy", "known_noise")
+BATCH = 128
+# The balancers' own parameters (UW's log-variances, GradNorm's weights) learn faster than the
+# network: UW's s for a noise variance of 0.01 has to travel to log(0.01) = -4.6.
+BALANCER_LR = 2.5e-2
+EVALUATIONS = 40  # points on the loss-ratio curves
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A data set split three ways, and the network and learning rate it is trained with."""
+
+    name: str
+    description: str
+    train: ToyRegression
+    validation: ToyRegression
+    test: ToyRegression
+    hidden: int
+    depth: int
+    lr: float
+
+    @property
+    def num_tasks(self) -> int:
+        return self.train.targets.shape[0]
+
+    def network(self) -> MultiTaskMLP:
+        return MultiTaskMLP(
+            self.num_tasks,
+            input_dim=self.train.inputs.shape[1],
+            output_dim=self.train.targets.shape[2],
+            hidden=self.hidden,
+            depth=self.depth,
+        )
+
+
+@dataclass(frozen=True)
+class MethodRun:
+    """What one method did on one problem."""
+
+    method: str
+    problem: str
+    weights: Tensor  # (steps, K): the weights each step used, as the method reports them
+    evaluation_steps: list[int]  # the steps at which the test losses were measured
+    loss_ratios: Tensor  # (evaluations, K): test L_i(t) / L_i(0)
+    test_losses: Tensor  # (K,) at the end
+    seconds_per_step: float  # wall time of a training step (evaluations excluded)
+    learned_variances: Tensor | None  # uncertainty weighting's sigma_i^2 = exp(s_i)
+
+    @property
+    def rate_spread(self) -> float:
+        """Standard deviation across tasks of the final ``L_i(t)/L_i(0)`` (GradNorm's measure of
+        tasks training at different rates; 0 when all train alike)."""
+        return float(self.loss_ratios[-1].std()) if self.loss_ratios.shape[1] > 1 else 0.0
+
+
+def make_problem(name: str, seed: int = 0, device: torch.device | str = "cpu") -> Problem:
+    """The problem ``name`` (one of :data:`PROBLEMS`), drawn from ``seed``."""
+    if name == "gradnorm_toy":
+        data = gradnorm_toy(num_tasks=4, num_samples=6144, seed=seed, device=device)
+        description = "GradNorm paper's toy: 4 tasks, scales 1 to 100"
+        hidden, depth, lr = 100, 4, 1e-3
+    elif name == "known_noise":
+        data = noisy_regression((0.01, 0.1, 1.0), num_samples=6144, seed=seed, device=device)
+        description = "known noise: 3 tasks, label noise variance 0.01, 0.1, 1"
+        hidden, depth, lr = 64, 2, 3e-3
+    else:
+        raise ValueError(f"unknown problem {name!r}; expected one of {', '.join(PROBLEMS)}")
+    train_set, rest = data.split(4096)
+    validation, test = rest.split(1024)
+    return Problem(name, description, train_set, validation, test, hidden, depth, lr)
+
+
+def make_balancer(method: str, model: MultiTaskMLP, num_tasks: int, period_steps: int) -> Balancer:
+    """The balancer ``method`` (a key of :data:`METHODS`) for ``model``."""
+    if method == "equal":
+        return EqualWeighting(num_tasks)
+    if method == "uw":
+        return UncertaintyWeighting(num_tasks)
+    if method == "dwa":
+        return DWA(num_tasks, period_steps=period_steps)
+    if method == "dtp":
+        return DTP(num_tasks)
+    if method == "gradnorm":
+        return GradNorm(model.last_shared_layer.parameters(), num_tasks)
+    if method == "mgda":
+        return MGDA(model.trunk.parameters(), num_tasks, normalization="l2")
+    raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+
+
+def task_losses(model: MultiTaskMLP, data: ToyRegression, rows: Tensor | None = None) -> Tensor:
+    """Mean squared error of each task, shape ``(K,)``, over ``rows`` of ``data`` (all if None)."""
+    inputs, targets = (
+        (data.inputs, data.targets)
+        if rows is None
+        else (
+            data.inputs[rows],
+            data.targets[:, rows],
+        )
+    )
+    return (model(inputs) - targets).square().mean(dim=(1, 2))
+
+
+def train(
+    problem: Problem,
+    method: str,
+    steps: int,
+    seed: int = 0,
+    on_step: Callable[[], None] | None = None,
+) -> MethodRun:
+    """Train ``problem``'s network for ``steps`` Adam steps with ``method``; deterministic for a
+    seed on a given device. ``on_step`` is called after every step (a progress bar)."""
+    device = problem.train.inputs.device
+    num_tasks, num_train = problem.num_tasks, problem.train.inputs.shape[0]
+    period_steps = num_train // BATCH
+    torch.manual_seed(seed)  # the same initial network for every method
+    model = problem.network().to(device)
+    balancer = make_balancer(method, model, num_tasks, period_steps).to(device)
+    optimizer = torch.optim.Adam(
+        [
+            {"params": model.parameters()},
+            {"params": balancer.parameters(), "lr": BALANCER_LR},
+        ],
+        lr=problem.lr,
+    )
+    batches = torch.Generator().manual_seed(seed)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def evaluate(data: ToyRegression) -> Tensor:
+        with torch.no_grad():
+            return task_losses(model, data)
+
+    initial_test, initial_validation = evaluate(problem.test), evaluate(problem.validation)
+    evaluation_steps, ratios, weights = [0], [torch.ones_like(initial_test)], []
+    every = max(1, steps // EVALUATIONS)
+    training_seconds = 0.0
+    for step in range(1, steps + 1):
+        started = time.perf_counter()
+        rows = torch.randint(0, num_train, (BATCH,), generator=batches).to(device)
+        optimizer.zero_grad(set_to_none=True)
+        balancer.backward(task_losses(model, problem.train, rows))
+        weights.append(balancer.weights.detach().clone())
+        optimizer.step()
+        synchronize()
+        training_seconds += time.perf_counter() - started
+        if isinstance(balancer, DTP) and step % period_steps == 0:
+            kpis = 1 - evaluate(problem.validation) / initial_validation
+            balancer.update_kpis(kpis.clamp(0, 1))
+        if step % every == 0 or step == steps:
+            evaluation_steps.append(step)
+            ratios.append(evaluate(problem.test) / initial_test)
+        if on_step is not None:
+            on_step()
+    learned = None
+    if isinstance(balancer, UncertaintyWeighting):
+        learned = (balancer.sigmas.detach() ** 2).cpu()
+    return MethodRun(
+        method=method,
+        problem=problem.name,
+        weights=torch.stack(weights).cpu(),
+        evaluation_steps=evaluation_steps,
+        loss_ratios=torch.stack(ratios).cpu(),
+        test_losses=evaluate(problem.test).cpu(),
+        seconds_per_step=training_seconds / steps,
+        learned_variances=learned,
+    )
