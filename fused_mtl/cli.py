@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 
 import torch
 
+from fused_mtl import __version__
 from fused_mtl.demo import METHODS
 
 USAGE_ERROR = 2
@@ -76,23 +77,26 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _writable_directory(path: Path) -> Path:
-    """``path``, created if needed; a UsageError if files cannot be written there."""
+def _writable_directory(path: Path, option: str = "--out") -> Path:
+    """``path``, created if needed; a UsageError naming ``option`` if files cannot go there."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{option} {str(path)!r} is a file, not a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as error:
         reason = error.strerror or str(error)
-        raise UsageError(f"--out {str(path)!r} is not a writable directory: {reason}") from None
+        raise UsageError(f"{option} {str(path)!r} is not a writable directory: {reason}") from None
     return path
 
 
 def _writable_file(path: Path | None, option: str) -> Path | None:
-    if path is not None:
-        _writable_directory(path.resolve().parent)
-        if path.is_dir():
-            raise UsageError(f"{option} {str(path)!r} is a directory, not a file")
+    if path is None:
+        return None
+    if path.is_dir():
+        raise UsageError(f"{option} {str(path)!r} is a directory, not a file")
+    _writable_directory(path.resolve().parent, option)
     return path
 
 
@@ -188,8 +192,6 @@ def _lines(values: Any, spec: str = ".3g") -> str:
 
 
 def _demo_table(table_class: Any, problem: Any, runs: Sequence[Any]) -> Any:
-    from fused_mtl.demo import METHODS
-
     table = table_class(title=problem.description, show_lines=True)
     for column in ("method", "task", "test loss", "L(t)/L(0)", "final weight"):
         table.add_column(column, justify="left" if column in ("method", "task") else "right")
@@ -306,6 +308,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fused-mtl", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"fused-mtl {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench}")
 
     demo = commands.add_parser(

@@ -1,0 +1,307 @@
+"""The ``fused-mtl`` command: demo and bench run, write what they say, and turn bad input into one
+line on stderr with exit status 2. Most tests call ``cli.main`` in-process (no torch start-up per
+run); the console script and ``python -m fused_mtl`` are run as processes."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from formulas import log_variance
+from PIL import Image
+
+from fused_mtl import __version__, cli, demo
+from fused_mtl.benchmark_cases import per_task_loop, vectorized_eager
+from fused_mtl.benchmark_report import Result, markdown, table_rows
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PLOTS = [
+    f"{problem}_{quantity}.png"
+    for problem in demo.PROBLEMS
+    for quantity in ("weights", "loss_ratios")
+]
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    status = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def assert_valid_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_SIGNATURE, path
+    with Image.open(path) as image:
+        image.verify()  # parses every chunk and checks the CRCs
+    with Image.open(path) as image:
+        width, height = image.size
+        assert image.format == "PNG" and width >= 300 and height >= 200, (path, image.size)
+        darkest, lightest = image.convert("L").getextrema()
+        assert darkest < 100 < lightest  # lines and text drawn on a light background
+
+
+# --- demo ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", list(demo.METHODS))
+def test_demo_runs_each_method(capsys, tmp_path, method):
+    status, out, err = run_cli(
+        capsys,
+        "demo",
+        "--method",
+        method,
+        "--steps",
+        "4",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path),
+    )
+    assert status == 0, err
+    for problem in demo.PROBLEMS:
+        assert demo.make_problem(problem).description in out
+    assert demo.METHODS[method] in out
+    for header in ("test loss", "L(t)/L(0)", "final weight", "spread of L(t)/L(0)", "ms / step"):
+        assert header in out
+    for name in PLOTS:
+        assert_valid_png(tmp_path / name)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 4
+    for problem, num_tasks in (("gradnorm_toy", 4), ("known_noise", 3)):
+        record = summary["problems"][problem]["methods"][method]
+        assert set(summary["problems"][problem]["methods"]) == {method}
+        for key in ("test_losses", "final_loss_ratios", "final_weights"):
+            assert len(record[key]) == num_tasks and all(math.isfinite(v) for v in record[key])
+        # The table prints what the summary holds: each final test loss, to 3 digits.
+        for loss in record["test_losses"]:
+            assert format(loss, ".3g") in out
+        assert record["ms_per_step"] > 0
+        assert (record["learned_variances"] is not None) == (method == "uw")
+    assert ("learned sigma^2" in out) == (method == "uw")
+
+
+def test_demo_runs_all_methods_by_default(capsys, tmp_path):
+    status, out, err = run_cli(capsys, "demo", "--steps", "2", "--out", str(tmp_path))
+    assert status == 0, err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for problem in demo.PROBLEMS:
+        assert list(summary["problems"][problem]["methods"]) == list(demo.METHODS)
+    for name in demo.METHODS.values():
+        assert name in out
+    for name in PLOTS:
+        assert_valid_png(tmp_path / name)
+
+
+def _without_times(summary: dict) -> dict:
+    for problem in summary["problems"].values():
+        for record in problem["methods"].values():
+            record.pop("ms_per_step")
+    return summary
+
+
+def test_demo_is_deterministic_for_a_seed(capsys, tmp_path):
+    summaries = []
+    for run, seed in enumerate(["3", "3", "4"]):
+        out = tmp_path / str(run)
+        argv = ["demo", "--method", "gradnorm", "--steps", "6", "--seed", seed, "--out", str(out)]
+        assert run_cli(capsys, *argv)[0] == 0
+        summaries.append(_without_times(json.loads((out / "summary.json").read_text())))
+    assert summaries[0] == summaries[1]
+    assert summaries[0]["problems"] != summaries[2]["problems"]
+
+
+def test_uncertainty_weighting_learns_the_known_noise_variances():
+    """What the demo shows: on tasks with label noise of variance 0.01, 0.1 and 1, the learned
+    sigma^2 = exp(s) approaches each variance (the optimum of exp(-s)·L + s is s = log L, and a
+    task's loss cannot go below its noise)."""
+    problem = demo.make_problem("known_noise", seed=0)
+    run = demo.train(problem, "uw", steps=600, seed=0)
+    truth = problem.train.noise_variances
+    ratio = run.learned_variances / truth
+    assert torch.all((ratio > 0.6) & (ratio < 1.5)), (run.learned_variances, truth)
+
+
+def test_gradnorm_evens_out_training_rates_in_the_demo():
+    """The demo's "spread of L(t)/L(0)" column tells GradNorm from equal weighting on the toy."""
+    problem = demo.make_problem("gradnorm_toy", seed=0)
+    equal = demo.train(problem, "equal", steps=300, seed=0)
+    gradnorm = demo.train(problem, "gradnorm", steps=300, seed=0)
+    assert gradnorm.rate_spread < 0.6 * equal.rate_spread, (gradnorm.rate_spread, equal.rate_spread)
+    # rate_spread is the standard deviation across tasks of the final test-loss ratios.
+    final = [float(v) for v in equal.loss_ratios[-1]]
+    mean = sum(final) / len(final)
+    expected = math.sqrt(sum((v - mean) ** 2 for v in final) / (len(final) - 1))
+    assert equal.rate_spread == pytest.approx(expected, rel=1e-6)
+
+
+# --- bench -----------------------------------------------------------------------------------
+
+
+def test_bench_quick_prints_and_writes_the_table(capsys, tmp_path):
+    json_path, markdown_path = tmp_path / "bench.json", tmp_path / "bench.md"
+    status, out, err = run_cli(
+        capsys,
+        "bench",
+        "--quick",
+        "--device",
+        "cpu",
+        "--json",
+        str(json_path),
+        "--markdown",
+        str(markdown_path),
+    )
+    assert status == 0, err
+    document = json.loads(json_path.read_text())
+    assert document["environment"]["torch"] == torch.__version__
+    assert document["environment"]["device_name"] == "cpu"
+    assert document["command"] == f"fused-mtl bench --quick --device cpu --json {json_path} " + (
+        f"--markdown {markdown_path}"
+    )
+    results = {(r["group"], r["implementation"]): r for r in document["results"]}
+    for num_tasks in (2, 8):
+        group = f"uncertainty K={num_tasks}"
+        for implementation in ("fused_auto", "torch_fallback", "per_task_loop"):
+            assert results[(group, implementation)]["median_s"] > 0
+        for implementation in ("vectorized_eager", "compiled_loop"):
+            assert results[(group, implementation)]["median_s"] > 0
+        assert results[(group, "compiled_loop")]["compile_seconds"] > 0
+        assert "CUDA" in results[(group, "cuda_graph")]["skipped"]
+        assert f"| {group} | per_task_loop |" in markdown_path.read_text()
+    for group in ("norms K=8 P=65536", "gram K=8 P=65536", "gradnorm step K=8", "mgda step K=8"):
+        assert any(g == group and r["median_s"] for (g, _), r in results.items()), group
+    for method in ("equal", "uw", "dwa", "dtp", "gradnorm", "mgda"):
+        assert results[("method step K=8", method)]["median_s"] > 0
+    for text in (out, markdown_path.read_text()):
+        for column in ("time per call", "baseline / this", "torch.compile / this", "GB/s"):
+            assert column in text
+        assert "uncertainty K=8" in text and "compiled_loop" in text
+
+
+def test_bench_ratios_are_baseline_time_over_this_time():
+    results = [
+        Result("uncertainty K=8", "per_task_loop", "per_task_loop", 3e-3),
+        Result("uncertainty K=8", "fused_auto", "per_task_loop", 1e-3, bytes_read=2_000_000),
+        Result("uncertainty K=8", "compiled_loop", "per_task_loop", 2e-3, compile_seconds=4.0),
+        Result("uncertainty K=8", "cuda_graph", "", None, skipped="needs CUDA"),
+        Result("gram K=2 P=4", "fused_auto", "matmul", 5e-6),
+    ]
+    rows = {(row["group"], row["implementation"]): row for row in table_rows(results)}
+    fused = rows[("uncertainty K=8", "fused_auto")]
+    assert fused["time per call"] == "1.00 ms"
+    assert fused["baseline / this"] == "3.00×"
+    assert fused["torch.compile / this"] == "2.00×"
+    assert fused["GB/s"] == "2.0"  # 2 MB in 1 ms
+    assert rows[("uncertainty K=8", "per_task_loop")]["baseline / this"] == "1.00×"
+    assert rows[("uncertainty K=8", "compiled_loop")]["time per call"] == "2.00 ms"
+    assert ("uncertainty K=8", "cuda_graph") not in rows
+    gram = rows[("gram K=2 P=4", "fused_auto")]
+    assert gram["time per call"] == "5 µs"
+    assert gram["baseline / this"] == gram["torch.compile / this"] == ""  # nothing to compare
+    text = markdown(results, {"device_name": "cpu", "torch": "x"}, "fused-mtl bench")
+    assert "- not run: uncertainty K=8 cuda_graph: needs CUDA" in text
+    assert text.count("\n| ") == 1 + 4  # the header and the four cases that ran
+
+
+@pytest.mark.parametrize("num_tasks", [1, 5])
+def test_bench_baselines_compute_uncertainty_weighting(num_tasks):
+    """The loop and the vectorised expression timed against the fused op compute the same total
+    and gradients as Kendall et al.'s formula (float64)."""
+    gen = torch.Generator().manual_seed(num_tasks)
+    values, s = torch.rand(num_tasks, generator=gen), torch.randn(num_tasks, generator=gen)
+    expected = log_variance(values.double(), s.double())
+    for expression in (per_task_loop, vectorized_eager):
+        losses = [v.clone().requires_grad_() for v in values]
+        log_vars = s.clone().requires_grad_()
+        total = expression(losses, log_vars)
+        total.backward()
+        torch.testing.assert_close(total.double(), expected.total, rtol=1e-6, atol=0)
+        grads = torch.stack([loss.grad for loss in losses]).double()
+        torch.testing.assert_close(grads, expected.grad_losses, rtol=1e-6, atol=0)
+        torch.testing.assert_close(
+            log_vars.grad.double(), expected.grad_params, rtol=1e-5, atol=1e-6
+        )
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["demo", "--method", "sgd"], "argument --method: invalid choice: 'sgd'"),
+        (["demo", "--steps", "0"], "argument --steps: expected a positive integer, got 0"),
+        (["demo", "--steps", "-3"], "expected a positive integer, got -3"),
+        (["demo", "--steps", "ten"], "expected a positive integer, got 'ten'"),
+        (["demo", "--device", "tpu"], "unknown device 'tpu'"),
+        (["demo", "--device", "meta"], "unsupported device 'meta'"),
+        (["bench", "--device", "gpu0"], "unknown device 'gpu0'"),
+        (["demo", "--seed", "x"], "argument --seed: invalid int value: 'x'"),
+        (["train"], "invalid choice: 'train'"),
+        ([], "the following arguments are required"),
+    ],
+)
+def test_bad_input_is_one_line_and_status_2(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2
+    assert captured.err.count("\n") == 1 and message in captured.err, captured.err
+    assert captured.out == ""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", ["demo", "bench"])
+def test_cuda_asked_for_but_absent(capsys, command):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--device", "cuda"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'cuda' was asked for, but torch" in err and "no CUDA" in err
+
+
+def test_unwritable_outputs(capsys, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    cases = [
+        (["demo", "--steps", "1", "--out", str(blocker)], "is a file, not a directory"),
+        (["demo", "--steps", "1", "--out", str(blocker / "sub")], "is not a writable directory"),
+        (["bench", "--quick", "--json", str(tmp_path)], "is a directory, not a file"),
+        (["bench", "--quick", "--markdown", str(blocker / "x.md")], "--markdown"),
+    ]
+    for argv, message in cases:
+        status, out, err = run_cli(capsys, *argv)
+        assert status == 2
+        assert err.count("\n") == 1 and message in err, err
+        assert "Traceback" not in err and out == ""
+
+
+def test_missing_extra_names_it(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "rich", None)  # import rich now raises ImportError
+    monkeypatch.setitem(sys.modules, "rich.console", None)
+    status, _, err = run_cli(capsys, "demo", "--steps", "1", "--out", str(tmp_path))
+    assert status == 2
+    assert err.count("\n") == 1 and 'pip install "fused-mtl[demo]"' in err
+
+
+# --- entry points ----------------------------------------------------------------------------
+
+
+def test_python_dash_m_and_the_console_script():
+    version = subprocess.run(
+        [sys.executable, "-m", "fused_mtl", "--version"], capture_output=True, text=True
+    )
+    assert version.returncode == 0 and version.stdout.strip() == f"fused-mtl {__version__}"
+    script = Path(sys.executable).parent / "fused-mtl"
+    helped = subprocess.run([str(script), "demo", "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0
+    for option in ("--method", "--steps", "--device", "--seed", "--out"):
+        assert option in helped.stdout
+    failed = subprocess.run(
+        [str(script), "demo", "--steps", "0"], capture_output=True, text=True, timeout=120
+    )
+    assert failed.returncode == 2
+    assert failed.stderr == (
+        "fused-mtl demo: error: argument --steps: expected a positive integer, got 0\n"
+    )
