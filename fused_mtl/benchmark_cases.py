@@ -68,8 +68,9 @@ UNCERTAINTY_IMPLEMENTATIONS = (
     "compiled_loop",
     "cuda_graph",
 )
-# torch.compile traces the loop term by term: on 2 CPU cores compiling it took 4 s at K = 2, 7 s
-# at K = 64 and 65 s at K = 512, growing faster than K, so K = 4096 is left out.
+# torch.compile traces the loop term by term: on 2 CPU cores, with a cold compile cache, compiling
+# it took 4 s at K = 2, 7 s at K = 64 and 65 s at K = 512, growing faster than K, so K = 4096 is
+# left out.
 COMPILED_LOOP_MAX_TASKS = 512
 GRAM_TASK_COUNTS = (2, 8, 16)
 GRAM_BASELINES = {"norms": "per_task", "gram": "matmul"}
@@ -154,7 +155,8 @@ def uncertainty_case(implementation: str, num_tasks: int, device: str) -> Case:
     if implementation == "compiled_loop" and num_tasks > COMPILED_LOOP_MAX_TASKS:
         reason = (
             f"torch.compile of a {num_tasks}-term loop is left out: compiling it takes minutes "
-            f"(65 s at K = 512 on 2 CPU cores); cases go up to K = {COMPILED_LOOP_MAX_TASKS}"
+            f"(65 s at K = 512 on 2 CPU cores, cold cache); cases go up to "
+            f"K = {COMPILED_LOOP_MAX_TASKS}"
         )
         raise Unavailable(group, implementation, reason)
     gen = torch.Generator().manual_seed(num_tasks)

@@ -25,7 +25,7 @@ from torch.utils.benchmark import Timer
 
 from fused_mtl.benchmark_cases import Case
 
-__all__ = ["COLUMNS", "Result", "markdown", "measure", "table_rows"]
+__all__ = ["COLUMNS", "Result", "markdown", "measure", "notes_under_the_table", "table_rows"]
 
 COMPILED = "compiled_loop"
 COLUMNS = (
@@ -120,8 +120,20 @@ def markdown(results: Sequence[Result], environment: dict[str, object], command:
         "|" + "---|" * len(COLUMNS),
     ]
     lines += ["| " + " | ".join(row.values()) + " |" for row in table_rows(results)]
-    skipped = [r for r in results if r.median_s is None]
-    if skipped:
-        lines.append("")
-        lines += [f"- not run: {r.group} {r.implementation}: {r.skipped}" for r in skipped]
+    notes = notes_under_the_table(results)
+    if notes:
+        lines += ["", *(f"- {note}" for note in notes)]
     return "\n".join(lines) + "\n"
+
+
+def notes_under_the_table(results: Sequence[Result]) -> list[str]:
+    """The compile times (excluded from the timings) and the cases that did not run."""
+    notes = [
+        f"{r.group} {r.implementation}: first call (compiling; shorter when torch's on-disk "
+        f"compile cache is warm) {r.compile_seconds:.1f} s, not timed; the timed calls ran under "
+        f"`fail_on_recompile`: no recompiles"
+        for r in results
+        if r.compile_seconds is not None
+    ]
+    notes += [f"not run: {r.group} {r.implementation}: {r.skipped}" for r in results if r.skipped]
+    return notes

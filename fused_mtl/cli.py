@@ -285,9 +285,8 @@ def _bench(args: argparse.Namespace) -> int:
     for row in benchmark_report.table_rows(results):
         table.add_row(*row.values())
     console.print(table)
-    for result in results:
-        if result.median_s is None:
-            console.print(f"not run: {result.group} {result.implementation}: {result.skipped}")
+    for note in benchmark_report.notes_under_the_table(results):
+        console.print(note)
     if json_path is not None:
         document = {
             "environment": environment,

@@ -16,7 +16,7 @@ def test_readme_has_exactly_two_setup_commands_first():
     first_block = re.search(r"```bash\n(.*?)```", README, flags=re.DOTALL).group(1)
     commands = [line for line in first_block.splitlines() if line.strip()]
     assert len(commands) == 2
-    assert commands[0].endswith("python examples/quickstart.py")
+    assert commands[0].endswith('pip install -c constraints.txt -e ".[demo]" && fused-mtl demo')
     assert commands[1].endswith("python -m pytest")
 
 
