@@ -20,8 +20,12 @@ This module is torch only; the command line (:mod:`fused_mtl.cli`) draws the tab
 Example:
     >>> problem = make_problem("known_noise", seed=0)
     >>> run = train(problem, "uw", steps=3, seed=0)
-    >>> run.weights.shape, run.loss_ratios.shape, run.test_losses.shape
-    (torch.Size([3, 3]), torch.Size([2, 3]), torch.Size([3]))
+    >>> run.weights.shape  # one row per step, one column per task
+    torch.Size([3, 3])
+    >>> run.evaluation_steps  # the start, then every step up to 40 evaluations
+    [0, 1, 2, 3]
+    >>> run.loss_ratios[0]  # L_i(0) / L_i(0)
+    tensor([1., 1., 1.])
 """
 
 from __future__ import annotations
