@@ -14,6 +14,10 @@ The public surface::
     fused_mtl.compat                    # drop-ins: AutomaticWeightedLoss, MultiNoiseLoss
     fused_mtl.reference                 # the math in plain torch (fallback and test oracle)
 
+Not imported with the package: ``fused_mtl.demo`` (the experiment behind ``fused-mtl demo``),
+``fused_mtl.benchmark_cases`` and ``fused_mtl.benchmark_report`` (the cases and reports of
+``fused-mtl bench`` and ``pytest benchmarks/``), ``fused_mtl.cli`` (the ``fused-mtl`` command).
+
 Triton is optional and imported only when a Triton kernel first runs.
 """
 

@@ -53,6 +53,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2**63:  # what torch.Generator.manual_seed takes
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {value}")
+    return value
+
+
 def _device(text: str) -> str:
     """A device torch can run here: "cpu", "cuda" or "cuda:N"."""
     try:
@@ -322,7 +332,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--device", type=_device, default=None, help="cpu or cuda (default: cuda if present)"
     )
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=_seed, default=0)
     demo.add_argument("--out", default="fused-mtl-demo", help="folder for the plots (created)")
     demo.set_defaults(run=_demo)
 
@@ -353,6 +363,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(f"fused-mtl {args.command}: error: {error}", file=sys.stderr)
         return USAGE_ERROR
+    except KeyboardInterrupt:
+        print(f"fused-mtl {args.command}: interrupted", file=sys.stderr)
+        return 130  # the shell's status for SIGINT
 
 
 def run() -> NoReturn:
