@@ -313,7 +313,6 @@ MODULE_OPTIONS: dict[str, dict[str, str]] = {
     "fused_auto": {},
     "fused_loop": {"per_task_gradients": "loop"},
     "torch_fallback": {"backend": "torch"},
-    "features_ub": {},
 }
 
 

@@ -110,22 +110,21 @@ def _writable_file(path: Path | None, option: str) -> Path | None:
     return path
 
 
-def _extras() -> tuple[Any, Any]:
-    """rich's Console and Table classes; a UsageError naming the extra when it is missing."""
+def _missing_extra(package: str) -> UsageError:
+    return UsageError(
+        f'this command needs the demo extra: pip install "fused-mtl[demo]" ({package} is missing)'
+    )
+
+
+def _rich() -> tuple[Any, Any]:
+    """A rich console for this output and rich's Table class."""
     try:
         from rich.console import Console
         from rich.table import Table
     except ImportError:
-        raise UsageError(
-            'this command needs the demo extra: pip install "fused-mtl[demo]" (rich is missing)'
-        ) from None
-    return Console, Table
-
-
-def _console() -> Any:
-    console_class, _ = _extras()
+        raise _missing_extra("rich") from None
     # Tables keep their columns when the output is a file or a pipe instead of a terminal.
-    return console_class(width=None if sys.stdout.isatty() else 150)
+    return Console(width=None if sys.stdout.isatty() else 150), Table
 
 
 def _progress(console: Any) -> Any:
@@ -144,15 +143,11 @@ def _progress(console: Any) -> Any:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    console = _console()
-    _, table_class = _extras()
+    console, table_class = _rich()
     try:
         from fused_mtl import _plots
     except ImportError:
-        raise UsageError(
-            'fused-mtl demo needs the demo extra: pip install "fused-mtl[demo]" '
-            "(matplotlib is missing)"
-        ) from None
+        raise _missing_extra("matplotlib") from None
     from fused_mtl import demo
 
     out = _writable_directory(Path(args.out))
@@ -260,8 +255,7 @@ def _demo_summary(problem: Any, runs: Sequence[Any]) -> dict[str, Any]:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    console = _console()
-    _, table_class = _extras()
+    console, table_class = _rich()
     from fused_mtl import benchmark_cases, benchmark_report
 
     json_path = _writable_file(args.json, "--json")
@@ -329,9 +323,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--method", choices=(*METHODS, "all"), default="all")
     demo.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS)
-    demo.add_argument(
-        "--device", type=_device, default=None, help="cpu or cuda (default: cuda if present)"
-    )
+    demo.add_argument("--device", type=_device, default=None, help=DEVICE_HELP)
     demo.add_argument("--seed", type=_seed, default=0)
     demo.add_argument("--out", default="fused-mtl-demo", help="folder for the plots (created)")
     demo.set_defaults(run=_demo)
@@ -342,9 +334,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Time the fused ops and the balancing methods against what users run today "
         "(per-task loops, vectorised eager, torch.compile of the loop) on this machine.",
     )
-    bench.add_argument(
-        "--device", type=_device, default=None, help="cpu or cuda (default: cuda if present)"
-    )
+    bench.add_argument("--device", type=_device, default=None, help=DEVICE_HELP)
     bench.add_argument("--quick", action="store_true", help="a few small cases, short timings")
     bench.add_argument("--json", type=Path, default=None, metavar="PATH")
     bench.add_argument("--markdown", type=Path, default=None, metavar="PATH")

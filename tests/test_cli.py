@@ -13,6 +13,7 @@ import torch
 from formulas import log_variance
 from PIL import Image
 
+import fused_mtl
 from fused_mtl import __version__, cli, demo
 from fused_mtl.benchmark_cases import per_task_loop, vectorized_eager
 from fused_mtl.benchmark_report import Result, markdown, table_rows
@@ -278,12 +279,20 @@ def test_unwritable_outputs(capsys, tmp_path):
         assert "Traceback" not in err and out == ""
 
 
-def test_missing_extra_names_it(capsys, monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "rich", None)  # import rich now raises ImportError
-    monkeypatch.setitem(sys.modules, "rich.console", None)
+@pytest.mark.parametrize(
+    ("package", "modules"),
+    [("rich", ["rich", "rich.console"]), ("matplotlib", ["matplotlib", "matplotlib.figure"])],
+)
+def test_missing_extra_names_it(capsys, monkeypatch, tmp_path, package, modules):
+    # fused_mtl._plots is imported afresh, so that it meets the missing package.
+    monkeypatch.delitem(sys.modules, "fused_mtl._plots", raising=False)
+    monkeypatch.delattr(fused_mtl, "_plots", raising=False)
+    for module in modules:
+        monkeypatch.setitem(sys.modules, module, None)  # importing it now raises ImportError
     status, _, err = run_cli(capsys, "demo", "--steps", "1", "--out", str(tmp_path))
     assert status == 2
-    assert err.count("\n") == 1 and 'pip install "fused-mtl[demo]"' in err
+    assert err.count("\n") == 1
+    assert f'pip install "fused-mtl[demo]" ({package} is missing)' in err
 
 
 # --- entry points ----------------------------------------------------------------------------
