@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from fused_mtl import __version__, reference
-from fused_mtl.demo import make_balancer
+from fused_mtl.demo import make_balancer, task_losses, task_mse
 from fused_mtl.dtp import DTP
 from fused_mtl.functional import task_grad_norms, task_gram
 from fused_mtl.gradnorm import GradNorm
@@ -282,11 +282,6 @@ def _toy(num_tasks: int, device: str) -> tuple[MultiTaskMLP, ToyRegression]:
     return MultiTaskMLP(num_tasks).to(device), data
 
 
-def _mse(outputs: Tensor, data: ToyRegression) -> Tensor:
-    """Each task's mean squared error, shape ``(K,)``."""
-    return (outputs - data.targets).square().mean(dim=(1, 2))
-
-
 def _training_step(
     group: str, implementation: str, baseline: str, model: MultiTaskMLP, run: Callable[[], None]
 ) -> Case:
@@ -335,14 +330,14 @@ def gradient_step_case(method: str, implementation: str, num_tasks: int, device:
         gradnorm = GradNorm(shared, num_tasks, **options)
 
         def run() -> None:
-            gradnorm.backward(_mse(model(data.inputs), data))
+            gradnorm.backward(task_losses(model, data))
     elif method == "gradnorm":
         weights = torch.ones(num_tasks, device=device, requires_grad=True)
         with torch.no_grad():
-            initial = _mse(model(data.inputs), data)
+            initial = task_losses(model, data)
 
         def run() -> None:
-            losses = _mse(model(data.inputs), data)
+            losses = task_losses(model, data)
             norms = [torch.linalg.vector_norm(g) for g in _shared_gradients(losses, shared)]
             weights.grad = reference.gradnorm_weight_grad(
                 weights.detach(), torch.stack(norms), losses.detach(), initial, 1.5
@@ -354,16 +349,16 @@ def gradient_step_case(method: str, implementation: str, num_tasks: int, device:
         def run() -> None:
             features = model.trunk(data.inputs)
             outputs = torch.stack([head(features) for head in model.heads])
-            mgda.backward(_mse(outputs, data), features=features)
+            mgda.backward(task_mse(outputs, data.targets), features=features)
     elif implementation != "per_task_loop":
         mgda = MGDA(shared, num_tasks, **options)
 
         def run() -> None:
-            mgda.backward(_mse(model(data.inputs), data))
+            mgda.backward(task_losses(model, data))
     else:
 
         def run() -> None:
-            losses = _mse(model(data.inputs), data)
+            losses = task_losses(model, data)
             grads = torch.stack(_shared_gradients(losses, shared))
             alpha = reference.min_norm_weights(grads @ grads.T, SOLVER_ITERATIONS)
             (alpha * losses).sum().backward()
@@ -382,7 +377,7 @@ def method_step_case(method: str, num_tasks: int, device: str) -> Case:
         balancer.update_kpis(torch.linspace(0.1, 0.9, num_tasks))
 
     def run() -> None:
-        balancer.backward(_mse(model(data.inputs), data))
+        balancer.backward(task_losses(model, data))
 
     return _training_step(group, method, "equal", model, run)
 

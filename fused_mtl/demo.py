@@ -152,17 +152,16 @@ def make_balancer(method: str, model: MultiTaskMLP, num_tasks: int, period_steps
     raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
 
 
+def task_mse(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Each task's mean squared error, shape ``(K,)``, from ``(K, N, O)`` outputs and targets."""
+    return (outputs - targets).square().mean(dim=(1, 2))
+
+
 def task_losses(model: MultiTaskMLP, data: ToyRegression, rows: Tensor | None = None) -> Tensor:
-    """Mean squared error of each task, shape ``(K,)``, over ``rows`` of ``data`` (all if None)."""
-    inputs, targets = (
-        (data.inputs, data.targets)
-        if rows is None
-        else (
-            data.inputs[rows],
-            data.targets[:, rows],
-        )
-    )
-    return (model(inputs) - targets).square().mean(dim=(1, 2))
+    """:func:`task_mse` of ``model`` over ``rows`` of ``data`` (all of it if None)."""
+    if rows is None:
+        return task_mse(model(data.inputs), data.targets)
+    return task_mse(model(data.inputs[rows]), data.targets[:, rows])
 
 
 def train(
