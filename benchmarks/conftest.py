@@ -30,11 +30,11 @@ def run_case(benchmark, bench_device) -> Callable[[Callable[[str], Case]], None]
             implementation=case.implementation,
             baseline=case.baseline,
             compile_seconds=case.compile_seconds,
-            bytes_read=case.bytes_read,
+            bytes_moved=case.bytes_moved,
         )
         with case.timing_guard():
             benchmark(case.step)
-        if case.bytes_read and benchmark.stats is not None:  # None under --benchmark-disable
-            benchmark.extra_info["gb_per_s"] = case.bytes_read / benchmark.stats.stats.median / 1e9
+        if case.bytes_moved and benchmark.stats is not None:  # None under --benchmark-disable
+            benchmark.extra_info["gb_per_s"] = case.bytes_moved / benchmark.stats.stats.median / 1e9
 
     return run

@@ -34,7 +34,7 @@ def main(path: str) -> None:
             median_s=bench["stats"]["median"],
             iqr_s=bench["stats"]["iqr"],
             runs=bench["stats"]["rounds"],
-            bytes_read=bench["extra_info"].get("bytes_read"),
+            bytes_moved=bench["extra_info"].get("bytes_moved"),
             compile_seconds=bench["extra_info"].get("compile_seconds"),
         )
         for bench in data["benchmarks"]

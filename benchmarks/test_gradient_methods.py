@@ -1,8 +1,9 @@
 """Training steps of the gradient methods and the per-task gradient norms / Gram they use, fused
 vs what users run today.
 
-Run: ``pytest benchmarks/test_gradnorm.py``. Compare within a group; the norms / Gram cases also
-record the achieved bandwidth (bytes of gradients read per second) in ``extra_info``.
+Run: ``pytest benchmarks/test_gradient_methods.py``. Compare within a group; the norms / Gram
+cases, and a plain copy of the same matrix, also record the achieved bandwidth (bytes read plus
+bytes written, per second) in ``extra_info``.
 """
 
 import pytest
@@ -15,6 +16,7 @@ from fused_mtl.benchmark_cases import (
     GRAM_WIDTHS,
     STEP_METHODS,
     STEP_TASKS,
+    copy_case,
     default_device,
     gradient_step_case,
     gram_case,
@@ -47,3 +49,9 @@ def test_norms_and_gram(run_case, op, num_tasks, width, implementation):
     if implementation == "baseline":
         implementation = GRAM_BASELINES[op]
     run_case(lambda device: gram_case(op, implementation, num_tasks, width, device))
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("num_tasks", GRAM_TASK_COUNTS)
+def test_copy(run_case, num_tasks, width):
+    run_case(lambda device: copy_case(num_tasks, width, device))

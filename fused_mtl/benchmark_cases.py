@@ -8,9 +8,13 @@ checks) before they return it, so the runners time the steady state only.
 
 Groups (``Case.group``), each with the implementation it is compared against (``Case.baseline``):
 
+- ``launch floor`` (CUDA): one launch of an empty Triton kernel, eager and replayed from a CUDA
+  graph: the floor under the fused ops' wall time.
 - ``uncertainty K=..``: one uncertainty-weighting forward + backward over K scalar losses, against
   the per-task Python loop users copy (``sum(exp(-s[i]) * L[i] + s[i])``); also a vectorised
   eager expression, ``torch.compile`` of the loop, and on CUDA a CUDA-graph replay.
+  ``uncertainty K=.., (K,) tensor``: the same with the K losses in one tensor.
+- ``copy K=.. P=..``: a copy of a ``(K, P)`` fp32 matrix, the memory bandwidth to compare with.
 - ``norms K=.. P=..`` / ``gram K=.. P=..``: the per-task gradient norms / Gram matrix of a
   ``(K, P)`` gradient matrix, against ``torch.linalg.vector_norm`` per task / ``G @ G.T``.
 - ``gradnorm step K=..`` / ``mgda step K=..``: a training step on the GradNorm toy's network
@@ -30,7 +34,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,13 +54,16 @@ from fused_mtl.uncertainty import UncertaintyWeighting
 __all__ = [
     "Case",
     "Unavailable",
+    "copy_case",
     "default_device",
     "environment",
     "gradient_step_case",
     "gram_case",
+    "launch_floor_case",
     "method_step_case",
     "suite",
     "uncertainty_case",
+    "uncertainty_group",
 ]
 
 UNCERTAINTY_TASK_COUNTS = (2, 8, 64, 512, 4096)
@@ -68,6 +75,9 @@ UNCERTAINTY_IMPLEMENTATIONS = (
     "compiled_loop",
     "cuda_graph",
 )
+# K scalar tensors (one loss per head) or one (K,) tensor (losses computed together).
+UNCERTAINTY_INPUTS = ("scalars", "vector")
+LAUNCH_FLOOR_IMPLEMENTATIONS = ("empty_triton_kernel", "empty_triton_kernel_graph")
 # torch.compile traces the loop term by term: on 2 CPU cores, with a cold compile cache, compiling
 # it took 4 s at K = 2, 7 s at K = 64 and 65 s at K = 512, growing faster than K, so K = 4096 is
 # left out.
@@ -102,7 +112,9 @@ class Case:
     implementation: str
     step: Callable[[], None]
     baseline: str  # the implementation of the same group that users run today
-    bytes_read: int | None = None  # bytes the step must read, for the achieved GB/s
+    # The fewest bytes the step must move (each input read once, each output written once), for
+    # the achieved GB/s.
+    bytes_moved: int | None = None
     compile_seconds: float | None = None  # torch.compile's first call, excluded from the timing
     # Entered around the timed calls: a compiled case fails on a recompile instead of timing it.
     timing_guard: Callable[[], AbstractContextManager[object]] = nullcontext
@@ -133,7 +145,7 @@ def check_device(device: str, group: str, implementation: str) -> None:
 # --- uncertainty weighting -------------------------------------------------------------------
 
 
-def per_task_loop(losses: list[Tensor], log_vars: Tensor) -> Tensor:
+def per_task_loop(losses: Sequence[Tensor] | Tensor, log_vars: Tensor) -> Tensor:
     """The loop users copy: one small expression per task, summed in Python."""
     total = 0
     for i, loss in enumerate(losses):
@@ -141,14 +153,43 @@ def per_task_loop(losses: list[Tensor], log_vars: Tensor) -> Tensor:
     return total
 
 
-def vectorized_eager(losses: list[Tensor], log_vars: Tensor) -> Tensor:
+def vectorized_eager(losses: Sequence[Tensor] | Tensor, log_vars: Tensor) -> Tensor:
     """The same sum as one eager expression over the stacked losses."""
-    return (torch.exp(-log_vars) * torch.stack(losses) + log_vars).sum()
+    stacked = losses if isinstance(losses, Tensor) else torch.stack(list(losses))
+    return (torch.exp(-log_vars) * stacked + log_vars).sum()
 
 
-def uncertainty_case(implementation: str, num_tasks: int, device: str) -> Case:
-    """One forward + backward of the balanced total over ``num_tasks`` scalar losses."""
-    group, baseline = f"uncertainty K={num_tasks}", "per_task_loop"
+def uncertainty_group(num_tasks: int, losses_as: str) -> str:
+    """The group of an uncertainty-weighting case: K and the form the losses come in."""
+    if losses_as not in UNCERTAINTY_INPUTS:
+        raise ValueError(f"losses_as must be one of {UNCERTAINTY_INPUTS}, got {losses_as!r}")
+    return f"uncertainty K={num_tasks}" + ("" if losses_as == "scalars" else ", (K,) tensor")
+
+
+def _uncertainty_losses(num_tasks: int, losses_as: str, device: str) -> list[Tensor] | Tensor:
+    """K scalar leaves (one per head, as a multi-head model produces them) or one (K,) leaf."""
+    values = torch.rand(num_tasks, generator=torch.Generator().manual_seed(num_tasks)).to(device)
+    if losses_as == "vector":
+        return values.requires_grad_()
+    return [value.clone().requires_grad_() for value in values]
+
+
+def _clear_grads(leaves: Sequence[Tensor]) -> None:
+    # What zero_grad(set_to_none=True), torch's default, leaves before each training step.
+    for leaf in leaves:
+        leaf.grad = None
+
+
+def uncertainty_case(
+    implementation: str, num_tasks: int, device: str, losses_as: str = "scalars"
+) -> Case:
+    """One forward + backward of the balanced total over ``num_tasks`` losses, given as K scalar
+    tensors (``losses_as="scalars"``) or as one ``(K,)`` tensor (``"vector"``).
+
+    Every step starts with the gradients set to None, as after ``zero_grad()``, so no
+    implementation pays for accumulating into the previous step's gradients.
+    """
+    group, baseline = uncertainty_group(num_tasks, losses_as), "per_task_loop"
     check_device(device, group, implementation)
     if implementation == "cuda_graph" and torch.device(device).type != "cuda":
         raise Unavailable(group, implementation, "CUDA-graph replay needs a CUDA device")
@@ -159,75 +200,72 @@ def uncertainty_case(implementation: str, num_tasks: int, device: str) -> Case:
             f"K = {COMPILED_LOOP_MAX_TASKS}"
         )
         raise Unavailable(group, implementation, reason)
-    gen = torch.Generator().manual_seed(num_tasks)
-    losses = [torch.rand((), generator=gen).to(device).requires_grad_() for _ in range(num_tasks)]
-    synchronize = _synchronizer(device)
+    losses = _uncertainty_losses(num_tasks, losses_as, device)
+    leaves = list(losses) if isinstance(losses, list) else [losses]
     if implementation in ("fused_auto", "torch_fallback", "cuda_graph"):
         backend = "torch" if implementation == "torch_fallback" else "auto"
         module = UncertaintyWeighting(num_tasks, backend=backend).to(device)
+        leaves += module.parameters()
 
         def total() -> Tensor:
             return module(losses)
-
-        if implementation == "cuda_graph":
-            return _warmed(Case(group, implementation, _graphed(total, device), baseline))
     elif implementation in ("per_task_loop", "vectorized_eager", "compiled_loop"):
         log_vars = torch.zeros(num_tasks, device=device, requires_grad=True)
+        leaves.append(log_vars)
         if implementation == "compiled_loop":
-            return _compiled_loop_case(losses, log_vars, group, baseline, synchronize)
-        expression = per_task_loop if implementation == "per_task_loop" else vectorized_eager
+            torch.compiler.reset()  # each case compiles afresh instead of counting as a recompile
+            expression = torch.compile(per_task_loop)
+        else:
+            expression = per_task_loop if implementation == "per_task_loop" else vectorized_eager
 
         def total() -> Tensor:
             return expression(losses, log_vars)
     else:
         raise ValueError(f"unknown implementation {implementation!r}")
 
-    def step() -> None:
+    def forward_backward() -> None:
+        _clear_grads(leaves)
         total().backward()
-        synchronize()
 
-    return _warmed(Case(group, implementation, step, baseline))
-
-
-def _compiled_loop_case(
-    losses: list[Tensor],
-    log_vars: Tensor,
-    group: str,
-    baseline: str,
-    synchronize: Callable[[], None],
-) -> Case:
-    torch.compiler.reset()  # each K compiles afresh instead of counting as a recompile
-    compiled = torch.compile(per_task_loop)
+    if implementation == "cuda_graph":
+        return _warmed(Case(group, implementation, _graphed(forward_backward), baseline))
+    synchronize = _synchronizer(device)
 
     def step() -> None:
-        compiled(losses, log_vars).backward()
+        forward_backward()
         synchronize()
 
+    if implementation != "compiled_loop":
+        return _warmed(Case(group, implementation, step, baseline))
     started = time.perf_counter()
     step()  # compiles the forward, then the backward
-    compile_seconds = time.perf_counter() - started
     case = Case(
         group,
-        "compiled_loop",
+        implementation,
         step,
         baseline,
-        compile_seconds=compile_seconds,
+        compile_seconds=time.perf_counter() - started,
         timing_guard=lambda: torch.compiler.set_stance("fail_on_recompile"),
     )
     return _warmed(case)
 
 
-def _graphed(total: Callable[[], Tensor], device: str) -> Callable[[], None]:
-    """``total().backward()`` captured once in a CUDA graph; the step replays it."""
+def _graphed(work: Callable[[], None]) -> Callable[[], None]:
+    """``work`` captured once in a CUDA graph; the returned step replays it and synchronises.
+
+    A ``work`` that sets gradients to None before its backward (the whole-step capture recipe of
+    torch's CUDA-graph notes) captures a backward that writes fresh gradient buffers, owned by
+    the graph and rewritten by every replay, instead of adding to old ones.
+    """
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside the capture: kernels compiled, grads allocated
+    with torch.cuda.stream(side):  # warm-up outside the capture: kernels compiled, caches built
         for _ in range(3):
-            total().backward()
+            work()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        total().backward()
+        work()
 
     def step() -> None:
         graph.replay()
@@ -236,7 +274,40 @@ def _graphed(total: Callable[[], Tensor], device: str) -> Callable[[], None]:
     return step
 
 
+def launch_floor_case(implementation: str, device: str) -> Case:
+    """One launch of an empty Triton kernel, eager (``empty_triton_kernel``) or replayed from a
+    CUDA graph (``empty_triton_kernel_graph``): the floor under any one-launch op."""
+    group = "launch floor"
+    check_device(device, group, implementation)
+    if implementation not in LAUNCH_FLOOR_IMPLEMENTATIONS:
+        raise ValueError(f"unknown implementation {implementation!r}")
+    if torch.device(device).type != "cuda":
+        reason = "the launch floor is measured on CUDA (on a CPU Triton runs in its interpreter)"
+        raise Unavailable(group, implementation, reason)
+    from fused_mtl.kernels.launch_floor import launch_empty_kernel
+
+    anchor = torch.empty(1, device=device)
+
+    def launch() -> None:
+        launch_empty_kernel(anchor)
+
+    if implementation == "empty_triton_kernel_graph":
+        step = _graphed(launch)
+    else:
+
+        def step() -> None:
+            launch()
+            torch.cuda.synchronize()
+
+    return _warmed(Case(group, implementation, step, LAUNCH_FLOOR_IMPLEMENTATIONS[0]))
+
+
 # --- per-task gradient norms and Gram --------------------------------------------------------
+
+
+def _gradient_matrix(num_tasks: int, width: int, device: str) -> Tensor:
+    gen = torch.Generator(device=device).manual_seed(num_tasks)
+    return torch.randn(num_tasks, width, generator=gen, device=device)
 
 
 def gram_case(op: str, implementation: str, num_tasks: int, width: int, device: str) -> Case:
@@ -244,8 +315,7 @@ def gram_case(op: str, implementation: str, num_tasks: int, width: int, device: 
     baseline (``per_task`` vector norms, or ``matmul``)."""
     group = f"{op} K={num_tasks} P={width}"
     check_device(device, group, implementation)
-    gen = torch.Generator(device=device).manual_seed(num_tasks)
-    grads = torch.randn(num_tasks, width, generator=gen, device=device)
+    grads = _gradient_matrix(num_tasks, width, device)
     synchronize = _synchronizer(device)
     baseline = GRAM_BASELINES[op]
     if implementation == "fused_auto":
@@ -268,8 +338,26 @@ def gram_case(op: str, implementation: str, num_tasks: int, width: int, device: 
         compute()
         synchronize()
 
-    bytes_read = grads.numel() * grads.element_size()
-    return _warmed(Case(group, implementation, step, baseline, bytes_read=bytes_read))
+    outputs = num_tasks if op == "norms" else num_tasks * num_tasks
+    bytes_moved = grads.numel() * grads.element_size() + outputs * 4
+    return _warmed(Case(group, implementation, step, baseline, bytes_moved=bytes_moved))
+
+
+def copy_case(num_tasks: int, width: int, device: str) -> Case:
+    """A copy of the same ``(K, P)`` matrix into another buffer: the bandwidth that a kernel
+    which reads every element once can hope for (bytes read plus bytes written)."""
+    group = f"copy K={num_tasks} P={width}"
+    check_device(device, group, "copy")
+    source = _gradient_matrix(num_tasks, width, device)
+    target = torch.empty_like(source)
+    synchronize = _synchronizer(device)
+
+    def step() -> None:
+        target.copy_(source)
+        synchronize()
+
+    bytes_moved = 2 * source.numel() * source.element_size()
+    return _warmed(Case(group, "copy", step, "copy", bytes_moved=bytes_moved))
 
 
 # --- training steps on the toy's network -----------------------------------------------------
@@ -388,18 +476,26 @@ def method_step_case(method: str, num_tasks: int, device: str) -> Case:
 def suite(device: str, quick: bool = False) -> Iterator[Callable[[], Case]]:
     """Every case for ``device``, as factories in the order they are reported; ``quick`` keeps
     a small K and P of each group (a smoke run, not for quoting)."""
-    task_counts = (2, 8) if quick else UNCERTAINTY_TASK_COUNTS
-    for num_tasks in task_counts:
-        for implementation in UNCERTAINTY_IMPLEMENTATIONS:
-            yield lambda k=num_tasks, i=implementation: uncertainty_case(i, k, device)
+    for implementation in LAUNCH_FLOOR_IMPLEMENTATIONS:
+        yield lambda i=implementation: launch_floor_case(i, device)
+    for num_tasks in (2, 8) if quick else UNCERTAINTY_TASK_COUNTS:
+        for losses_as in UNCERTAINTY_INPUTS:
+            for implementation in UNCERTAINTY_IMPLEMENTATIONS:
+                yield lambda k=num_tasks, f=losses_as, i=implementation: uncertainty_case(
+                    i, k, device, f
+                )
     widths = GRAM_WIDTHS[torch.device(device).type]
+    if quick:
+        widths = widths[:1]
+    sizes = [(k, w) for k in ((2, 8) if quick else GRAM_TASK_COUNTS) for w in widths]
+    for num_tasks, width in sizes:
+        yield lambda k=num_tasks, w=width: copy_case(k, w, device)
     for op in ("norms", "gram"):
-        for num_tasks in (2, 8) if quick else GRAM_TASK_COUNTS:
-            for width in widths[:1] if quick else widths:
-                for implementation in ("fused_auto", GRAM_BASELINES[op]):
-                    yield lambda o=op, i=implementation, k=num_tasks, w=width: gram_case(
-                        o, i, k, w, device
-                    )
+        for num_tasks, width in sizes:
+            for implementation in ("fused_auto", GRAM_BASELINES[op]):
+                yield lambda o=op, i=implementation, k=num_tasks, w=width: gram_case(
+                    o, i, k, w, device
+                )
     for method, implementations in GRADIENT_STEP_IMPLEMENTATIONS.items():
         for implementation in implementations:
             yield lambda m=method, i=implementation: gradient_step_case(m, i, STEP_TASKS, device)
@@ -410,11 +506,11 @@ def suite(device: str, quick: bool = False) -> Iterator[Callable[[], Case]]:
 # --- where a result was measured -------------------------------------------------------------
 
 
-def _git_revision() -> str:
-    """The checkout's short revision when the package runs from one, else "unknown"."""
+def _command_output(command: list[str]) -> str | None:
+    """A command's stripped stdout, or None when it is missing or fails."""
     try:
         return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
+            command,
             cwd=Path(__file__).resolve().parent,
             capture_output=True,
             text=True,
@@ -422,7 +518,20 @@ def _git_revision() -> str:
             timeout=10,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return None
+
+
+def _git_revision() -> str:
+    """``FUSED_MTL_GIT_REVISION`` when set (for a copy of the tree without its ``.git``), else
+    the checkout's short revision when the package runs from one, else "unknown"."""
+    given = os.environ.get("FUSED_MTL_GIT_REVISION")
+    return given or _command_output(["git", "rev-parse", "--short", "HEAD"]) or "unknown"
+
+
+def _cuda_driver() -> str:
+    query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+    output = _command_output(query)
+    return output.splitlines()[0] if output else "unknown"
 
 
 def _triton_version() -> str:
@@ -439,6 +548,7 @@ def environment(device: str) -> dict[str, object]:
     return {
         "device": device,
         "device_name": torch.cuda.get_device_name(device) if on_cuda else "cpu",
+        "driver": _cuda_driver() if on_cuda else "",
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "triton": _triton_version(),

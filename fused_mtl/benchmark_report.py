@@ -25,7 +25,17 @@ from torch.utils.benchmark import Timer
 
 from fused_mtl.benchmark_cases import Case
 
-__all__ = ["COLUMNS", "Result", "markdown", "measure", "notes_under_the_table", "table_rows"]
+__all__ = [
+    "COLUMNS",
+    "Result",
+    "TargetCheck",
+    "markdown",
+    "measure",
+    "notes_under_the_table",
+    "table_rows",
+    "target_checks",
+    "verdict",
+]
 
 COMPILED = "compiled_loop"
 COLUMNS = (
@@ -36,6 +46,17 @@ COLUMNS = (
     "torch.compile / this",
     "GB/s",
 )
+
+# The GPU speed targets the fused ops are held to (checked on CUDA results only).
+# Uncertainty weighting, forward + backward against the per-task loop, by K.
+UNCERTAINTY_SPEEDUP_TARGETS = {2: 5.0, 64: 50.0, 4096: 300.0}
+# CUDA-graph replay of the fused forward + backward against one empty Triton kernel's replay.
+GRAPH_REPLAY_MAX_RATIO = 1.5
+# Norms / Gram from this many gradient elements per task: a fraction of the copy bandwidth, and
+# a speed-up over the per-task vector norms / G @ G.T.
+BANDWIDTH_TARGET_MIN_WIDTH = 1 << 24
+COPY_BANDWIDTH_FRACTION = 0.85
+GRAM_SPEEDUP_TARGET = 1.5
 
 
 @dataclass(frozen=True)
@@ -48,7 +69,7 @@ class Result:
     median_s: float | None
     iqr_s: float | None = None
     runs: int = 0
-    bytes_read: int | None = None
+    bytes_moved: int | None = None  # bytes read + written (each once): the GB/s column
     compile_seconds: float | None = None
     skipped: str | None = None
 
@@ -69,7 +90,7 @@ def measure(case: Case, min_run_time: float) -> Result:
         median_s=measurement.median,
         iqr_s=measurement.iqr,
         runs=measurement.number_per_run * len(measurement.times),
-        bytes_read=case.bytes_read,
+        bytes_moved=case.bytes_moved,
         compile_seconds=case.compile_seconds,
     )
 
@@ -98,8 +119,8 @@ def table_rows(results: Sequence[Result]) -> list[dict[str, str]]:
                 "time per call": _time(result.median_s),
                 "baseline / this": f"{baseline / result.median_s:.2f}×" if baseline else "",
                 "torch.compile / this": f"{compiled / result.median_s:.2f}×" if compiled else "",
-                "GB/s": f"{result.bytes_read / result.median_s / 1e9:.1f}"
-                if result.bytes_read
+                "GB/s": f"{result.bytes_moved / result.median_s / 1e9:.1f}"
+                if result.bytes_moved
                 else "",
             }
         )
@@ -109,8 +130,9 @@ def table_rows(results: Sequence[Result]) -> list[dict[str, str]]:
 def markdown(results: Sequence[Result], environment: dict[str, object], command: str) -> str:
     """The results as a markdown table, headed by where and how they were measured."""
     threads = environment.get("cpu_threads")
+    driver = f", driver {environment['driver']}" if environment.get("driver") else ""
     lines = [
-        f"Device: {environment.get('device_name')} ({threads} CPU threads), "
+        f"Device: {environment.get('device_name')}{driver} ({threads} CPU threads), "
         f"torch {environment.get('torch')}, triton {environment.get('triton')}, "
         f"git {environment.get('git_revision')}, {environment.get('date', '')}. "
         f"Command: `{command}`. Median time per call; a ratio above 1 means this row is faster "
@@ -123,7 +145,22 @@ def markdown(results: Sequence[Result], environment: dict[str, object], command:
     notes = notes_under_the_table(results)
     if notes:
         lines += ["", *(f"- {note}" for note in notes)]
+    checks = target_checks(results, str(environment.get("device")))
+    if checks:
+        lines += [
+            "",
+            "Targets, from the rows above:",
+            "",
+            "| target | measured | met |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {c.target} | {c.measured} | {verdict(c.met)} |" for c in checks]
     return "\n".join(lines) + "\n"
+
+
+def verdict(met: bool | None) -> str:
+    """How a target check's outcome is written in the tables."""
+    return "reported" if met is None else ("yes" if met else "**no**")
 
 
 def notes_under_the_table(results: Sequence[Result]) -> list[str]:
@@ -137,3 +174,93 @@ def notes_under_the_table(results: Sequence[Result]) -> list[str]:
     ]
     notes += [f"not run: {r.group} {r.implementation}: {r.skipped}" for r in results if r.skipped]
     return notes
+
+
+@dataclass(frozen=True)
+class TargetCheck:
+    """One speed target, what was measured against it, and whether it was met (None: a figure
+    that is reported without a target)."""
+
+    target: str
+    measured: str
+    met: bool | None
+
+
+def _size(group: str, name: str) -> int | None:
+    """The ``K`` or ``P`` written in a group's name (``"gram K=8 P=1024"``), else None."""
+    for word in group.replace(",", " ").split():
+        if word.startswith(f"{name}="):
+            return int(word[len(name) + 1 :])
+    return None
+
+
+def target_checks(results: Sequence[Result], device: str) -> list[TargetCheck]:
+    """The speed targets that the results allow to check, in the order of the results. They are
+    GPU targets: on another device there are none."""
+    if not device.startswith("cuda"):
+        return []
+    ran = {(r.group, r.implementation): r for r in results if r.median_s}
+
+    def median(group: str, implementation: str) -> float | None:
+        result = ran.get((group, implementation))
+        return result.median_s if result else None
+
+    def speedup(target: str, slower: float, faster: float, wanted: float | None) -> TargetCheck:
+        ratio = slower / faster
+        return TargetCheck(target, f"{ratio:.2f}×", None if wanted is None else ratio >= wanted)
+
+    checks: list[TargetCheck] = []
+    floor = median("launch floor", "empty_triton_kernel_graph")
+    for group in dict.fromkeys(r.group for r in results):
+        num_tasks, width = _size(group, "K"), _size(group, "P")
+        fused = median(group, "fused_auto")
+        if group.startswith("uncertainty") and fused:
+            loop, compiled = median(group, "per_task_loop"), median(group, "compiled_loop")
+            wanted = UNCERTAINTY_SPEEDUP_TARGETS.get(num_tasks)
+            if loop and wanted:
+                checks.append(
+                    speedup(f"{group}: fused ≥ {wanted:g}× the loop", loop, fused, wanted)
+                )
+            if compiled:
+                checks.append(
+                    speedup(f"{group}: fused no slower than compiled loop", compiled, fused, 1.0)
+                )
+            graph = median(group, "cuda_graph")
+            if graph and floor:
+                ratio = graph / floor
+                checks.append(
+                    TargetCheck(
+                        f"{group}: graph replay ≤ {GRAPH_REPLAY_MAX_RATIO:g}× an empty kernel's",
+                        f"{ratio:.2f}× ({_time(graph)} vs {_time(floor)})",
+                        ratio <= GRAPH_REPLAY_MAX_RATIO,
+                    )
+                )
+        elif group.startswith(("norms", "gram")) and fused and width >= BANDWIDTH_TARGET_MIN_WIDTH:
+            baseline = median(group, ran[(group, "fused_auto")].baseline)
+            copy = ran.get((f"copy K={num_tasks} P={width}", "copy"))
+            if copy and copy.bytes_moved:
+                copy_rate = copy.bytes_moved / copy.median_s
+                rate = ran[(group, "fused_auto")].bytes_moved / fused
+                checks.append(
+                    TargetCheck(
+                        f"{group}: fused ≥ {COPY_BANDWIDTH_FRACTION:.0%} of copy bandwidth",
+                        f"{rate / copy_rate:.0%} ({rate / 1e9:.0f} vs {copy_rate / 1e9:.0f} GB/s)",
+                        rate >= COPY_BANDWIDTH_FRACTION * copy_rate,
+                    )
+                )
+            if baseline:
+                checks.append(
+                    speedup(
+                        f"{group}: fused ≥ {GRAM_SPEEDUP_TARGET:g}× the baseline",
+                        baseline,
+                        fused,
+                        GRAM_SPEEDUP_TARGET,
+                    )
+                )
+        elif group.startswith("gradnorm step") and fused:
+            loop = median(group, "per_task_loop")
+            if loop:
+                checks.append(
+                    speedup(f"{group}: fused against the per-task loop", loop, fused, None)
+                )
+    return checks

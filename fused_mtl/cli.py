@@ -291,6 +291,14 @@ def _bench(args: argparse.Namespace) -> int:
     console.print(table)
     for note in benchmark_report.notes_under_the_table(results):
         console.print(note)
+    checks = benchmark_report.target_checks(results, args.device)
+    if checks:
+        targets = table_class(title="targets")
+        for column in ("target", "measured", "met"):
+            targets.add_column(column, justify="left" if column == "target" else "right")
+        for check in checks:
+            targets.add_row(check.target, check.measured, benchmark_report.verdict(check.met))
+        console.print(targets)
     if json_path is not None:
         document = {
             "environment": environment,

@@ -2,6 +2,7 @@
 line on stderr with exit status 2. Most tests call ``cli.main`` in-process (no torch start-up per
 run); the console script and ``python -m fused_mtl`` are run as processes."""
 
+import itertools
 import json
 import math
 import subprocess
@@ -16,7 +17,7 @@ from PIL import Image
 import fused_mtl
 from fused_mtl import __version__, cli, demo
 from fused_mtl.benchmark_cases import per_task_loop, vectorized_eager
-from fused_mtl.benchmark_report import Result, markdown, table_rows
+from fused_mtl.benchmark_report import Result, markdown, table_rows, target_checks
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PLOTS = [
@@ -161,8 +162,7 @@ def test_bench_quick_prints_and_writes_the_table(capsys, tmp_path):
         f"--markdown {markdown_path}"
     )
     results = {(r["group"], r["implementation"]): r for r in document["results"]}
-    for num_tasks in (2, 8):
-        group = f"uncertainty K={num_tasks}"
+    for group in ("uncertainty K=2", "uncertainty K=8", "uncertainty K=8, (K,) tensor"):
         for implementation in ("fused_auto", "torch_fallback", "per_task_loop"):
             assert results[(group, implementation)]["median_s"] > 0
         for implementation in ("vectorized_eager", "compiled_loop"):
@@ -172,18 +172,24 @@ def test_bench_quick_prints_and_writes_the_table(capsys, tmp_path):
         assert f"| {group} | per_task_loop |" in markdown_path.read_text()
     for group in ("norms K=8 P=65536", "gram K=8 P=65536", "gradnorm step K=8", "mgda step K=8"):
         assert any(g == group and r["median_s"] for (g, _), r in results.items()), group
+    copy = results[("copy K=8 P=65536", "copy")]
+    assert copy["median_s"] > 0 and copy["bytes_moved"] == 2 * 8 * 65536 * 4
+    assert results[("norms K=8 P=65536", "per_task")]["bytes_moved"] == 8 * 65536 * 4 + 8 * 4
+    for implementation in ("empty_triton_kernel", "empty_triton_kernel_graph"):
+        assert "CUDA" in results[("launch floor", implementation)]["skipped"]
     for method in ("equal", "uw", "dwa", "dtp", "gradnorm", "mgda"):
         assert results[("method step K=8", method)]["median_s"] > 0
     for text in (out, markdown_path.read_text()):
         for column in ("time per call", "baseline / this", "torch.compile / this", "GB/s"):
             assert column in text
         assert "uncertainty K=8" in text and "compiled_loop" in text
+        assert "Targets" not in text and "targets" not in text  # GPU targets: none on a CPU
 
 
 def test_bench_ratios_are_baseline_time_over_this_time():
     results = [
         Result("uncertainty K=8", "per_task_loop", "per_task_loop", 3e-3),
-        Result("uncertainty K=8", "fused_auto", "per_task_loop", 1e-3, bytes_read=2_000_000),
+        Result("uncertainty K=8", "fused_auto", "per_task_loop", 1e-3, bytes_moved=2_000_000),
         Result("uncertainty K=8", "compiled_loop", "per_task_loop", 2e-3, compile_seconds=4.0),
         Result("uncertainty K=8", "cuda_graph", "", None, skipped="needs CUDA"),
         Result("gram K=2 P=4", "fused_auto", "matmul", 5e-6),
@@ -205,20 +211,72 @@ def test_bench_ratios_are_baseline_time_over_this_time():
     assert text.count("\n| ") == 1 + 4  # the header and the four cases that ran
 
 
+def test_targets_are_checked_from_the_medians():
+    """Each GPU target from hand-made CUDA results: met, missed, and the figures behind it."""
+    megabyte = 1 << 20
+    results = [
+        Result("launch floor", "empty_triton_kernel_graph", "empty_triton_kernel", 4e-6),
+        Result("uncertainty K=2", "per_task_loop", "per_task_loop", 60e-6),
+        Result("uncertainty K=2", "fused_auto", "per_task_loop", 15e-6),  # 4×: missed
+        Result("uncertainty K=2", "compiled_loop", "per_task_loop", 30e-6),
+        Result("uncertainty K=2", "cuda_graph", "per_task_loop", 6e-6),  # 1.5× the floor: met
+        Result("uncertainty K=8", "per_task_loop", "per_task_loop", 1e-3),  # no K=8 target
+        Result("uncertainty K=8", "fused_auto", "per_task_loop", 20e-6),
+        Result("uncertainty K=64, (K,) tensor", "per_task_loop", "per_task_loop", 2e-3),
+        Result("uncertainty K=64, (K,) tensor", "fused_auto", "per_task_loop", 20e-6),  # 100×
+        Result("uncertainty K=64, (K,) tensor", "compiled_loop", "per_task_loop", 10e-6),
+        Result("uncertainty K=64, (K,) tensor", "cuda_graph", "per_task_loop", 7e-6),
+        Result("copy K=8 P=16777216", "copy", "copy", 2e-3, bytes_moved=1000 * megabyte),
+        Result("norms K=8 P=16777216", "fused_auto", "per_task", 1e-3, bytes_moved=450 * megabyte),
+        Result("norms K=8 P=16777216", "per_task", "per_task", 2e-3, bytes_moved=450 * megabyte),
+        Result("gram K=8 P=1048576", "fused_auto", "matmul", 1e-4, bytes_moved=megabyte),
+        Result("gram K=8 P=1048576", "matmul", "matmul", 1e-3, bytes_moved=megabyte),
+        Result("gradnorm step K=8", "fused_auto", "per_task_loop", 2e-3),
+        Result("gradnorm step K=8", "per_task_loop", "per_task_loop", 5e-3),
+    ]
+    checks = {check.target: (check.measured, check.met) for check in target_checks(results, "cuda")}
+    assert checks == {
+        "uncertainty K=2: fused ≥ 5× the loop": ("4.00×", False),
+        "uncertainty K=2: fused no slower than compiled loop": ("2.00×", True),
+        "uncertainty K=2: graph replay ≤ 1.5× an empty kernel's": ("1.50× (6 µs vs 4 µs)", True),
+        "uncertainty K=64, (K,) tensor: fused ≥ 50× the loop": ("100.00×", True),
+        "uncertainty K=64, (K,) tensor: fused no slower than compiled loop": ("0.50×", False),
+        "uncertainty K=64, (K,) tensor: graph replay ≤ 1.5× an empty kernel's": (
+            "1.75× (7 µs vs 4 µs)",
+            False,
+        ),
+        # 450 MiB in 1 ms against 1000 MiB in 2 ms: 90% of the copy's rate.
+        "norms K=8 P=16777216: fused ≥ 85% of copy bandwidth": ("90% (472 vs 524 GB/s)", True),
+        "norms K=8 P=16777216: fused ≥ 1.5× the baseline": ("2.00×", True),
+        "gradnorm step K=8: fused against the per-task loop": ("2.50×", None),
+    }  # the Gram at P = 1 M is under the bandwidth targets' width: no check
+    assert target_checks(results, "cpu") == []
+    on_gpu = markdown(results, {"device": "cuda", "device_name": "H100"}, "fused-mtl bench")
+    assert "| uncertainty K=2: fused ≥ 5× the loop | 4.00× | **no** |" in on_gpu
+    assert "| gradnorm step K=8: fused against the per-task loop | 2.50× | reported |" in on_gpu
+    assert "targets" not in markdown(results, {"device": "cpu"}, "fused-mtl bench").lower()
+
+
 @pytest.mark.parametrize("num_tasks", [1, 5])
 def test_bench_baselines_compute_uncertainty_weighting(num_tasks):
     """The loop and the vectorised expression timed against the fused op compute the same total
-    and gradients as Kendall et al.'s formula (float64)."""
+    and gradients as Kendall et al.'s formula (float64), from K scalars or one (K,) tensor."""
     gen = torch.Generator().manual_seed(num_tasks)
     values, s = torch.rand(num_tasks, generator=gen), torch.randn(num_tasks, generator=gen)
     expected = log_variance(values.double(), s.double())
-    for expression in (per_task_loop, vectorized_eager):
-        losses = [v.clone().requires_grad_() for v in values]
+    for expression, losses_as in itertools.product(
+        (per_task_loop, vectorized_eager), ("scalars", "vector")
+    ):
+        if losses_as == "vector":
+            losses = values.clone().requires_grad_()
+        else:
+            losses = [v.clone().requires_grad_() for v in values]
         log_vars = s.clone().requires_grad_()
         total = expression(losses, log_vars)
         total.backward()
         torch.testing.assert_close(total.double(), expected.total, rtol=1e-6, atol=0)
-        grads = torch.stack([loss.grad for loss in losses]).double()
+        grads = losses.grad if losses_as == "vector" else torch.stack([v.grad for v in losses])
+        grads = grads.double()
         torch.testing.assert_close(grads, expected.grad_losses, rtol=1e-6, atol=0)
         torch.testing.assert_close(
             log_vars.grad.double(), expected.grad_params, rtol=1e-5, atol=1e-6

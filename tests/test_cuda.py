@@ -4,6 +4,7 @@ Run with ``FUSED_MTL_TEST_DEVICE=cuda``; on a machine without CUDA these tests a
 """
 
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -68,6 +69,96 @@ def test_cuda_graph_replay_matches_eager():
         torch.testing.assert_close(
             losses.grad.double().cpu(), expected.grad_losses, rtol=2e-6, atol=0
         )
+
+
+def test_training_step_with_uncertainty_weighting_replays_like_eager():
+    """A whole training step (network, UncertaintyWeighting, backward, Adam) captured in one CUDA
+    graph and replayed on new batches follows the eager step's trajectory."""
+    num_tasks = 3
+    torch.manual_seed(0)
+    graphed = MultiTaskMLP(num_tasks, input_dim=16, output_dim=4, hidden=32).cuda()
+    graphed_uw = UncertaintyWeighting(num_tasks, init_log_var=0.5, backend="triton").cuda()
+    eager, eager_uw = copy.deepcopy(graphed), copy.deepcopy(graphed_uw)
+
+    def adam(model, uw):
+        # capturable=True keeps Adam's step count on the device, as graph capture needs.
+        return torch.optim.Adam([*model.parameters(), *uw.parameters()], lr=1e-2, capturable=True)
+
+    graphed_adam, eager_adam = adam(graphed, graphed_uw), adam(eager, eager_uw)
+
+    def step(model, uw, optimiser, inputs, targets):
+        total = uw((model(inputs) - targets).square().mean(dim=(1, 2)))
+        total.backward()
+        optimiser.step()
+        return total
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+
+    def batch():
+        inputs = torch.randn(32, 16, generator=gen, device="cuda")
+        return inputs, torch.randn(num_tasks, 32, 4, generator=gen, device="cuda")
+
+    static_inputs, static_targets = batch()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: kernels compiled, Adam's state allocated
+        for _ in range(3):
+            graphed_adam.zero_grad(set_to_none=True)
+            step(graphed, graphed_uw, graphed_adam, static_inputs, static_targets)
+    torch.cuda.current_stream().wait_stream(side)
+    for _ in range(3):  # the same three steps, eagerly
+        eager_adam.zero_grad(set_to_none=True)
+        step(eager, eager_uw, eager_adam, static_inputs, static_targets)
+    graphed_adam.zero_grad(set_to_none=True)  # the captured backward writes fresh gradients
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_total = step(graphed, graphed_uw, graphed_adam, static_inputs, static_targets)
+    log_vars_before = eager_uw.log_vars.detach().clone()
+    for _ in range(5):
+        inputs, targets = batch()
+        static_inputs.copy_(inputs)
+        static_targets.copy_(targets)
+        graph.replay()
+        eager_adam.zero_grad(set_to_none=True)
+        eager_total = step(eager, eager_uw, eager_adam, inputs, targets)
+        torch.testing.assert_close(static_total, eager_total, rtol=1e-5, atol=1e-6)
+    for got, expected in zip(
+        [*graphed.parameters(), *graphed_uw.parameters()],
+        [*eager.parameters(), *eager_uw.parameters()],
+        strict=True,
+    ):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(eager_uw.log_vars, log_vars_before)  # the steps did learn
+
+
+@pytest.mark.parametrize(("num_tasks", "dtype"), [(3, torch.float32), (33, torch.bfloat16)])
+def test_gram_of_64m_columns_is_exact_on_integer_gradients(num_tasks, dtype):
+    """P = 2^26 + 7 columns: a 64 M-element weight and a small bias. With 33 rows the weight's
+    row offsets pass 2^31 elements. Entries are -1, 0 or 1, one in eight nonzero, so every
+    product and every partial sum is an integer under 2^24 (about 2^23 on the diagonal): exact in
+    fp32 in any order of summation. The kernels must return the exact Gram, whatever their
+    chunking, and norms within the 2 ulps of an approximate square root."""
+    gen = torch.Generator(device="cuda").manual_seed(num_tasks)
+
+    def sparse_signs(columns):
+        matrix = torch.empty(num_tasks, columns, dtype=dtype, device="cuda")
+        for row in matrix:  # row by row: temporaries of one row, not of the whole matrix
+            codes = torch.randint(
+                0, 16, (columns,), generator=gen, device="cuda", dtype=torch.uint8
+            )
+            row.copy_((codes == 1).to(dtype) - (codes == 0).to(dtype))
+        return matrix
+
+    grads = [sparse_signs(1 << 26), sparse_signs(7)]
+    expected = torch.zeros(num_tasks, num_tasks, dtype=torch.float64, device="cuda")
+    for grad in grads:  # float64 sums of integers: exact
+        for block in grad.split(1 << 22, dim=1):
+            block = block.double()
+            expected += block @ block.T
+    assert expected.diagonal().max() < 2**24
+    assert torch.equal(task_gram(grads, backend="triton").double(), expected)
+    norms = task_grad_norms(grads, backend="triton").double()
+    torch.testing.assert_close(norms, expected.diagonal().sqrt(), rtol=2.0**-22, atol=0)
 
 
 def test_gradnorm_step_has_no_host_synchronisation_after_the_first():

@@ -1,0 +1,47 @@
+"""benchmarks/gpu_validation.py, the one-call GPU validation, run on a CPU with small cases: the
+stages' commands run, their files land in the output folder and the summary records them."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_validation.py"
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600
+    )
+
+
+def test_bench_and_profile_stages_write_their_files_and_the_summary(tmp_path):
+    done = run_script(
+        str(tmp_path), "--device", "cpu", "--quick", "--stages", "bench,profile", "--revision", "r1"
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    names = sorted(path.name for path in tmp_path.iterdir())
+    expected = ["bench.json", "bench.log", "bench.md", "profile.txt", "summary.md"]
+    assert names == [f"cpu-{name}" for name in expected]
+    assert len(names) <= 8  # what one device call can bring back
+    summary = (tmp_path / "cpu-summary.md").read_text()
+    assert "- git revision r1" in summary
+    assert summary.count("exit status 0") == 2 and "## bench (" in summary
+    assert summary.index("## bench (") < summary.index("## profile (")
+    assert (
+        "| uncertainty K=8, (K,) tensor | fused_auto |" in (tmp_path / "cpu-bench.md").read_text()
+    )
+    profile = (tmp_path / "cpu-profile.txt").read_text()
+    assert "### uncertainty K=2: fused_auto" in profile
+    assert "### gram K=16 P=65536: fused_auto" in profile
+
+    again = run_script(str(tmp_path), "--device", "cpu", "--quick", "--stages", "profile")
+    assert again.returncode == 0, again.stdout + again.stderr
+    summary = (tmp_path / "cpu-summary.md").read_text()
+    assert summary.count("# GPU validation") == 1 and summary.count("## profile (") == 2
+
+
+def test_unknown_stage_is_an_error(tmp_path):
+    done = run_script(str(tmp_path), "--stages", "tests,benchmark")
+    assert done.returncode == 2
+    assert "unknown stages ['benchmark']" in done.stderr
+    assert not any(tmp_path.iterdir())
