@@ -151,7 +151,7 @@ def _stage_commands(
             # --clock-control none: measure the card at the clocks it runs at, never set them.
             ncu = ["ncu", "--clock-control", "none", "--metrics", ",".join(NCU_METRICS)]
             ncu += ["--kernel-name", "regex:_task_gram|_reduce_partials|_uncertainty"]
-            ncu += ["--launch-count", "12"]
+            ncu += ["--launch-count", "40"]  # every launch of the four cases below
             commands.append(
                 ([*ncu, python, __file__, "--ncu-worker", "--device", args.device], log)
             )
