@@ -37,15 +37,20 @@ import triton
 import triton.language as tl
 from fused_mtl.kernels._launch import on_device_of
 
-# Gram tiles are BLOCK_K x BLOCK_K. tl.dot needs every dimension >= 16; above 64 rows the
-# accumulator (64 x 64 fp32 = 32 registers per thread at 4 warps) leaves too few registers for the
-# loaded block, so larger K is tiled over the grid's second and third axes.
+# Gram tiles are BLOCK_K x BLOCK_K. tl.dot needs every dimension >= 16, so K < 16 tasks are folded
+# into a 16-row tile (see the kernel): 16 multiply-adds per element read for every K <= 16,
+# where a 16-row tile with K = 2 real rows would spend 128. At the copy bandwidth of an H100
+# (about 3 TB/s, 0.75 G fp32 elements per ms) that is 24 TFLOP/s of fp32 FMA instead of 190,
+# over the ~67 TFLOP/s the chip has. Above 64 rows the accumulator (64 x 64 fp32 = 32 registers
+# per thread at 4 warps) leaves too few registers for the loaded block, so larger K is tiled over
+# the grid's second and third axes.
 _MIN_GRAM_ROWS = 16
 _MAX_GRAM_ROWS = 64
 # Norms need no tl.dot: a tile of up to 32 rows, each row a plain sum of squares.
 _MAX_NORM_ROWS = 32
 # Each loaded block holds 4096 values (16 fp32 registers per thread at 8 warps): wide enough for
-# 16-byte vector loads along P, small enough to leave registers for the accumulator.
+# 16-byte vector loads along P, small enough to leave registers for the accumulator (the norms'
+# elementwise accumulator is as large again).
 _BLOCK_ELEMENTS = 4096
 # Programs per SM for the first pass: enough resident warps to cover memory latency.
 _PROGRAMS_PER_SM = 4
@@ -63,21 +68,36 @@ def _task_gram_partials_kernel(
     first_chunks,  # tuple: index of the first chunk (program along axis 0) of each matrix
     partials_ptr,  # (num_chunks, K, K) or (num_chunks, K) fp32 output, contiguous
     num_tasks,  # K
-    chunk_width,  # columns per chunk (a multiple of BLOCK_P)
+    chunk_width,  # columns per chunk (a multiple of BLOCK_P * FOLD)
     NUM_TENSORS: tl.constexpr,
     DIAGONAL: tl.constexpr,  # True: squared norms only; False: the full Gram tile
-    SINGLE_TILE: tl.constexpr,  # K <= BLOCK_K: the row and column tiles are the same rows
-    BLOCK_K: tl.constexpr,  # task rows per tile
-    BLOCK_P: tl.constexpr,  # columns per loaded block
+    SINGLE_TILE: tl.constexpr,  # K <= BLOCK_K // FOLD: the row and column tiles are the same rows
+    BLOCK_K: tl.constexpr,  # rows of a loaded tile
+    BLOCK_P: tl.constexpr,  # columns of a loaded tile
+    FOLD: tl.constexpr,  # tile rows per task (see below); 1 unless a small-K Gram
 ):
-    """One program: the partial Gram tile (or squared norms) of one chunk of one matrix."""
+    """One program: the partial Gram tile (or squared norms) of one chunk of one matrix.
+
+    ``tl.dot`` needs at least 16 rows. A Gram of K < 16 tasks would waste most of a 16-row tile
+    on masked rows (at K = 2, 128 multiply-adds per element read instead of 16), so the tile is
+    folded: each task takes FOLD = 16 / K' consecutive rows (K' = K rounded up to a power of
+    two), each row a different run of BLOCK_P columns. The 16 x 16 product then holds, for each
+    pair of tasks, FOLD x FOLD blocks of partial dot products, of which the FOLD matching ones
+    (the same columns) are summed once at the end.
+    """
     chunk = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    cols = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+    tasks_per_tile: tl.constexpr = BLOCK_K // FOLD
+    tile_rows = tl.arange(0, BLOCK_K)
+    rows = tl.program_id(1) * tasks_per_tile + tile_rows // FOLD  # the task of each tile row
+    cols = tl.program_id(2) * tasks_per_tile + tile_rows // FOLD
+    run_starts = (tile_rows % FOLD) * BLOCK_P  # where each tile row's run of columns begins
     row_mask = rows < num_tasks
     col_mask = cols < num_tasks
     if DIAGONAL:
-        acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        # Squares are summed elementwise in the loop and across columns once after it: a sum over
+        # axis 1 inside the loop would put a cross-warp reduction (shared memory and a barrier)
+        # between consecutive loads.
+        acc = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_K, BLOCK_K), dtype=tl.float32)
     # Chunks are numbered matrix after matrix; the static loop finds the one this chunk is in.
@@ -89,34 +109,48 @@ def _task_gram_partials_kernel(
             # int64 row offsets: K rows of a 64 M-column matrix pass 2^31 elements.
             row_offsets = rows.to(tl.int64)[:, None] * row_strides[t]
             col_offsets = cols.to(tl.int64)[:, None] * row_strides[t]
-            for block_start in range(start, end, BLOCK_P):
-                offsets = block_start + tl.arange(0, BLOCK_P)
-                in_chunk = offsets[None, :] < end
+            for block_start in range(start, end, BLOCK_P * FOLD):
+                # Column of each tile element: its row's run, then BLOCK_P consecutive columns.
+                offsets = block_start + run_starts[:, None] + tl.arange(0, BLOCK_P)[None, :]
+                in_chunk = offsets < end
                 block = tl.load(
-                    grads[t] + row_offsets + offsets[None, :],
+                    grads[t] + row_offsets + offsets,
                     mask=row_mask[:, None] & in_chunk,
                     other=0.0,
                 ).to(tl.float32)
                 if DIAGONAL:
-                    acc += tl.sum(block * block, axis=1)
+                    acc += block * block
                 else:
                     if SINGLE_TILE:
                         other_block = block
                     else:
                         other_block = tl.load(
-                            grads[t] + col_offsets + offsets[None, :],
+                            grads[t] + col_offsets + offsets,
                             mask=col_mask[:, None] & in_chunk,
                             other=0.0,
                         ).to(tl.float32)
                     acc += tl.dot(block, tl.trans(other_block), input_precision="ieee")
     if DIAGONAL:
-        tl.store(partials_ptr + chunk * num_tasks + rows, acc, mask=row_mask)
+        tl.store(partials_ptr + chunk * num_tasks + rows, tl.sum(acc, axis=1), mask=row_mask)
     else:
-        tile_offsets = rows[:, None] * num_tasks + cols[None, :]
+        tasks = tl.arange(0, tasks_per_tile)
+        out_rows = tl.program_id(1) * tasks_per_tile + tasks
+        out_cols = tl.program_id(2) * tasks_per_tile + tasks
+        if FOLD > 1:
+            # Keep the products of tile rows that read the same columns, then sum each task
+            # pair's FOLD x FOLD block: (K' FOLD, K' FOLD) -> (K', FOLD, K', FOLD) -> (K', K').
+            same_run = (tile_rows % FOLD)[:, None] == (tile_rows % FOLD)[None, :]
+            kept = tl.reshape(
+                tl.where(same_run, acc, 0.0), (tasks_per_tile, FOLD, tasks_per_tile, FOLD)
+            )
+            tile = tl.sum(tl.sum(kept, axis=3), axis=1)
+        else:
+            tile = acc
+        tile_offsets = out_rows[:, None] * num_tasks + out_cols[None, :]
         tl.store(
             partials_ptr + chunk * num_tasks * num_tasks + tile_offsets,
-            acc,
-            mask=row_mask[:, None] & col_mask[None, :],
+            tile,
+            mask=(out_rows < num_tasks)[:, None] & (out_cols < num_tasks)[None, :],
         )
 
 
@@ -157,11 +191,16 @@ def _target_programs(device: torch.device) -> int:
     return _PROGRAMS_PER_SM * sm_count
 
 
-def _tile_rows(num_tasks: int, diagonal: bool) -> int:
+def _tile_shape(num_tasks: int, diagonal: bool) -> tuple[int, int, int]:
+    """``(BLOCK_K, BLOCK_P, FOLD)``: tile rows, tile columns and tile rows per task."""
     rows = triton.next_power_of_2(num_tasks)
     if diagonal:
-        return min(rows, _MAX_NORM_ROWS)
-    return max(_MIN_GRAM_ROWS, min(rows, _MAX_GRAM_ROWS))
+        block_k, fold = min(rows, _MAX_NORM_ROWS), 1
+    elif rows < _MIN_GRAM_ROWS:
+        block_k, fold = _MIN_GRAM_ROWS, _MIN_GRAM_ROWS // rows
+    else:
+        block_k, fold = min(rows, _MAX_GRAM_ROWS), 1
+    return block_k, max(16, _BLOCK_ELEMENTS // block_k), fold
 
 
 def task_gram_or_norms(matrices: list[torch.Tensor], diagonal: bool) -> torch.Tensor:
@@ -171,14 +210,15 @@ def task_gram_or_norms(matrices: list[torch.Tensor], diagonal: bool) -> torch.Te
     """
     num_tasks = matrices[0].shape[0]
     device = matrices[0].device
-    block_k = _tile_rows(num_tasks, diagonal)
-    block_p = max(16, _BLOCK_ELEMENTS // block_k)
-    row_tiles = triton.cdiv(num_tasks, block_k)
+    block_k, block_p, fold = _tile_shape(num_tasks, diagonal)
+    row_tiles = triton.cdiv(num_tasks, block_k // fold)
     col_tiles = 1 if diagonal else row_tiles
     total_width = sum(matrix.shape[1] for matrix in matrices)
-    # Chunk width from the shapes: about _target_programs programs in all, whole blocks each.
+    # Chunk width from the shapes: about _target_programs programs in all, whole steps of the
+    # column loop (a folded tile covers block_p * fold columns of each task) each.
+    step = block_p * fold
     chunks_wanted = max(1, _target_programs(device) // (row_tiles * col_tiles))
-    chunk_width = block_p * max(1, triton.cdiv(total_width, chunks_wanted * block_p))
+    chunk_width = step * max(1, triton.cdiv(total_width, chunks_wanted * step))
     first_chunks, num_chunks = [], 0
     for matrix in matrices:
         first_chunks.append(num_chunks)
@@ -200,6 +240,7 @@ def task_gram_or_norms(matrices: list[torch.Tensor], diagonal: bool) -> torch.Te
             SINGLE_TILE=row_tiles == 1,
             BLOCK_K=block_k,
             BLOCK_P=block_p,
+            FOLD=fold,
             num_warps=8 if block_k * block_p >= _BLOCK_ELEMENTS else 4,
         )
         _reduce_partials_kernel[(triton.cdiv(out.numel(), _REDUCE_BLOCK),)](

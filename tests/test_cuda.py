@@ -131,7 +131,9 @@ def test_training_step_with_uncertainty_weighting_replays_like_eager():
     assert not torch.allclose(eager_uw.log_vars, log_vars_before)  # the steps did learn
 
 
-@pytest.mark.parametrize(("num_tasks", "dtype"), [(3, torch.float32), (33, torch.bfloat16)])
+@pytest.mark.parametrize(
+    ("num_tasks", "dtype"), [(3, torch.float32), (8, torch.float16), (33, torch.bfloat16)]
+)
 def test_gram_of_64m_columns_is_exact_on_integer_gradients(num_tasks, dtype):
     """P = 2^26 + 7 columns: a 64 M-element weight and a small bias. With 33 rows the weight's
     row offsets pass 2^31 elements. Entries are -1, 0 or 1, one in eight nonzero, so every
