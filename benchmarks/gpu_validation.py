@@ -39,6 +39,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -67,7 +68,13 @@ def _run(command: list[str], log: Path, env: dict[str, str], timeout: float) -> 
     print("$", shlex.join(command), flush=True)
     with log.open("a") as sink:
         process = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            command,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,  # its own process group: a timeout ends its workers too
         )
 
         def copy_output() -> None:
@@ -80,11 +87,21 @@ def _run(command: list[str], log: Path, env: dict[str, str], timeout: float) -> 
         try:
             status = process.wait(timeout=max(1.0, timeout))
         except subprocess.TimeoutExpired:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             status = 124
         reader.join(timeout=10)
         return status
+
+
+def _git_revision() -> str:
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        )
+    except OSError:  # no git on the machine
+        return "unknown"
+    return done.stdout.strip() or "unknown"
 
 
 def _machine() -> list[str]:
@@ -262,13 +279,7 @@ def main() -> int:
     env.pop("TRITON_INTERPRET", None)  # compiled kernels on the GPU, not the interpreter
     env.pop("FUSED_MTL_BACKEND", None)
     env["FUSED_MTL_TEST_DEVICE"] = env["FUSED_MTL_BENCH_DEVICE"] = args.device
-    revision = (
-        args.revision
-        or subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip()
-    )
-    env["FUSED_MTL_GIT_REVISION"] = revision or "unknown"
+    env["FUSED_MTL_GIT_REVISION"] = args.revision or _git_revision()
     _ensure_installed(env)
     import torch
     import triton

@@ -1,8 +1,11 @@
 """benchmarks/gpu_validation.py, the one-call GPU validation, run on a CPU with small cases: the
 stages' commands run, their files land in the output folder and the summary records them."""
 
+import importlib.util
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_validation.py"
@@ -45,3 +48,21 @@ def test_unknown_stage_is_an_error(tmp_path):
     assert done.returncode == 2
     assert "unknown stages ['benchmark']" in done.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_a_stage_past_its_time_is_killed_with_its_children(tmp_path):
+    spec = importlib.util.spec_from_file_location("gpu_validation", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    # A parent that prints, then waits on a child that sleeps: both must be gone after the limit.
+    command = [
+        sys.executable,
+        "-c",
+        "import subprocess, sys; print('started', flush=True); "
+        "subprocess.run([sys.executable, '-c', 'import time; time.sleep(60)'])",
+    ]
+    log = tmp_path / "stage.log"
+    started = time.monotonic()
+    assert script._run(command, log, dict(os.environ), timeout=2) == 124
+    assert time.monotonic() - started < 8  # the sleeping child held the pipe open: it is gone too
+    assert log.read_text() == "started\n"
