@@ -55,6 +55,7 @@ __all__ = [
     "Case",
     "Unavailable",
     "copy_case",
+    "copy_group",
     "default_device",
     "environment",
     "gradient_step_case",
@@ -77,6 +78,7 @@ UNCERTAINTY_IMPLEMENTATIONS = (
 )
 # K scalar tensors (one loss per head) or one (K,) tensor (losses computed together).
 UNCERTAINTY_INPUTS = ("scalars", "vector")
+LAUNCH_FLOOR = "launch floor"
 LAUNCH_FLOOR_IMPLEMENTATIONS = ("empty_triton_kernel", "empty_triton_kernel_graph")
 # torch.compile traces the loop term by term: on 2 CPU cores, with a cold compile cache, compiling
 # it took 4 s at K = 2, 7 s at K = 64 and 65 s at K = 512, growing faster than K, so K = 4096 is
@@ -277,7 +279,7 @@ def _graphed(work: Callable[[], None]) -> Callable[[], None]:
 def launch_floor_case(implementation: str, device: str) -> Case:
     """One launch of an empty Triton kernel, eager (``empty_triton_kernel``) or replayed from a
     CUDA graph (``empty_triton_kernel_graph``): the floor under any one-launch op."""
-    group = "launch floor"
+    group = LAUNCH_FLOOR
     check_device(device, group, implementation)
     if implementation not in LAUNCH_FLOOR_IMPLEMENTATIONS:
         raise ValueError(f"unknown implementation {implementation!r}")
@@ -343,10 +345,15 @@ def gram_case(op: str, implementation: str, num_tasks: int, width: int, device: 
     return _warmed(Case(group, implementation, step, baseline, bytes_moved=bytes_moved))
 
 
+def copy_group(num_tasks: int, width: int) -> str:
+    """The group of the copy that the norms / Gram of a ``(K, P)`` matrix are compared with."""
+    return f"copy K={num_tasks} P={width}"
+
+
 def copy_case(num_tasks: int, width: int, device: str) -> Case:
     """A copy of the same ``(K, P)`` matrix into another buffer: the bandwidth that a kernel
     which reads every element once can hope for (bytes read plus bytes written)."""
-    group = f"copy K={num_tasks} P={width}"
+    group = copy_group(num_tasks, width)
     check_device(device, group, "copy")
     source = _gradient_matrix(num_tasks, width, device)
     target = torch.empty_like(source)

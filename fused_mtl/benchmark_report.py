@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.utils.benchmark import Timer
 
-from fused_mtl.benchmark_cases import Case
+from fused_mtl.benchmark_cases import LAUNCH_FLOOR, LAUNCH_FLOOR_IMPLEMENTATIONS, Case, copy_group
 
 __all__ = [
     "COLUMNS",
@@ -210,10 +210,11 @@ def target_checks(results: Sequence[Result], device: str) -> list[TargetCheck]:
         return TargetCheck(target, f"{ratio:.2f}×", None if wanted is None else ratio >= wanted)
 
     checks: list[TargetCheck] = []
-    floor = median("launch floor", "empty_triton_kernel_graph")
+    floor = median(LAUNCH_FLOOR, LAUNCH_FLOOR_IMPLEMENTATIONS[1])  # the graph replay
     for group in dict.fromkeys(r.group for r in results):
         num_tasks, width = _size(group, "K"), _size(group, "P")
-        fused = median(group, "fused_auto")
+        fused_result = ran.get((group, "fused_auto"))
+        fused = fused_result.median_s if fused_result else None
         if group.startswith("uncertainty") and fused:
             loop, compiled = median(group, "per_task_loop"), median(group, "compiled_loop")
             wanted = UNCERTAINTY_SPEEDUP_TARGETS.get(num_tasks)
@@ -236,11 +237,11 @@ def target_checks(results: Sequence[Result], device: str) -> list[TargetCheck]:
                     )
                 )
         elif group.startswith(("norms", "gram")) and fused and width >= BANDWIDTH_TARGET_MIN_WIDTH:
-            baseline = median(group, ran[(group, "fused_auto")].baseline)
-            copy = ran.get((f"copy K={num_tasks} P={width}", "copy"))
-            if copy and copy.bytes_moved:
+            baseline = median(group, fused_result.baseline)
+            copy = ran.get((copy_group(num_tasks, width), "copy"))
+            if copy and copy.bytes_moved and fused_result.bytes_moved:
                 copy_rate = copy.bytes_moved / copy.median_s
-                rate = ran[(group, "fused_auto")].bytes_moved / fused
+                rate = fused_result.bytes_moved / fused
                 checks.append(
                     TargetCheck(
                         f"{group}: fused ≥ {COPY_BANDWIDTH_FRACTION:.0%} of copy bandwidth",
