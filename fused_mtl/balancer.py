@@ -3,22 +3,29 @@
 A training loop that balances its task losses differs from plain training by one line::
 
     optimizer.zero_grad()
-    total = balancer.backward(losses)   # instead of sum(losses).backward()
+    total = balancer(losses)            # instead of total = sum(losses)
+    total.backward()                    # or scaler.scale(total).backward(), or the engine's
     optimizer.step()
 
-``backward`` accepts the task losses in every calling convention of ``fused_mtl._losses``
-(varargs, a list, a ``(K,)`` tensor, a dict by task name), accumulates into ``.grad`` every
-gradient that ``loss.backward()`` on the balanced total would (the model's parameters, and the
-balancer's own parameters by the method's rule), and returns the balanced total, detached, for
-logging. ``balancer.weights`` is the current weight of each task, shape ``(K,)``.
+``balancer(losses)`` accepts the task losses in every calling convention of
+``fused_mtl._losses`` (varargs, a list, a ``(K,)`` tensor, a dict by task name) and returns the
+balanced total. Whatever runs its backward (plain code, a ``GradScaler``, Lightning, DDP, FSDP2)
+puts into ``.grad`` the balanced gradient of the model's parameters and, for the balancer's own
+parameters, the method's rule. ``balancer.backward(losses)`` is the one-line form: the call and
+its backward, returning the total detached. ``balancer.weights`` is the current weight of each
+task, shape ``(K,)``.
 
 Switching method is a one-line change of the constructor. Two kinds of method share the rest:
 
 - ``LossWeighting``: the weights depend only on loss values or reported metrics (equal
-  weighting, DWA, DTP). The module is also callable, ``total = balancer(losses)``, for loops that
-  call ``total.backward()`` themselves.
+  weighting, DWA, DTP).
 - ``GradientBalancer``: the weights depend on the per-task gradients of shared parameters
-  (GradNorm, MGDA), which only ``backward`` can compute.
+  (GradNorm, MGDA). The call computes them (one batched backward pass, or one per task) before it
+  returns the total; the total's own backward is then the usual one.
+
+Under ``torch.distributed`` every method balances with the global numbers (the losses and the
+per-task gradients of the whole batch, over all ranks) and gives bit-for-bit the same weights on
+every rank; see ``fused_mtl._distributed`` and ``docs/distributed.md``.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from fused_mtl._backend import Backend, check_backend, requested_backend
+from fused_mtl._distributed import ProcessGroup, TaskSync, is_sharded, unsharded_parameters
+from fused_mtl._gram_op import task_gram_or_norms
 from fused_mtl._losses import Reduction, check_losses, check_reduction, resolve_tasks
 from fused_mtl._task_gradients import SharedParameters, TaskGradients, shared_parameters
 
@@ -40,21 +49,33 @@ LossArgs = Tensor | Sequence[Tensor] | dict[str, Tensor]
 class Balancer(nn.Module):
     """Base class of the balancing methods: task bookkeeping and the backend choice.
 
-    Subclasses implement ``forward(*losses)`` (the balanced total) or override ``backward``,
-    and provide ``weights`` (a property, a buffer, or the parameter itself when the method learns
-    its weights directly, as GradNorm does).
+    Subclasses implement ``forward(*losses)`` (the balanced total) and provide ``weights`` (a
+    property, a buffer, or the parameter itself when the method learns its weights directly, as
+    GradNorm does). ``sync`` and ``process_group`` choose what is communicated under
+    ``torch.distributed`` (see ``TaskSync``).
     """
 
     weights: Tensor
 
     def __init__(
-        self, num_tasks: int | None, tasks: Sequence[str] | None, backend: Backend
+        self,
+        num_tasks: int | None,
+        tasks: Sequence[str] | None,
+        backend: Backend,
+        sync: bool = True,
+        process_group: ProcessGroup | None = None,
     ) -> None:
         super().__init__()
         self.num_tasks, self.tasks = resolve_tasks(num_tasks, tasks)
         self.backend = check_backend(backend)
         # FUSED_MTL_BACKEND is applied here, once: see requested_backend.
         self._requested_backend = requested_backend(self.backend)
+        owner = f"{type(self).__name__}(num_tasks={self.num_tasks}, tasks={self.tasks})"
+        self._sync = TaskSync(owner, sync, process_group)
+
+    def _syncing(self) -> bool:
+        """Whether a training call communicates (distributed, more than one rank, sync on)."""
+        return self.training and torch.is_grad_enabled() and self._sync.active()
 
     def backward(self, *losses: LossArgs) -> Tensor:
         """``total = self(*losses)``, then ``total.backward()``; returns the total, detached."""
@@ -88,8 +109,10 @@ class LossWeighting(Balancer):
         tasks: Sequence[str] | None,
         reduction: Reduction,
         backend: Backend,
+        sync: bool = True,
+        process_group: ProcessGroup | None = None,
     ) -> None:
-        super().__init__(num_tasks, tasks, backend)
+        super().__init__(num_tasks, tasks, backend, sync, process_group)
         self.reduction = check_reduction(reduction)
 
     def _device(self) -> torch.device:
@@ -120,6 +143,12 @@ class GradientBalancer(Balancer):
 
     Holds the shared parameters (referenced, not registered: they are the model's) and the
     ``TaskGradients`` that computes their per-task gradients; see ``gradient_mode``.
+
+    Calling the module in training mode with grad enabled computes the per-task gradients (one
+    extra batched backward pass, or K, over the part of the graph that reaches the shared
+    parameters; a plain sum has none), updates the weights and returns the balanced total; its
+    backward is the ordinary one. In eval mode or under ``torch.no_grad()`` the call returns
+    ``sum_i w_i L_i`` with the current weights and changes nothing.
     """
 
     def __init__(
@@ -129,10 +158,14 @@ class GradientBalancer(Balancer):
         tasks: Sequence[str] | None,
         backend: Backend,
         per_task_gradients: str,
+        sync: bool = True,
+        process_group: ProcessGroup | None = None,
     ) -> None:
-        super().__init__(num_tasks, tasks, backend)
+        super().__init__(num_tasks, tasks, backend, sync, process_group)
         parameters, names = shared_parameters(shared) if shared is not None else ([], [])
         self._shared = parameters
+        # FSDP2 shards parameters into DTensors: their gradients are taken on the unsharded copy.
+        self._sharded = any(is_sharded(parameter) for parameter in parameters)
         self._task_gradients = TaskGradients(parameters, names, per_task_gradients)
 
     @property
@@ -142,14 +175,18 @@ class GradientBalancer(Balancer):
 
     @property
     def gradient_mode_reason(self) -> str:
+        """Why ``gradient_mode`` was chosen (the batched backward's failure, for example)."""
         return self._task_gradients.reason
 
-    def forward(self, *losses: LossArgs) -> Tensor:
-        name = type(self).__name__
-        raise TypeError(
-            f"{name} needs the per-task gradients of the shared parameters: call "
-            f"{name.lower()}.backward(losses) instead of {name.lower()}(losses)"
+    def _reported_total(self, losses: tuple[object, ...], device: torch.device) -> Tensor | None:
+        """``sum_i w_i L_i`` with the current weights when the call only reports (eval mode or
+        grad disabled); ``None`` when it balances."""
+        if self.training and torch.is_grad_enabled():
+            return None
+        stacked, _ = check_losses(
+            losses, num_tasks=self.num_tasks, names=self.tasks, reduction=None, device=device
         )
+        return weighted_sum(self.weights.detach(), stacked)
 
     def _graph_losses(
         self, losses: tuple[object, ...], device: torch.device
@@ -160,7 +197,44 @@ class GradientBalancer(Balancer):
         )
         if not stacked.requires_grad:
             raise ValueError(
-                f"{type(self).__name__}.backward: no task loss requires grad; compute the losses "
+                f"{type(self).__name__}: no task loss requires grad; compute the losses "
                 "from the model's outputs (not under torch.no_grad() and not detached)"
             )
         return stacked, separate
+
+    def _task_gram(
+        self,
+        gradients: TaskGradients,
+        losses: Tensor,
+        separate: list[Tensor] | None,
+        diagonal: bool,
+        features: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """The Gram matrix ``(K, K)`` (``diagonal``: the norms ``(K,)``) of the per-task
+        gradients, and the detached losses: over all ranks when syncing, else this process's.
+
+        ``features``: a tensor to differentiate instead of the shared parameters (MGDA-UB),
+        whose rows are this rank's own samples.
+        """
+        choosing = gradients.mode is None
+        if features is not None:
+            inputs: list[Tensor] | None = [features]
+        else:
+            inputs = unsharded_parameters(self._shared) if self._sharded else None
+        task_grads = gradients(losses, self.tasks, separate, inputs)
+        if not self._syncing():
+            gram = task_gram_or_norms(task_grads, diagonal, self._requested_backend)
+            return gram, losses.detach()
+        if choosing:
+            self._agree_on_mode(gradients, losses.device)
+        if features is not None:
+            local = task_gram_or_norms(task_grads, diagonal, self._requested_backend)
+            return self._sync.gram_of_samples(local, losses)
+        return self._sync.gram(task_grads, losses, diagonal, self._requested_backend)
+
+    def _agree_on_mode(self, gradients: TaskGradients, device: torch.device) -> None:
+        """Every rank keeps the batched backward only if every rank could (one all_reduce)."""
+        batched = torch.tensor(float(gradients.mode == "batched"), device=device)
+        if float(self._sync.mean(batched)) < 1 and gradients.mode == "batched":
+            gradients.mode = "loop"
+            gradients.reason = "another rank could not use the batched backward"

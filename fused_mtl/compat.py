@@ -10,7 +10,9 @@ and nothing else changes:
   ``torch.rand``, called as ``multi_loss([l1, l2])``; ``sum_i L_i / eta_i^2 + log(eta_i)``.
 
 Differences, all on the safe side: non-scalar losses raise instead of broadcasting into a
-non-scalar "total", and losses must be tensors on the parameters' device. ``MultiNoiseLoss`` is
+non-scalar "total", and losses must be tensors on the parameters' device. Under
+``torch.distributed`` the parameter's gradient is averaged over the ranks, as for
+``UncertaintyWeighting`` (``sync=False`` turns that off). ``MultiNoiseLoss`` is
 created on the default device: unlike the usual snippet, it does not move itself to CUDA at
 construction; call ``.to(device)`` like for any module. Its ``noise_params`` is a registered
 ``nn.Parameter``, so it also appears in ``parameters()`` and ``state_dict()``.
@@ -22,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from fused_mtl._backend import Backend
+from fused_mtl._distributed import ProcessGroup
 from fused_mtl.reference import Parametrization
 from fused_mtl.uncertainty import UncertaintyModule
 
@@ -42,8 +45,15 @@ class AutomaticWeightedLoss(UncertaintyModule):
     params: nn.Parameter
     _parametrization = Parametrization.LIEBEL_KOERNER
 
-    def __init__(self, num: int = 2, *, backend: Backend = "auto") -> None:
-        super().__init__(num, None, None, False, backend)
+    def __init__(
+        self,
+        num: int = 2,
+        *,
+        backend: Backend = "auto",
+        sync: bool = True,
+        process_group: ProcessGroup | None = None,
+    ) -> None:
+        super().__init__(num, None, None, False, backend, sync, process_group)
         self.params = nn.Parameter(torch.ones(num))
 
     def _task_parameter(self) -> Tensor:
@@ -65,8 +75,15 @@ class MultiNoiseLoss(UncertaintyModule):
     noise_params: nn.Parameter
     _parametrization = Parametrization.DYNAMIC_NOISE
 
-    def __init__(self, n_losses: int, *, backend: Backend = "auto") -> None:
-        super().__init__(n_losses, None, None, False, backend)
+    def __init__(
+        self,
+        n_losses: int,
+        *,
+        backend: Backend = "auto",
+        sync: bool = True,
+        process_group: ProcessGroup | None = None,
+    ) -> None:
+        super().__init__(n_losses, None, None, False, backend, sync, process_group)
         self.noise_params = nn.Parameter(torch.rand(n_losses))
 
     def _task_parameter(self) -> Tensor:

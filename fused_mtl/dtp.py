@@ -11,6 +11,7 @@ from torch import Tensor
 
 from fused_mtl import reference
 from fused_mtl._backend import Backend
+from fused_mtl._distributed import ProcessGroup
 from fused_mtl._losses import Reduction, check_names, task_label
 from fused_mtl.balancer import LossWeighting
 
@@ -35,6 +36,11 @@ class DTP(LossWeighting):
     KPI of 0 gives a weight of 13.8 instead of infinity. A task at KPI 1 gets weight 0. Before
     the first report every weight is 1.
 
+    Under ``torch.distributed``, call ``update_kpis`` on every rank: the reported KPIs are
+    averaged over the ranks (the KPI of the whole validation set when each rank reports a mean
+    over an equal share of it; an already global KPI is unchanged), and every rank gets the same
+    weights.
+
     ``update_kpis`` reads the K values on the host (a synchronisation when they are on a GPU) to
     check that each lies in [0, 1]; the weighted total itself does not synchronise.
     The moving average and the weights are buffers, the number of reports is extra state:
@@ -51,6 +57,10 @@ class DTP(LossWeighting):
         reduction: ``None`` requires scalar losses; ``"mean"`` / ``"sum"`` reduce each loss.
         backend: accepted so that every method is constructed alike; DTP's arithmetic is a few
             operations on K numbers and has no kernel.
+        sync: under ``torch.distributed``, ``update_kpis`` averages the reported KPIs over the
+            ranks (one ``all_gather`` of K numbers per rank), so every rank has the same
+            weights; report on every rank (``False``: each rank keeps its own).
+        process_group: the group to sync over (``None``: the default group).
 
     Example:
         >>> import torch
@@ -76,8 +86,10 @@ class DTP(LossWeighting):
         decay: float = 0.9,
         reduction: Reduction = None,
         backend: Backend = "auto",
+        sync: bool = True,
+        process_group: ProcessGroup | None = None,
     ) -> None:
-        super().__init__(num_tasks, tasks, reduction, backend)
+        super().__init__(num_tasks, tasks, reduction, backend, sync, process_group)
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
             raise ValueError(f"decay must be a number in [0, 1), got {decay!r}")
         self.decay = float(decay)
@@ -141,12 +153,18 @@ class DTP(LossWeighting):
         values = self._per_task_numbers(
             kpis[0] if len(kpis) == 1 else list(kpis), "KPI", broadcast=False
         )
-        for index, value in enumerate(values):
-            if not 0 <= value <= 1:
-                raise ValueError(
-                    f"task {task_label(index, self.tasks)}: KPI is {value}; DTP needs a key "
-                    "performance indicator in [0, 1] (accuracy, IoU, ...)"
-                )
+        if self._sync.active():
+            # Every rank's KPIs, checked and averaged alike on every rank: a bad value is an
+            # error everywhere (no rank is left waiting in a collective) and the average is
+            # bit-identical.
+            reported = self._sync.gather(
+                torch.tensor(values, dtype=torch.float64, device=self._device())
+            )
+            for rank, rank_values in enumerate(reported.tolist()):
+                self._check_kpis(rank_values, f"rank {rank}: ")
+            values = reported.mean(dim=0).tolist()
+        else:
+            self._check_kpis(values, "")
         current = torch.tensor(values, dtype=self.kpi_average.dtype, device=self._device())
         if self.kpi_updates > 0:
             current = self.decay * self.kpi_average + (1 - self.decay) * current
@@ -155,6 +173,14 @@ class DTP(LossWeighting):
         self.kpi_average = current
         self.weights = reference.dtp_weights(current, self.gamma, KPI_FLOOR)
         self.kpi_updates += 1
+
+    def _check_kpis(self, values: Sequence[float], where: str) -> None:
+        for index, value in enumerate(values):
+            if not 0 <= value <= 1:
+                raise ValueError(
+                    f"{where}task {task_label(index, self.tasks)}: KPI is {value}; DTP needs a "
+                    "key performance indicator in [0, 1] (accuracy, IoU, ...)"
+                )
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"kpi_updates": self.kpi_updates}

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from fused_mtl import reference
 from fused_mtl._backend import Backend
+from fused_mtl._distributed import ProcessGroup
 from fused_mtl._losses import Reduction, task_label
 from fused_mtl.balancer import LossWeighting
 
@@ -45,6 +46,10 @@ class DWA(LossWeighting):
         reduction: ``None`` requires scalar losses; ``"mean"`` / ``"sum"`` reduce each loss.
         backend: accepted so that every method is constructed alike; DWA's arithmetic is a few
             operations on K numbers per call and has no kernel.
+        sync: under ``torch.distributed``, average the losses over the ranks at every training
+            call (one ``all_reduce`` of K numbers), so that the period means, and so the
+            weights, are those of the whole batch on every rank (``False``: each rank's own).
+        process_group: the group to sync over (``None``: the default group).
 
     Example:
         >>> import torch
@@ -70,8 +75,10 @@ class DWA(LossWeighting):
         period_steps: int | None = None,
         reduction: Reduction = None,
         backend: Backend = "auto",
+        sync: bool = True,
+        process_group: ProcessGroup | None = None,
     ) -> None:
-        super().__init__(num_tasks, tasks, reduction, backend)
+        super().__init__(num_tasks, tasks, reduction, backend, sync, process_group)
         if (
             isinstance(temperature, bool)
             or not isinstance(temperature, (int, float))
@@ -95,6 +102,10 @@ class DWA(LossWeighting):
         self.periods_finished = 0
 
     def _observe(self, losses: Tensor) -> None:
+        if self._syncing():
+            # Every step, not once a period: DDP broadcasts rank 0's buffers at each forward
+            # when DWA sits inside the wrapped module, which would overwrite local sums.
+            losses = self._sync.mean(losses)
         sums = self.period_loss_sums
         sums += losses.to(sums.dtype)
         self.steps_in_period += 1

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from fused_mtl._backend import Backend
+from fused_mtl._distributed import ProcessGroup
 from fused_mtl._losses import Reduction
 from fused_mtl.balancer import LossWeighting
 
@@ -23,6 +24,8 @@ class EqualWeighting(LossWeighting):
         tasks: task names; enables calling with a dict and names tasks in errors.
         reduction: ``None`` requires scalar losses; ``"mean"`` / ``"sum"`` reduce each loss.
         backend: accepted so that every method is constructed alike; a sum has no kernel.
+        sync, process_group: accepted so that every method is constructed alike; the weights
+            are constant and nothing is communicated.
 
     Example:
         >>> import torch
@@ -43,7 +46,9 @@ class EqualWeighting(LossWeighting):
         tasks: Sequence[str] | None = None,
         reduction: Reduction = None,
         backend: Backend = "auto",
+        sync: bool = True,
+        process_group: ProcessGroup | None = None,
     ) -> None:
-        super().__init__(num_tasks, tasks, reduction, backend)
+        super().__init__(num_tasks, tasks, reduction, backend, sync, process_group)
         # Not state: a checkpoint of equal weighting is empty.
         self.register_buffer("weights", torch.ones(self.num_tasks), persistent=False)

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from fused_mtl import reference
 from fused_mtl._backend import Backend
-from fused_mtl._gram_op import task_gram_or_norms
+from fused_mtl._distributed import ProcessGroup
 from fused_mtl._losses import task_label
 from fused_mtl._task_gradients import SharedParameters
 from fused_mtl.balancer import GradientBalancer, LossArgs
@@ -37,8 +37,16 @@ class GradNorm(GradientBalancer):
     2. computes the per-task gradients of the shared parameters (one batched backward when the
        model allows it; see ``gradient_mode``) and their norms in one fused launch;
     3. records ``initial_losses`` on the first call unless they were given;
-    4. accumulates GradNorm's gradient into ``weights.grad`` and backpropagates
-       ``sum_i w_i L_i`` into the model; returns that total, detached.
+    4. returns ``sum_i w_i L_i`` (weights held constant), whose backward gives the model its
+       gradients and ``weights.grad`` GradNorm's gradient, not a gradient of the total.
+
+    ``total = gradnorm(losses)`` does all this, and any engine may run ``total.backward()``
+    (a ``GradScaler``, Lightning, DDP with GradNorm inside the wrapped module, FSDP2);
+    ``gradnorm.backward(losses)`` is the same call followed by ``total.backward()``. Under
+    ``torch.distributed`` the norms are those of the global per-task gradients and ``L_i(0)``
+    and ``L_i(t)`` the global losses, so every rank learns the same weights (see
+    ``docs/distributed.md``). In eval mode or with grad disabled, the call returns
+    ``sum_i w_i L_i`` and changes nothing.
 
     Everything after the first call runs on the device without a host synchronisation. The first
     call also checks that every task's loss reaches every shared parameter and that the initial
@@ -58,6 +66,9 @@ class GradNorm(GradientBalancer):
             when the model allows it, checked against per-task backward passes on the first
             call, else the loop), ``"batched"`` (raise if it cannot be used) or ``"loop"`` (one
             backward per task; on a CPU often as fast, see ``fused_mtl._task_gradients``).
+        sync: under ``torch.distributed``, balance with the norms and losses over all ranks
+            (``False``: with this rank's own).
+        process_group: the group to sync over (``None``: the default group).
 
     Attributes:
         gradient_mode: ``"batched"`` or ``"loop"`` once chosen (``None`` before the first call);
@@ -72,7 +83,8 @@ class GradNorm(GradientBalancer):
         >>> optimizer = torch.optim.SGD([*trunk.parameters(), *heads.parameters(),
         ...                              *gradnorm.parameters()], lr=0.01)
         >>> out = heads(torch.relu(trunk(torch.randn(16, 4))))
-        >>> total = gradnorm.backward({"a": out[:, 0].square().mean(), "b": out[:, 1].abs().mean()})
+        >>> total = gradnorm({"a": out[:, 0].square().mean(), "b": out[:, 1].abs().mean()})
+        >>> total.backward()
         >>> optimizer.step()
         >>> gradnorm.weights.shape, gradnorm.gradient_mode
         (torch.Size([2]), 'batched')
@@ -91,8 +103,12 @@ class GradNorm(GradientBalancer):
         initial_losses: Sequence[float] | Tensor | None = None,
         backend: Backend = "auto",
         per_task_gradients: str = "auto",
+        sync: bool = True,
+        process_group: ProcessGroup | None = None,
     ) -> None:
-        super().__init__(shared_parameters, num_tasks, tasks, backend, per_task_gradients)
+        super().__init__(
+            shared_parameters, num_tasks, tasks, backend, per_task_gradients, sync, process_group
+        )
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
             raise ValueError(f"alpha must be a number >= 0, got {alpha!r}")
         if not math.isfinite(alpha):
@@ -141,13 +157,19 @@ class GradNorm(GradientBalancer):
         """
         self.weights.copy_(reference.renormalized_weights(self.weights, MIN_WEIGHT))
 
-    def backward(self, *losses: LossArgs) -> Tensor:
-        """One GradNorm step's gradients (see the class docstring); returns the total."""
+    def forward(self, *losses: LossArgs) -> Tensor:
+        """One GradNorm step (see the class docstring); returns ``sum_i w_i L_i``.
+
+        Its backward gives the model the gradients of ``sum_i w_i L_i`` (weights constant) and
+        ``weights.grad`` GradNorm's update, times the upstream gradient (1 for a plain
+        ``total.backward()``, the loss scale under a ``GradScaler``).
+        """
+        reported = self._reported_total(losses, self.weights.device)
+        if reported is not None:
+            return reported
         self.renormalize_()
         stacked, separate = self._graph_losses(losses, self.weights.device)
-        task_grads = self._task_gradients(stacked, self.tasks, separate)
-        grad_norms = task_gram_or_norms(task_grads, True, self._requested_backend)
-        current = stacked.detach()
+        grad_norms, current = self._task_gram(self._task_gradients, stacked, separate, True)
         if not self._initial_recorded:
             self._set_initial_losses(current)
         dtype = torch.promote_types(grad_norms.dtype, self.weights.dtype)
@@ -159,14 +181,13 @@ class GradNorm(GradientBalancer):
             self.initial_losses.to(dtype),
             self.alpha,
         ).to(self.weights.dtype)
-        if self.weights.grad is None:
-            self.weights.grad = weight_grad
-        else:
-            self.weights.grad += weight_grad
         self.grad_norms = grad_norms.detach()
         total = (weights.to(stacked.dtype) * stacked).sum()
-        total.backward()
-        return total.detach()
+        # (w - w) is exactly 0: the value of the total is unchanged, and its backward
+        # accumulates weight_grad (times the upstream gradient) into weights.grad through
+        # autograd, where DDP, FSDP and GradScaler see it like any parameter's gradient.
+        update = ((self.weights - weights) * weight_grad).sum()
+        return total + update.to(total.dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, alpha={self.alpha}"

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from fused_mtl import reference
 from fused_mtl._backend import Backend
-from fused_mtl._gram_op import task_gram_or_norms
+from fused_mtl._distributed import ProcessGroup
 from fused_mtl._losses import task_label
 from fused_mtl._task_gradients import SharedParameters, TaskGradients
 from fused_mtl.balancer import GradientBalancer, LossArgs, weighted_sum
@@ -39,7 +39,14 @@ class MGDA(GradientBalancer):
     ``solver_iterations`` pairwise Frank-Wolfe steps and a polish beyond. Each is a fixed
     sequence of tensor operations on the device, without a host synchronisation.
 
-    **MGDA-UB.** ``backward(losses, features=z)``, with ``z`` the shared representation that
+    ``total = mgda(losses)`` computes the per-task gradients (one extra batched backward pass,
+    or one per task), solves for ``alpha`` and returns :math:`\sum_i \alpha_i L_i`; any engine
+    may run its backward. ``mgda.backward(losses)`` is the call followed by ``total.backward()``.
+    In eval mode or with grad disabled the call returns the total with the last ``alpha``.
+    Under ``torch.distributed`` the Gram matrix is that of the global per-task gradients, so
+    every rank solves the same problem (see ``docs/distributed.md``).
+
+    **MGDA-UB.** ``mgda(losses, features=z)``, with ``z`` the shared representation that
     every task's loss is computed from, takes the gradients with respect to ``z`` instead of the
     shared parameters (Sener & Koltun's upper bound). ``torch.autograd.grad`` then only walks
     the heads, from each loss back to ``z``: the per-task passes skip the shared encoder, and
@@ -58,6 +65,9 @@ class MGDA(GradientBalancer):
         solver_iterations: pairwise Frank-Wolfe steps for K > 10 (see ``SOLVER_ITERATIONS``).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``, for the Gram matrix.
         per_task_gradients: ``"auto"``, ``"batched"`` or ``"loop"``, as for ``GradNorm``.
+        sync: under ``torch.distributed``, solve with the Gram matrix of the per-task gradients
+            over all ranks (``False``: of this rank's own).
+        process_group: the group to sync over (``None``: the default group).
 
     Attributes:
         weights: the ``alpha`` of the last call (uniform before the first).
@@ -69,7 +79,8 @@ class MGDA(GradientBalancer):
         >>> trunk, heads = torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)
         >>> mgda = MGDA(trunk.parameters(), tasks=["a", "b"])
         >>> out = heads(torch.relu(trunk(torch.randn(16, 4))))
-        >>> total = mgda.backward({"a": out[:, 0].square().mean(), "b": out[:, 1].abs().mean()})
+        >>> total = mgda({"a": out[:, 0].square().mean(), "b": out[:, 1].abs().mean()})
+        >>> total.backward()
         >>> float(mgda.weights.sum())
         1.0
     """
@@ -86,8 +97,12 @@ class MGDA(GradientBalancer):
         solver_iterations: int = SOLVER_ITERATIONS,
         backend: Backend = "auto",
         per_task_gradients: str = "auto",
+        sync: bool = True,
+        process_group: ProcessGroup | None = None,
     ) -> None:
-        super().__init__(shared_parameters, num_tasks, tasks, backend, per_task_gradients)
+        super().__init__(
+            shared_parameters, num_tasks, tasks, backend, per_task_gradients, sync, process_group
+        )
         if normalization not in reference.MGDA_NORMALIZATIONS:
             raise ValueError(
                 f"normalization must be one of {reference.MGDA_NORMALIZATIONS}, "
@@ -123,43 +138,50 @@ class MGDA(GradientBalancer):
     def gradient_mode_reason(self) -> str:
         return self._last_gradients.reason
 
-    def backward(self, *losses: LossArgs, features: Tensor | None = None) -> Tensor:
-        """One MGDA step's gradients; ``features=z`` for MGDA-UB. Returns the total, detached."""
+    def forward(self, *losses: LossArgs, features: Tensor | None = None) -> Tensor:
+        """One MGDA step; ``features=z`` for MGDA-UB. Returns ``sum_i alpha_i L_i``."""
+        reported = self._reported_total(losses, self.weights.device)
+        if reported is not None:
+            return reported
         if features is not None:
             device = self._check_features(features)
-            gradients, inputs = self._feature_gradients, [features]
+            gradients = self._feature_gradients
         elif self._shared:
             device = self._shared[0].device
-            gradients, inputs = self._task_gradients, None
+            gradients = self._task_gradients
         else:
             raise ValueError(
-                "MGDA.backward: no shared parameters were given at construction; pass "
-                "features=z (MGDA-UB) or construct MGDA(shared_parameters, ...)"
+                "MGDA: no shared parameters were given at construction; pass features=z "
+                "(MGDA-UB) or construct MGDA(shared_parameters, ...)"
             )
         stacked, separate = self._graph_losses(losses, device)
-        if self.normalization in ("loss", "loss+"):
-            self._check_positive(stacked)
         self._last_gradients = gradients
-        task_grads = gradients(stacked, self.tasks, separate, inputs)
-        gram = task_gram_or_norms(task_grads, False, self._requested_backend)
-        scales = reference.gradient_scales(gram, stacked.detach(), self.normalization)
+        gram, current = self._task_gram(gradients, stacked, separate, False, features)
+        if self.normalization in ("loss", "loss+"):
+            self._check_positive(current)
+        scales = reference.gradient_scales(gram, current, self.normalization)
         gram = gram / (scales[:, None] * scales[None, :])
         alpha = reference.min_norm_weights(gram, self.solver_iterations)
         self.gram = gram
         self.weights = alpha
-        total = weighted_sum(alpha, stacked)
+        return weighted_sum(alpha, stacked)
+
+    def backward(self, *losses: LossArgs, features: Tensor | None = None) -> Tensor:
+        """``total = self(*losses, features=features)``, then ``total.backward()``; returns the
+        total, detached."""
+        total = self(*losses, features=features)
         total.backward()
         return total.detach()
 
     def _check_features(self, features: object) -> torch.device:
         if not isinstance(features, Tensor) or not features.is_floating_point():
             raise TypeError(
-                f"MGDA.backward: features must be a floating-point tensor, got "
+                f"MGDA: features must be a floating-point tensor, got "
                 f"{getattr(features, 'dtype', type(features).__name__)}"
             )
         if not features.requires_grad:
             raise ValueError(
-                "MGDA.backward: features does not require grad; pass the shared representation "
+                "MGDA: features does not require grad; pass the shared representation "
                 "z that the task losses are computed from (not detached)"
             )
         return features.device

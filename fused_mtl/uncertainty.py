@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from fused_mtl import reference
 from fused_mtl._backend import Backend
+from fused_mtl._distributed import ProcessGroup
 from fused_mtl._losses import (
     Reduction,
     TaskTypes,
@@ -41,8 +42,10 @@ class UncertaintyModule(Balancer):
         reduction: Reduction,
         check_finite: bool,
         backend: Backend,
+        sync: bool = True,
+        process_group: ProcessGroup | None = None,
     ) -> None:
-        super().__init__(num_tasks, tasks, backend)
+        super().__init__(num_tasks, tasks, backend, sync, process_group)
         self.reduction = check_reduction(reduction)
         self.check_finite = bool(check_finite)
         self.register_buffer("loss_coefs", None, persistent=False)
@@ -63,6 +66,11 @@ class UncertaintyModule(Balancer):
         )
         if self.check_finite:
             raise_if_not_finite(stacked, self.tasks)
+        if self._syncing():
+            # The parameter's gradient, -a_i e^{-s_i} L_i + b_i, is linear in this rank's loss:
+            # its mean over ranks is the gradient on the whole batch (one all_reduce of K
+            # numbers in the backward; inside DDP, DDP's own averaging then changes nothing).
+            params = self._sync.mean_grad(params)
         return uncertainty_weighting(
             stacked,
             params,
@@ -106,6 +114,10 @@ class UncertaintyWeighting(UncertaintyModule):
             This reads the losses on the host (a synchronisation): leave it off in CUDA graphs.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see the README). The environment
             variable ``FUSED_MTL_BACKEND`` overrides ``"auto"``; it is read here, at construction.
+        sync: under ``torch.distributed``, average the gradient of ``log_vars`` over the ranks,
+            so that every rank learns the same ``log_vars`` as one process on the whole batch
+            (``False``: each rank's own gradient).
+        process_group: the group to sync over (``None``: the default group).
 
     Example:
         >>> import torch
@@ -133,8 +145,10 @@ class UncertaintyWeighting(UncertaintyModule):
         reduction: Reduction = None,
         check_finite: bool = False,
         backend: Backend = "auto",
+        sync: bool = True,
+        process_group: ProcessGroup | None = None,
     ) -> None:
-        super().__init__(num_tasks, tasks, reduction, check_finite, backend)
+        super().__init__(num_tasks, tasks, reduction, check_finite, backend, sync, process_group)
         initial = torch.as_tensor(init_log_var, dtype=torch.float32)
         if initial.dim() == 0:
             initial = initial.expand(self.num_tasks)

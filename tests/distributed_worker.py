@@ -1,0 +1,268 @@
+"""One rank of a distributed test, or the single process on the whole batch it is compared to.
+
+``python distributed_worker.py SETUP OUT_DIR`` runs under the environment a launcher sets
+(``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR=127.0.0.1``, ``MASTER_PORT``), trains every method for
+``STEPS`` steps on this rank's slice of a fixed global batch, and saves what it saw to
+``OUT_DIR/rank{RANK}.pt``: per method, the weights after each step and the final parameters.
+``train(setup="single", ...)`` is the same loop in one process on the whole batch.
+
+Setups: ``ddp_outside`` (the balancer outside the DDP-wrapped model), ``ddp_inside`` (the
+balancer inside the wrapped module, its total computed in ``forward``, as Lightning does),
+``fsdp2`` (trunk and root sharded with ``fully_shard``), ``mismatch`` (rank 1 builds a balancer
+with another task count), ``lightning_auto`` / ``lightning_manual`` (``strategy="ddp"``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fused_mtl import DTP, DWA, MGDA, EqualWeighting, GradNorm, UncertaintyWeighting
+from fused_mtl.compat import AutomaticWeightedLoss
+
+NUM_TASKS = 3
+LOCAL_BATCH = 8
+STEPS = 6
+LR = 0.05
+METHODS = ["uw", "awl", "equal", "dwa", "dtp", "gradnorm", "mgda", "mgda_ub"]
+
+
+class Net(nn.Module):
+    """A shared trunk and one linear head per task."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 12), nn.Tanh())
+        self.heads = nn.Linear(12, NUM_TASKS)
+
+    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.trunk(inputs)
+        return features, self.heads(features)
+
+
+def task_losses(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-task means over the batch: task 0 squared error, 1 absolute error, 2 log-cosh."""
+    errors = outputs - targets
+    return torch.stack(
+        [
+            errors[:, 0].square().mean(),
+            errors[:, 1].abs().mean(),
+            torch.log(torch.cosh(errors[:, 2])).mean(),
+        ]
+    )
+
+
+def global_batch(world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(7)
+    inputs = torch.randn(world * LOCAL_BATCH, 6, generator=gen)
+    targets = torch.randn(world * LOCAL_BATCH, NUM_TASKS, generator=gen) * torch.tensor(
+        [3.0, 1.0, 0.3]
+    )
+    return inputs, targets
+
+
+def make_balancer(method: str, net: Net, num_tasks: int = NUM_TASKS) -> nn.Module:
+    if method == "uw":
+        return UncertaintyWeighting(num_tasks)
+    if method == "awl":
+        return AutomaticWeightedLoss(num_tasks)
+    if method == "equal":
+        return EqualWeighting(num_tasks)
+    if method == "dwa":
+        return DWA(num_tasks, period_steps=2)
+    if method == "dtp":
+        return DTP(num_tasks, gamma=1.0, decay=0.5)
+    if method == "gradnorm":
+        return GradNorm(net.trunk[2].parameters(), num_tasks)
+    if method == "mgda":
+        return MGDA(net.trunk.parameters(), num_tasks)
+    if method == "mgda_ub":
+        return MGDA(num_tasks=num_tasks)
+    raise ValueError(method)
+
+
+def kpis(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """A KPI in (0, 1] per task: a mean over the samples, like an accuracy, so that the mean of
+    the ranks' KPIs is the KPI of the whole batch."""
+    return (1 / (1 + (outputs.detach() - targets).abs())).mean(dim=0)
+
+
+class Wrapped(nn.Module):
+    """Model and balancer in one module, the total computed in ``forward``, as Lightning does."""
+
+    def __init__(self, net: Net, balancer: nn.Module, method: str) -> None:
+        super().__init__()
+        self.net, self.balancer, self.method = net, balancer, method
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        features, outputs = self.net(inputs)
+        losses = task_losses(outputs, targets)
+        if self.method == "dtp":
+            self.balancer.update_kpis(kpis(outputs, targets))
+        if self.method == "mgda_ub":
+            return self.balancer(losses, features=features)
+        return self.balancer(losses)
+
+
+def full_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter, gathered whole when FSDP2 shards it."""
+    result = {}
+    for name, parameter in module.named_parameters():
+        tensor = parameter.detach()
+        if hasattr(tensor, "full_tensor"):
+            tensor = tensor.full_tensor()
+        result[name] = tensor.clone()
+    return result
+
+
+def train(setup: str, method: str, rank: int, world: int) -> dict[str, object]:
+    torch.manual_seed(0)
+    net = Net()
+    inputs, targets = global_batch(world)
+    if setup != "single":
+        rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        inputs, targets = inputs[rows], targets[rows]
+    if setup == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        fully_shard(net.trunk, mesh=mesh)
+        fully_shard(net, mesh=mesh)
+    balancer = make_balancer(method, net)
+    if setup == "ddp_inside":
+        model = nn.parallel.DistributedDataParallel(Wrapped(net, balancer, method))
+    elif setup == "ddp_outside":
+        model = nn.parallel.DistributedDataParallel(net)
+    else:
+        model = net
+    parameters = [*net.parameters(), *balancer.parameters()]
+    optimizer = torch.optim.SGD(parameters, lr=LR)
+    weights = []
+    for _ in range(STEPS):
+        optimizer.zero_grad()
+        if setup == "ddp_inside":
+            total = model(inputs, targets)
+        else:
+            features, outputs = model(inputs)
+            losses = task_losses(outputs, targets)
+            if method == "dtp":
+                balancer.update_kpis(kpis(outputs, targets))
+            if method == "mgda_ub":
+                total = balancer(losses, features=features)
+            else:
+                total = balancer(losses)
+        total.backward()
+        optimizer.step()
+        weights.append(balancer.weights.detach().clone())
+    return {
+        "weights": torch.stack(weights),
+        "parameters": full_parameters(net),
+        "balancer": {k: v.detach().clone() for k, v in balancer.named_parameters()},
+    }
+
+
+def run_mismatch(rank: int) -> dict[str, object]:
+    """Rank 1 builds a balancer with one task more: every rank must raise, none may hang."""
+    net = Net()
+    balancer = make_balancer("uw", net, NUM_TASKS + rank)
+    losses = torch.ones(NUM_TASKS + rank, requires_grad=True)
+    try:
+        balancer(losses).backward()
+    except RuntimeError as error:
+        return {"error": str(error)}
+    return {"error": None}
+
+
+def run_lightning(setup: str, method: str, rank: int, world: int) -> dict[str, object]:
+    import lightning as L
+
+    inputs, targets = global_batch(world)
+    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    local_inputs, local_targets = inputs[rows], targets[rows]
+    automatic = setup == "lightning_auto"
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = Net()
+            self.balancer = make_balancer(method, self.net)
+            self.automatic_optimization = automatic
+            self.weights: list[torch.Tensor] = []
+
+        def training_step(self, batch, batch_index):
+            features, outputs = self.net(local_inputs)
+            losses = task_losses(outputs, local_targets)
+            if method == "dtp":
+                self.balancer.update_kpis(kpis(outputs, local_targets))
+            if method == "mgda_ub":
+                total = self.balancer(losses, features=features)
+            else:
+                total = self.balancer(losses)
+            if automatic:
+                return total
+            optimizer = self.optimizers()
+            optimizer.zero_grad()
+            self.manual_backward(total)
+            optimizer.step()
+            return None
+
+        def on_train_batch_end(self, outputs, batch, batch_index):
+            self.weights.append(self.balancer.weights.detach().clone())
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=LR)
+
+    # Every rank sees the same number of batches; the batch content is ignored (each rank
+    # trains on its own slice, as a DistributedSampler would give it).
+    loader = torch.utils.data.DataLoader(torch.zeros(STEPS, 1), batch_size=1)
+    module = Module()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=world,
+        strategy="ddp",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
+    trainer.fit(module, loader)
+    return {
+        "weights": torch.stack(module.weights),
+        "parameters": full_parameters(module.net),
+        "balancer": {k: v.detach().clone() for k, v in module.balancer.named_parameters()},
+    }
+
+
+def main() -> None:
+    setup, out_dir = sys.argv[1], sys.argv[2]
+    methods = sys.argv[3].split(",") if len(sys.argv) > 3 else METHODS
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    torch.set_num_threads(1)
+    results: dict[str, object] = {}
+    if setup.startswith("lightning"):
+        for method in methods:
+            results[method] = run_lightning(setup, method, rank, world)
+    else:
+        dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+        try:
+            if setup == "mismatch":
+                results["mismatch"] = run_mismatch(rank)
+            else:
+                for method in methods:
+                    results[method] = train(setup, method, rank, world)
+        finally:
+            dist.destroy_process_group()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+if __name__ == "__main__":
+    main()
