@@ -155,9 +155,15 @@ class MGDA(GradientBalancer):
                 "(MGDA-UB) or construct MGDA(shared_parameters, ...)"
             )
         stacked, separate = self._graph_losses(losses, device)
+        by_loss = self.normalization in ("loss", "loss+")
+        # Checked before the per-task gradients; under torch.distributed after the sync, on the
+        # global losses, so that every rank raises alike and none waits in a collective.
+        syncing = self._syncing()
+        if by_loss and not syncing:
+            self._check_positive(stacked)
         self._last_gradients = gradients
         gram, current = self._task_gram(gradients, stacked, separate, False, features)
-        if self.normalization in ("loss", "loss+"):
+        if by_loss and syncing:
             self._check_positive(current)
         scales = reference.gradient_scales(gram, current, self.normalization)
         gram = gram / (scales[:, None] * scales[None, :])

@@ -301,8 +301,13 @@ def min_norm_weights(gram: Tensor, iterations: int) -> Tensor:
       polish, within 3e-5.
 
     Every path is a fixed sequence of tensor operations: it runs on the device without a host
-    synchronisation.
+    synchronisation. The work is done in float64 and the weights returned in the Gram's dtype:
+    the face systems of an ill-conditioned Gram lose about cond(M) x 1e-7 in float32 (weights
+    that moved by 1.5e-5 when the same float32 Gram's tasks were permuted, and by 0 in
+    float64), and K x K numbers cost nothing to upcast.
     """
+    if gram.dtype != torch.float64:
+        return min_norm_weights(gram.double(), iterations).to(gram.dtype)
     num_tasks = gram.shape[0]
     if num_tasks == 1:
         return torch.ones_like(gram[0])

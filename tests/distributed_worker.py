@@ -66,23 +66,24 @@ def global_batch(world: int) -> tuple[torch.Tensor, torch.Tensor]:
     return inputs, targets
 
 
-def make_balancer(method: str, net: Net, num_tasks: int = NUM_TASKS) -> nn.Module:
+def make_balancer(method: str, net: Net, num_tasks: int = NUM_TASKS, **sync) -> nn.Module:
+    """``sync``: the ``sync`` / ``process_group`` keywords, when a test sets them."""
     if method == "uw":
-        return UncertaintyWeighting(num_tasks)
+        return UncertaintyWeighting(num_tasks, **sync)
     if method == "awl":
-        return AutomaticWeightedLoss(num_tasks)
+        return AutomaticWeightedLoss(num_tasks, **sync)
     if method == "equal":
-        return EqualWeighting(num_tasks)
+        return EqualWeighting(num_tasks, **sync)
     if method == "dwa":
-        return DWA(num_tasks, period_steps=2)
+        return DWA(num_tasks, period_steps=2, **sync)
     if method == "dtp":
-        return DTP(num_tasks, gamma=1.0, decay=0.5)
+        return DTP(num_tasks, gamma=1.0, decay=0.5, **sync)
     if method == "gradnorm":
-        return GradNorm(net.trunk[2].parameters(), num_tasks)
+        return GradNorm(net.trunk[2].parameters(), num_tasks, **sync)
     if method == "mgda":
-        return MGDA(net.trunk.parameters(), num_tasks)
+        return MGDA(net.trunk.parameters(), num_tasks, **sync)
     if method == "mgda_ub":
-        return MGDA(num_tasks=num_tasks)
+        return MGDA(num_tasks=num_tasks, **sync)
     raise ValueError(method)
 
 
@@ -120,7 +121,9 @@ def full_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
     return result
 
 
-def train(setup: str, method: str, rank: int, world: int) -> dict[str, object]:
+def train(
+    setup: str, method: str, rank: int, world: int, **sync: object
+) -> dict[str, object]:
     torch.manual_seed(0)
     net = Net()
     inputs, targets = global_batch(world)
@@ -134,7 +137,7 @@ def train(setup: str, method: str, rank: int, world: int) -> dict[str, object]:
         mesh = init_device_mesh("cpu", (world,))
         fully_shard(net.trunk, mesh=mesh)
         fully_shard(net, mesh=mesh)
-    balancer = make_balancer(method, net)
+    balancer = make_balancer(method, net, **sync)
     if setup == "ddp_inside":
         model = nn.parallel.DistributedDataParallel(Wrapped(net, balancer, method))
     elif setup == "ddp_outside":
@@ -177,6 +180,18 @@ def run_mismatch(rank: int) -> dict[str, object]:
     except RuntimeError as error:
         return {"error": str(error)}
     return {"error": None}
+
+
+def run_groups(method: str, rank: int) -> dict[str, object]:
+    """Three ranks: 0 and 1 balance over their own group, rank 2 with ``sync=False``.
+
+    Every rank calls ``new_group`` (a collective); only 0 and 1 use the group. The model is not
+    wrapped, so each rank's model sees only its own batch: ranks 0 and 1 agree on the weights
+    through the balancer's group alone, and rank 2 is one process on its own slice."""
+    group = dist.new_group([0, 1])
+    if rank < 2:
+        return train("plain", method, rank, 3, process_group=group)
+    return train("plain", method, rank, 3, sync=False)
 
 
 def run_lightning(setup: str, method: str, rank: int, world: int) -> dict[str, object]:
@@ -256,6 +271,9 @@ def main() -> None:
         try:
             if setup == "mismatch":
                 results["mismatch"] = run_mismatch(rank)
+            elif setup == "groups":
+                for method in methods:
+                    results[method] = run_groups(method, rank)
             else:
                 for method in methods:
                     results[method] = train(setup, method, rank, world)

@@ -151,3 +151,16 @@ def test_ranks_built_with_different_task_counts_fail_on_every_rank(tmp_path):
         assert error is not None
         assert "ranks [1] differ from rank 0" in error
         assert "num_tasks=3" in error and "num_tasks=4" in error
+
+
+ADAPTIVE = [method for method in worker.METHODS if method != "equal"]
+
+
+def test_process_group_and_sync_false(tmp_path):
+    """Ranks 0 and 1 sync over their own group; rank 2, with sync=False, communicates nothing
+    (it would hang the others if it joined a collective) and keeps its own weights."""
+    ranks = launch("groups", 3, tmp_path, ADAPTIVE)
+    for method in ADAPTIVE:
+        zero, one, two = (rank[method]["weights"] for rank in ranks)
+        assert torch.equal(zero, one), method
+        assert not torch.allclose(zero, two), method

@@ -397,10 +397,11 @@ def test_bad_alpha(alpha):
         GradNorm(nn.Linear(2, 2).parameters(), 2, alpha=alpha)
 
 
-def test_calling_the_module_points_to_backward():
+def test_calling_the_module_with_losses_without_a_graph_is_an_error():
     gradnorm = GradNorm(nn.Linear(2, 2).parameters(), 2)
-    with pytest.raises(TypeError, match=r"call gradnorm.backward\(losses\)"):
+    with pytest.raises(ValueError, match="GradNorm: no task loss requires grad"):
         gradnorm(torch.tensor(1.0), torch.tensor(2.0))
+    assert gradnorm.gradient_mode is None and gradnorm.weights.grad is None
 
 
 # --- the GradNorm paper's toy ---------------------------------------------------------------

@@ -1,0 +1,103 @@
+"""``total = balancer(losses)`` and any backward of it equal ``balancer.backward(losses)``.
+
+For every method, two copies of one model and balancer train side by side for a few steps: one
+with ``balancer.backward(losses)``, the other with ``balancer(losses)`` and a backward of the
+total scaled by 1024, as a ``GradScaler`` does, then unscaled. Scaling by a power of two is exact
+in floating point, so the gradients, weights and totals must be identical, bit for bit.
+"""
+
+import copy
+
+import distributed_worker as worker
+import pytest
+import torch
+
+from fused_mtl.compat import MultiNoiseLoss
+
+METHODS = [*worker.METHODS, "multi_noise"]
+SCALE = 1024.0
+
+
+def make(method):
+    torch.manual_seed(0)
+    net = worker.Net()
+    if method == "multi_noise":
+        balancer = MultiNoiseLoss(worker.NUM_TASKS)
+    else:
+        balancer = worker.make_balancer(method, net)
+    return net, balancer
+
+
+def step(net, balancer, method, inputs, targets, call):
+    features, outputs = net(inputs)
+    losses = worker.task_losses(outputs, targets)
+    if method == "dtp":
+        balancer.update_kpis(worker.kpis(outputs, targets))
+    extra = {"features": features} if method == "mgda_ub" else {}
+    if call:
+        total = balancer(losses, **extra)
+        (total * SCALE).backward()
+        for parameter in [*net.parameters(), *balancer.parameters()]:
+            parameter.grad /= SCALE
+        return total.detach()
+    return balancer.backward(losses, **extra)
+
+
+def gradients(net, balancer):
+    return [p.grad.clone() for p in [*net.parameters(), *balancer.parameters()]]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_call_then_scaled_backward_equals_backward(method):
+    inputs, targets = worker.global_batch(1)
+    pairs = []
+    for call in (False, True):
+        net, balancer = make(method)
+        optimizer = torch.optim.SGD([*net.parameters(), *balancer.parameters()], lr=0.05)
+        pairs.append((net, balancer, optimizer, call))
+    for _ in range(4):
+        seen = []
+        for net, balancer, optimizer, call in pairs:
+            optimizer.zero_grad()
+            total = step(net, balancer, method, inputs, targets, call)
+            seen.append((total, gradients(net, balancer), balancer.weights.clone()))
+            optimizer.step()
+        (total_a, grads_a, weights_a), (total_b, grads_b, weights_b) = seen
+        assert torch.equal(total_a, total_b)
+        assert torch.equal(weights_a, weights_b)
+        for grad_a, grad_b in zip(grads_a, grads_b, strict=True):
+            assert torch.equal(grad_a, grad_b)
+
+
+@pytest.mark.parametrize("method", ["gradnorm", "mgda", "mgda_ub"])
+def test_gradient_methods_report_in_eval_mode_and_under_no_grad(method):
+    """Validation: the call returns sum_i w_i L_i with the current weights and changes nothing."""
+    inputs, targets = worker.global_batch(1)
+    net, balancer = make(method)
+    step(net, balancer, method, inputs, targets, call=True)
+    state = copy.deepcopy(balancer.state_dict())
+    weights = balancer.weights.detach().clone()
+    for mode in ("eval", "no_grad"):
+        balancer.train(mode != "eval")
+        with torch.no_grad() if mode == "no_grad" else torch.enable_grad():
+            features, outputs = net(inputs)
+            losses = worker.task_losses(outputs, targets).detach()
+            extra = {"features": features} if method == "mgda_ub" else {}
+            total = balancer(losses, **extra)
+        assert torch.equal(total, (weights * losses).sum())
+        assert torch.equal(balancer.weights, weights)
+        for key, value in balancer.state_dict().items():
+            assert torch.equal(value, state[key]), key
+
+
+def test_gradnorm_weight_gradient_is_its_update_not_a_gradient_of_the_total():
+    """The weights' .grad after total.backward() is GradNorm's rule: d total / d w would be the
+    losses, which is not what GradNorm trains its weights with."""
+    inputs, targets = worker.global_batch(1)
+    net, balancer = make("gradnorm")
+    features, outputs = net(inputs)
+    losses = worker.task_losses(outputs, targets)
+    balancer(losses).backward()
+    assert not torch.allclose(balancer.weights.grad, losses.detach())
+    # GradNorm's gradient is sign(G_i - T_i) ||g_i||: its magnitudes are the gradient norms.
+    assert torch.allclose(balancer.weights.grad.abs(), balancer.grad_norms)
