@@ -51,6 +51,16 @@ def _agreement_rtol(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps ** 0.5
 
 
+# fully_shard replaces a module's parameters: a balancer built before it holds the old ones.
+_SHARDING_HINT = (
+    "; under FSDP2, build the balancer after fully_shard, from the sharded module's parameters"
+)
+
+
+def _distributed_initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def shared_parameters(shared: SharedParameters) -> tuple[list[Tensor], list[str]]:
     """The shared parameters as a list, with the names errors use."""
     if isinstance(shared, nn.Module):
@@ -206,7 +216,8 @@ class TaskGradients:
                     raise ValueError(
                         f"task {task_label(index, task_names)}: its loss does not reach the "
                         f"shared parameter {name}; every task needs a gradient for every shared "
-                        "parameter (choose parameters that all tasks use)"
+                        "parameter (choose parameters that all tasks use"
+                        f"{_SHARDING_HINT if _distributed_initialized() else ''})"
                     )
             per_task.append(grads)
         return [torch.stack(grads) for grads in zip(*per_task, strict=True)]

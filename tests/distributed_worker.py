@@ -93,6 +93,22 @@ def kpis(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (1 / (1 + (outputs.detach() - targets).abs())).mean(dim=0)
 
 
+def balanced_total(
+    balancer: nn.Module,
+    method: str,
+    features: torch.Tensor,
+    outputs: torch.Tensor,
+    targets: torch.Tensor,
+) -> torch.Tensor:
+    """One step's call of the balancer: DTP gets this step's KPIs first, MGDA-UB the features."""
+    losses = task_losses(outputs, targets)
+    if method == "dtp":
+        balancer.update_kpis(kpis(outputs, targets))
+    if method == "mgda_ub":
+        return balancer(losses, features=features)
+    return balancer(losses)
+
+
 class Wrapped(nn.Module):
     """Model and balancer in one module, the total computed in ``forward``, as Lightning does."""
 
@@ -102,12 +118,7 @@ class Wrapped(nn.Module):
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         features, outputs = self.net(inputs)
-        losses = task_losses(outputs, targets)
-        if self.method == "dtp":
-            self.balancer.update_kpis(kpis(outputs, targets))
-        if self.method == "mgda_ub":
-            return self.balancer(losses, features=features)
-        return self.balancer(losses)
+        return balanced_total(self.balancer, self.method, features, outputs, targets)
 
 
 def full_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -121,9 +132,7 @@ def full_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
     return result
 
 
-def train(
-    setup: str, method: str, rank: int, world: int, **sync: object
-) -> dict[str, object]:
+def train(setup: str, method: str, rank: int, world: int, **sync: object) -> dict[str, object]:
     torch.manual_seed(0)
     net = Net()
     inputs, targets = global_batch(world)
@@ -153,13 +162,7 @@ def train(
             total = model(inputs, targets)
         else:
             features, outputs = model(inputs)
-            losses = task_losses(outputs, targets)
-            if method == "dtp":
-                balancer.update_kpis(kpis(outputs, targets))
-            if method == "mgda_ub":
-                total = balancer(losses, features=features)
-            else:
-                total = balancer(losses)
+            total = balanced_total(balancer, method, features, outputs, targets)
         total.backward()
         optimizer.step()
         weights.append(balancer.weights.detach().clone())
@@ -171,15 +174,38 @@ def train(
 
 
 def run_mismatch(rank: int) -> dict[str, object]:
-    """Rank 1 builds a balancer with one task more: every rank must raise, none may hang."""
+    """Rank 1 builds a balancer with one task more, then one with another task's name: every
+    rank must raise, none may hang."""
+    errors: dict[str, str | None] = {}
+    names = ["depth", "seg"] if rank == 0 else ["depth", "normals"]
+    cases = {
+        "count": (UncertaintyWeighting(NUM_TASKS + rank), NUM_TASKS + rank),
+        "names": (DWA(tasks=names), 2),
+    }
+    for case, (balancer, num_tasks) in cases.items():
+        losses = torch.ones(num_tasks, requires_grad=True)
+        errors[case] = None
+        try:
+            balancer(losses).backward()
+        except RuntimeError as error:
+            errors[case] = str(error)
+    # A gradient method built before fully_shard holds parameters that FSDP2 replaced.
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
     net = Net()
-    balancer = make_balancer("uw", net, NUM_TASKS + rank)
-    losses = torch.ones(NUM_TASKS + rank, requires_grad=True)
+    balancer = MGDA(net.trunk.parameters(), NUM_TASKS)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    fully_shard(net.trunk, mesh=mesh)
+    fully_shard(net, mesh=mesh)
+    inputs, targets = global_batch(dist.get_world_size())
+    _, outputs = net(inputs)
+    errors["fsdp_before"] = None
     try:
-        balancer(losses).backward()
-    except RuntimeError as error:
-        return {"error": str(error)}
-    return {"error": None}
+        balancer(task_losses(outputs, targets))
+    except ValueError as error:
+        errors["fsdp_before"] = str(error)
+    return errors
 
 
 def run_groups(method: str, rank: int) -> dict[str, object]:
@@ -192,6 +218,49 @@ def run_groups(method: str, rank: int) -> dict[str, object]:
     if rank < 2:
         return train("plain", method, rank, 3, process_group=group)
     return train("plain", method, rank, 3, sync=False)
+
+
+COUNTED = ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "all_gather_object")
+
+
+def run_count(method: str, rank: int, world: int) -> dict[str, object]:
+    """The collectives the balancer itself issues in each step (DDP's own are in C++ and not
+    seen here): a list per step of ``(collective, elements, bytes)``."""
+    calls: list[tuple[str, int, int]] = []
+    originals = {name: getattr(dist, name) for name in COUNTED}
+
+    def counting(name):
+        def collective(*args, **kwargs):
+            tensor = (
+                args[1] if name in ("reduce_scatter_tensor", "all_gather_into_tensor") else args[0]
+            )
+            if isinstance(tensor, torch.Tensor):
+                calls.append((name, tensor.numel(), tensor.numel() * tensor.element_size()))
+            else:
+                calls.append((name, 0, 0))
+            return originals[name](*args, **kwargs)
+
+        return collective
+
+    steps = []
+    try:
+        for name in COUNTED:
+            setattr(dist, name, counting(name))
+        torch.manual_seed(0)
+        net = Net()
+        model = nn.parallel.DistributedDataParallel(net)
+        balancer = make_balancer(method, net)
+        inputs, targets = global_batch(world)
+        rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        for _ in range(3):
+            calls.clear()
+            features, outputs = model(inputs[rows])
+            balanced_total(balancer, method, features, outputs, targets[rows]).backward()
+            steps.append(list(calls))
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+    return {"steps": steps}
 
 
 def run_lightning(setup: str, method: str, rank: int, world: int) -> dict[str, object]:
@@ -213,13 +282,7 @@ def run_lightning(setup: str, method: str, rank: int, world: int) -> dict[str, o
 
         def training_step(self, batch, batch_index):
             features, outputs = self.net(local_inputs)
-            losses = task_losses(outputs, local_targets)
-            if method == "dtp":
-                self.balancer.update_kpis(kpis(outputs, local_targets))
-            if method == "mgda_ub":
-                total = self.balancer(losses, features=features)
-            else:
-                total = self.balancer(losses)
+            total = balanced_total(self.balancer, method, features, outputs, local_targets)
             if automatic:
                 return total
             optimizer = self.optimizers()
@@ -271,6 +334,9 @@ def main() -> None:
         try:
             if setup == "mismatch":
                 results["mismatch"] = run_mismatch(rank)
+            elif setup == "count":
+                for method in methods:
+                    results[method] = run_count(method, rank, world)
             elif setup == "groups":
                 for method in methods:
                     results[method] = run_groups(method, rank)

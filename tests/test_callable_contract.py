@@ -28,19 +28,30 @@ def make(method):
     return net, balancer
 
 
+class BackwardInsteadOfCall:
+    """Stands in for the balancer in ``worker.balanced_total``: its call is ``backward``."""
+
+    def __init__(self, balancer):
+        self.balancer = balancer
+
+    def update_kpis(self, kpis):
+        self.balancer.update_kpis(kpis)
+
+    def __call__(self, losses, **extra):
+        return self.balancer.backward(losses, **extra)
+
+
 def step(net, balancer, method, inputs, targets, call):
     features, outputs = net(inputs)
-    losses = worker.task_losses(outputs, targets)
-    if method == "dtp":
-        balancer.update_kpis(worker.kpis(outputs, targets))
-    extra = {"features": features} if method == "mgda_ub" else {}
-    if call:
-        total = balancer(losses, **extra)
-        (total * SCALE).backward()
-        for parameter in [*net.parameters(), *balancer.parameters()]:
-            parameter.grad /= SCALE
-        return total.detach()
-    return balancer.backward(losses, **extra)
+    if not call:
+        return worker.balanced_total(
+            BackwardInsteadOfCall(balancer), method, features, outputs, targets
+        )
+    total = worker.balanced_total(balancer, method, features, outputs, targets)
+    (total * SCALE).backward()
+    for parameter in [*net.parameters(), *balancer.parameters()]:
+        parameter.grad /= SCALE
+    return total.detach()
 
 
 def gradients(net, balancer):
@@ -95,7 +106,7 @@ def test_gradnorm_weight_gradient_is_its_update_not_a_gradient_of_the_total():
     losses, which is not what GradNorm trains its weights with."""
     inputs, targets = worker.global_batch(1)
     net, balancer = make("gradnorm")
-    features, outputs = net(inputs)
+    _, outputs = net(inputs)
     losses = worker.task_losses(outputs, targets)
     balancer(losses).backward()
     assert not torch.allclose(balancer.weights.grad, losses.detach())

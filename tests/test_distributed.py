@@ -8,10 +8,14 @@ and every process it starts is ended.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import distributed_worker as worker
@@ -35,45 +39,71 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(setup: str, world: int, out_dir: Path, methods: list[str] | None = None) -> list:
-    """Run ``world`` ranks of ``setup``; return each rank's saved results."""
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+
+
+def run_ranks(commands: list[list[str]], what: str, ranked: bool = True) -> list[str]:
+    """Start one process per command, wait at most ``LAUNCH_TIMEOUT_S`` and end every process,
+    its children included; return their output.
+
+    ``ranked``: command i runs as rank i of ``len(commands)`` on 127.0.0.1; otherwise the
+    process gets no rank variables and starts its other ranks itself (Lightning does).
+    """
     port = str(free_port())
+    world = len(commands)
     processes = []
-    for rank in range(world):
-        env = {
-            **os.environ,
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": port,
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "NODE_RANK": "0",
-            "WORLD_SIZE": str(world),
-            "LOCAL_WORLD_SIZE": str(world),
-            "GLOO_SOCKET_IFNAME": "lo",
-            "OMP_NUM_THREADS": "1",
+    for rank, command in enumerate(commands):
+        rank_env = {
+            key: value
+            for key, value in os.environ.items()
+            if key not in (*RANK_VARIABLES, "MASTER_ADDR", "MASTER_PORT")
         }
-        command = [sys.executable, str(HERE / "distributed_worker.py"), setup, str(out_dir)]
-        if methods:
-            command.append(",".join(methods))
+        rank_env.update(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+        if ranked:
+            rank_env.update(
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                NODE_RANK="0",
+                WORLD_SIZE=str(world),
+                LOCAL_WORLD_SIZE=str(world),
+            )
         processes.append(
             subprocess.Popen(
-                command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+                command,
+                env=rank_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
             )
         )
     outputs = []
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
     try:
         for process in processes:
-            output, _ = process.communicate(timeout=LAUNCH_TIMEOUT_S)
+            output, _ = process.communicate(timeout=max(1.0, deadline - time.monotonic()))
             outputs.append(output)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"{setup} with {world} ranks did not finish in {LAUNCH_TIMEOUT_S} s")
+        pytest.fail(f"{what} did not finish in {LAUNCH_TIMEOUT_S} s")
     finally:
         for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+            # Each rank leads its own session: this ends the processes it started too.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
     for rank, (process, output) in enumerate(zip(processes, outputs, strict=True)):
-        assert process.returncode == 0, f"{setup} rank {rank} failed:\n{output[-4000:]}"
+        assert process.returncode == 0, f"{what} rank {rank} failed:\n{output[-4000:]}"
+    return outputs
+
+
+def launch(setup: str, world: int, out_dir: Path, methods: list[str] | None = None) -> list:
+    """Run ``world`` ranks of ``setup`` in ``distributed_worker.py``; return their results."""
+    command = [sys.executable, str(HERE / "distributed_worker.py"), setup, str(out_dir)]
+    if methods:
+        command.append(",".join(methods))
+    run_ranks([command] * world, f"{setup} with {world} ranks")
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(world)]
 
 
@@ -144,13 +174,19 @@ def test_every_rank_equals_one_process_on_the_whole_batch(runs, single, setup, m
         assert_close(value, expected["balancer"][name], f"balancer.{name}")
 
 
-def test_ranks_built_with_different_task_counts_fail_on_every_rank(tmp_path):
+def test_ranks_built_with_different_tasks_fail_on_every_rank(tmp_path):
     ranks = launch("mismatch", 2, tmp_path)
     for result in ranks:
-        error = result["mismatch"]["error"]
-        assert error is not None
-        assert "ranks [1] differ from rank 0" in error
-        assert "num_tasks=3" in error and "num_tasks=4" in error
+        count, names = result["mismatch"]["count"], result["mismatch"]["names"]
+        assert count is not None and names is not None
+        assert "ranks [1] differ from rank 0" in count
+        assert "rank 0: UncertaintyWeighting(num_tasks=3" in count
+        assert "rank 1: UncertaintyWeighting(num_tasks=4" in count
+        assert "ranks [1] differ from rank 0" in names
+        assert "['depth', 'seg']" in names and "['depth', 'normals']" in names
+        assert (
+            "under FSDP2, build the balancer after fully_shard" in result["mismatch"]["fsdp_before"]
+        )
 
 
 ADAPTIVE = [method for method in worker.METHODS if method != "equal"]
@@ -164,3 +200,115 @@ def test_process_group_and_sync_false(tmp_path):
         zero, one, two = (rank[method]["weights"] for rank in ranks)
         assert torch.equal(zero, one), method
         assert not torch.allclose(zero, two), method
+
+
+def test_communication_per_step(tmp_path):
+    """What each method sends per step besides the engine's own gradient reduction, as
+    docs/distributed.md states it (K = 3 tasks, 2 ranks; P shared-parameter elements)."""
+    ranks = launch("count", 2, tmp_path)
+    num_tasks = worker.NUM_TASKS
+    net = worker.Net()
+    last_layer = sum(p.numel() for p in net.trunk[2].parameters())
+    trunk = sum(p.numel() for p in net.trunk.parameters())
+    gram_and_losses = ("all_reduce", num_tasks * num_tasks + num_tasks)
+    expected = {
+        "uw": [("all_reduce", num_tasks)],
+        "awl": [("all_reduce", num_tasks)],
+        "equal": [],
+        "dwa": [("all_reduce", num_tasks)],
+        "dtp": [("all_gather_into_tensor", num_tasks)],
+        # reduce_scatter_tensor: each rank puts in its K x P gradients (P padded to a multiple
+        # of W) and receives its K x P / W shard of the sum.
+        "gradnorm": [
+            ("reduce_scatter_tensor", num_tasks * 2 * -(-last_layer // 2)),
+            ("all_reduce", 2 * num_tasks),
+        ],
+        "mgda": [("reduce_scatter_tensor", num_tasks * 2 * -(-trunk // 2)), gram_and_losses],
+        "mgda_ub": [gram_and_losses],
+    }
+    for method, calls in expected.items():
+        steps = ranks[0][method]["steps"]
+        # The first call also checks that the ranks built the same balancer, and the gradient
+        # methods agree on how to compute the per-task gradients (one number).
+        assert not calls or steps[0][0][0] == "all_gather_object", method
+        assert calls or not steps[0], method
+        for later in steps[1:]:
+            assert [(name, numel) for name, numel, _ in later] == calls, method
+
+
+DOCS = (HERE.parent / "docs" / "distributed.md").read_text()
+
+
+def doc_block(example: str) -> str:
+    """The code block of docs/distributed.md that shows ``examples/<example>``."""
+    blocks = re.findall(r"```python\n(# examples/(\S+)\n.*?)```", DOCS, flags=re.DOTALL)
+    matching = [code for code, name in blocks if name == example]
+    assert len(matching) == 1, f"docs/distributed.md shows examples/{example} once"
+    return matching[0]
+
+
+RECIPES = ["distributed_ddp.py", "distributed_fsdp2.py"]
+
+
+@pytest.mark.parametrize("example", RECIPES)
+def test_recipe_in_the_docs_runs_on_two_ranks(example):
+    path = HERE.parent / "examples" / example
+    code = path.read_text()
+    assert doc_block(example) == f"# examples/{example}\n" + code.split('"""', 2)[2].lstrip()
+    outputs = run_ranks([[sys.executable, str(path)]] * 2, example)
+    assert "same weights on every rank" in outputs[0]
+
+
+@pytest.mark.parametrize("options", [[], ["--manual"]], ids=["automatic", "manual"])
+def test_lightning_recipe_in_the_docs_runs(options):
+    pytest.importorskip("lightning")
+    example = "distributed_lightning.py"
+    path = HERE.parent / "examples" / example
+    code = path.read_text()
+    assert doc_block(example) == f"# examples/{example}\n" + code.split('"""', 2)[2].lstrip()
+    (output,) = run_ranks([[sys.executable, str(path), *options]], example, ranked=False)
+    assert "same weights on every rank" in output
+
+
+def largest_differences(results: list[dict], expected: dict) -> tuple[float, float]:
+    """Largest |difference| across ranks, and of rank 0 against one process, over the weights
+    of every step, the final parameters and the balancer's parameters."""
+
+    def tensors(result):
+        return [result["weights"], *result["parameters"].values(), *result["balancer"].values()]
+
+    across = max(
+        float((a - b).abs().max())
+        for other in results[1:]
+        for a, b in zip(tensors(other), tensors(results[0]), strict=True)
+    )
+    single = max(
+        float((a - b).abs().max())
+        for a, b in zip(tensors(results[0]), tensors(expected), strict=True)
+    )
+    return across, single
+
+
+def main() -> None:
+    """``python tests/test_distributed.py``: the table of set-up x method, as markdown."""
+    import tempfile
+
+    print("| set-up | ranks | " + " | ".join(worker.METHODS) + " |")
+    print("|---|---|" + "---|" * len(worker.METHODS))
+    singles: dict[tuple[str, int], dict] = {}
+    for setup, world in SETUPS.items():
+        with tempfile.TemporaryDirectory() as out_dir:
+            ranks = launch(setup.removesuffix("_3"), world, Path(out_dir))
+        cells = []
+        for method in worker.METHODS:
+            if (method, world) not in singles:
+                singles[method, world] = worker.train("single", method, 0, world)
+            across, single = largest_differences(
+                [rank[method] for rank in ranks], singles[method, world]
+            )
+            cells.append(f"{across:.0e} / {single:.1e}")
+        print(f"| {setup.removesuffix('_3')} | {world} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
