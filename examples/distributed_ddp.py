@@ -20,29 +20,36 @@ device = torch.device(
     f"cuda:{rank % torch.cuda.device_count()}" if args.backend == "nccl" else "cpu"
 )
 
-torch.manual_seed(0)  # the same initial model on every rank
-trunk = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU()).to(device)
-heads = nn.Linear(32, 3).to(device)
-model = nn.parallel.DistributedDataParallel(nn.Sequential(trunk, heads))
-# Built from the model's own parameters, after wrapping; it syncs over the default group.
-balancer = MGDA(trunk.parameters(), tasks=["depth", "seg", "normals"])
-optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
 
-generator = torch.Generator().manual_seed(rank)  # each rank its own slice of the data
-for _step in range(5):
-    inputs = torch.randn(16, 8, generator=generator).to(device)
-    targets = torch.randn(16, 3, generator=generator).to(device)
-    errors = model(inputs) - targets
-    losses = errors.square().mean(dim=0)  # (3,): each task's mean over this rank's batch
-    optimizer.zero_grad()
-    total = balancer(losses)  # global Gram of the per-task gradients: same weights everywhere
-    total.backward()  # DDP averages the model's gradients as usual
-    optimizer.step()
+def train() -> list[float]:
+    """Five steps on this rank's data; the weights the balancer ends with."""
+    torch.manual_seed(0)  # the same initial model on every rank
+    trunk = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU()).to(device)
+    heads = nn.Linear(32, 3).to(device)
+    model = nn.parallel.DistributedDataParallel(nn.Sequential(trunk, heads))
+    # Built from the model's own parameters, after wrapping; it syncs over the default group.
+    balancer = MGDA(trunk.parameters(), tasks=["depth", "seg", "normals"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
 
+    generator = torch.Generator().manual_seed(rank)  # each rank its own slice of the data
+    for _step in range(5):
+        inputs = torch.randn(16, 8, generator=generator).to(device)
+        targets = torch.randn(16, 3, generator=generator).to(device)
+        errors = model(inputs) - targets
+        losses = errors.square().mean(dim=0)  # (3,): each task's mean over this rank's batch
+        optimizer.zero_grad()
+        total = balancer(losses)  # global Gram of the per-task gradients: same weights everywhere
+        total.backward()  # DDP averages the model's gradients as usual
+        optimizer.step()
+    return balancer.weights.tolist()
+
+
+# In a function: the wrapped model is freed before the process group is destroyed.
+weights = train()
 everyone = [None] * dist.get_world_size()
-dist.all_gather_object(everyone, balancer.weights.tolist())
+dist.all_gather_object(everyone, weights)
 if rank == 0:
     print("weights per rank:", everyone)
-    assert all(weights == everyone[0] for weights in everyone)
+    assert all(other == everyone[0] for other in everyone)
     print("same weights on every rank")
 dist.destroy_process_group()

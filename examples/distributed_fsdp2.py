@@ -34,28 +34,34 @@ class MultiTask(nn.Module):
         return self.heads(self.trunk(inputs))
 
 
-torch.manual_seed(0)
-model = MultiTask().to(device_type)
-fully_shard(model.trunk, mesh=mesh)
-fully_shard(model, mesh=mesh)
-# After fully_shard: the balancer holds the sharded (DTensor) parameters of the last shared layer.
-balancer = GradNorm(model.trunk[2].parameters(), tasks=["depth", "seg", "normals"])
-optimizer = torch.optim.SGD([*model.parameters(), *balancer.parameters()], lr=0.05)
+def train() -> list[float]:
+    """Five steps on this rank's data; the weights the balancer ends with."""
+    torch.manual_seed(0)
+    model = MultiTask().to(device_type)
+    fully_shard(model.trunk, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    # After fully_shard: the balancer holds the sharded (DTensor) parameters of a shared layer.
+    balancer = GradNorm(model.trunk[2].parameters(), tasks=["depth", "seg", "normals"])
+    optimizer = torch.optim.SGD([*model.parameters(), *balancer.parameters()], lr=0.05)
 
-generator = torch.Generator().manual_seed(rank)
-for _step in range(5):
-    inputs = torch.randn(16, 8, generator=generator).to(device_type)
-    targets = torch.randn(16, 3, generator=generator).to(device_type)
-    losses = (model(inputs) - targets).square().mean(dim=0)
-    optimizer.zero_grad()
-    total = balancer(losses)  # norms of the global per-task gradients, from the shards
-    total.backward()  # FSDP reduce-scatters the model's gradients as usual
-    optimizer.step()
+    generator = torch.Generator().manual_seed(rank)
+    for _step in range(5):
+        inputs = torch.randn(16, 8, generator=generator).to(device_type)
+        targets = torch.randn(16, 3, generator=generator).to(device_type)
+        losses = (model(inputs) - targets).square().mean(dim=0)
+        optimizer.zero_grad()
+        total = balancer(losses)  # norms of the global per-task gradients, from the shards
+        total.backward()  # FSDP reduce-scatters the model's gradients as usual
+        optimizer.step()
+    return balancer.weights.tolist()
 
+
+# In a function: the wrapped model is freed before the process group is destroyed.
+weights = train()
 everyone = [None] * dist.get_world_size()
-dist.all_gather_object(everyone, balancer.weights.tolist())
+dist.all_gather_object(everyone, weights)
 if rank == 0:
     print("weights per rank:", everyone)
-    assert all(weights == everyone[0] for weights in everyone)
+    assert all(other == everyone[0] for other in everyone)
     print("same weights on every rank")
 dist.destroy_process_group()

@@ -31,7 +31,8 @@ Syncing is active when ``torch.distributed`` is initialised and the group has mo
 rank; with one process nothing is communicated and nothing changes. The first active call
 checks, with one ``all_gather_object``, that every rank built the same balancer (method, task
 count, task names); a mismatch is an error on every rank, naming the ranks and the difference,
-before any collective whose size could disagree.
+before any collective whose size could disagree. It then gives every rank rank 0's state of the
+balancer (one ``broadcast_object_list``), as DDP does for a model.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.nn import Module
 
 from fused_mtl._backend import Backend
 from fused_mtl._gram_op import task_gram_or_norms, task_matrices
@@ -67,19 +69,70 @@ class TaskSync:
         self.owner = owner
         self.enabled = enabled
         self.process_group = process_group
-        self._checked_group: object = None
+        # id() of the group the first sync ran on: a new default group syncs anew.
+        self._synced_group: int | None = None
+        self._group_lost = False
 
-    def active(self) -> bool:
-        """Whether this call communicates: distributed, initialised, more than one rank."""
+    def __deepcopy__(self, memo: dict[int, object]) -> TaskSync:
+        # A process group is a handle shared by the whole process, not state to copy (and it
+        # cannot be copied): a copy of a balancer (an EMA model, say) syncs over the same group.
+        copied = object.__new__(TaskSync)
+        copied.__dict__.update(self.__dict__)
+        memo[id(self)] = copied
+        return copied
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A process group cannot be pickled (torch.save of a whole module): the loaded balancer
+        # refuses to sync until it is given one, rather than syncing over another group.
+        state = dict(self.__dict__)
+        state["_group_lost"] = self._group_lost or self.process_group is not None
+        state["process_group"] = None
+        state["_synced_group"] = None
+        return state
+
+    def set_process_group(self, process_group: ProcessGroup | None) -> None:
+        """Sync over ``process_group`` from now on (``None``: the default group)."""
+        self.process_group = process_group
+        self._synced_group = None
+        self._group_lost = False
+
+    def active(self, module: Module) -> bool:
+        """Whether this call communicates: distributed, initialised, more than one rank.
+
+        The first active call checks that every rank built the same balancer and gives every
+        rank rank 0's state of ``module`` (its parameters, buffers and extra state), as DDP does
+        for a model: ranks that started from different values (an unseeded initialisation, a
+        checkpoint loaded on one rank only) continue identically.
+        """
         if not (self.enabled and dist.is_available() and dist.is_initialized()):
             return False
+        if self._group_lost:
+            raise RuntimeError(
+                f"{self.owner} was pickled with a process group, which cannot be saved: call "
+                "balancer.set_process_group(group) before training it again"
+            )
         if dist.get_world_size(self.process_group) == 1:
             return False
         group = self.process_group if self.process_group is not None else dist.group.WORLD
-        if self._checked_group is not group:
-            self._check_same_balancer()
-            self._checked_group = group
+        if self._synced_group != id(group):
+            self._first_sync(module)
+            self._synced_group = id(group)
         return True
+
+    @torch.compiler.disable
+    def _first_sync(self, module: Module) -> None:
+        """The configuration check, then rank 0's state to every rank (two object collectives,
+        once; kept out of compiled graphs: they pickle Python objects)."""
+        self._check_same_balancer()
+        state = {
+            key: value.detach().cpu() if isinstance(value, Tensor) else value
+            for key, value in module.state_dict().items()
+        }
+        objects = [state]
+        source = 0 if self.process_group is None else dist.get_global_rank(self.process_group, 0)
+        dist.broadcast_object_list(objects, src=source, group=self.process_group)
+        if dist.get_rank(self.process_group) != 0:
+            module.load_state_dict(objects[0])
 
     @property
     def world_size(self) -> int:
@@ -104,11 +157,19 @@ class TaskSync:
         dist.all_reduce(total, group=self.process_group)
         return total / self.world_size
 
+    def smallest(self, values: Tensor) -> Tensor:
+        """The smallest over ranks of ``values`` (a new tensor): one ``all_reduce``."""
+        result = values.detach().clone()
+        dist.all_reduce(result, op=dist.ReduceOp.MIN, group=self.process_group)
+        return result
+
     def gather(self, values: Tensor) -> Tensor:
         """Every rank's ``(n,)`` values, shape ``(W, n)``, in rank order: one ``all_gather``."""
         flat = values.detach().reshape(-1).contiguous()
         gathered = flat.new_empty(self.world_size * flat.numel())
-        dist.all_gather_into_tensor(gathered, flat, group=self.process_group)
+        _collective("all_gather_single", "all_gather_into_tensor")(
+            gathered, flat, group=self.process_group
+        )
         return gathered.reshape(self.world_size, -1)
 
     def mean_grad(self, parameter: Tensor) -> Tensor:
@@ -125,13 +186,12 @@ class TaskSync:
         """Gram ``(K, K)`` (or norms ``(K,)``) of the global per-task gradients, global losses."""
         matrices = task_matrices(task_grads)
         num_tasks, world = matrices[0].shape[0], self.world_size
-        flat = torch.cat(matrices, dim=1) if len(matrices) > 1 else matrices[0]
-        columns = -(-flat.shape[1] // world)
-        padded = torch.nn.functional.pad(flat, (0, columns * world - flat.shape[1]))
-        # Rank-major: rank r receives the sum over ranks of columns [r*c, (r+1)*c) of every task.
-        send = padded.reshape(num_tasks, world, columns).transpose(0, 1).contiguous()
+        send = _rank_major(matrices, world)
+        columns = send.shape[2]
         shard = send.new_empty(num_tasks * columns)
-        dist.reduce_scatter_tensor(shard, send.reshape(-1), group=self.process_group)
+        _collective("reduce_scatter_single", "reduce_scatter_tensor")(
+            shard, send.reshape(-1), group=self.process_group
+        )
         partial = task_gram_or_norms(shard.reshape(num_tasks, columns), diagonal, backend)
         if diagonal:
             partial = partial.square()
@@ -150,6 +210,43 @@ class TaskSync:
         dist.all_reduce(packed, group=self.process_group)
         gram = packed[: local_gram.numel()].reshape(local_gram.shape) / world**2
         return gram, packed[local_gram.numel() :].to(losses.dtype) / world
+
+
+def _collective(name: str, older_name: str) -> Any:
+    """``torch.distributed.<name>``, or its older spelling in torch versions without it."""
+    return getattr(dist, name, None) or getattr(dist, older_name)
+
+
+def _rank_major(matrices: Sequence[Tensor], world: int) -> Tensor:
+    """The ``(K, P)`` gradients, side by side, as a ``(W, K, ceil(P / W))`` buffer: block ``r``
+    holds columns ``[r*c, (r+1)*c)`` of every task, zero past ``P``, so that a
+    ``reduce_scatter`` gives rank ``r`` the sum over ranks of its block.
+
+    Each parameter's columns are copied straight into their blocks (one buffer, no
+    intermediate copy of all the gradients), in float32 at least: half-precision gradients
+    summed over ranks in their own dtype would lose what one process's float32 Gram keeps.
+    """
+    num_tasks = matrices[0].shape[0]
+    total = sum(matrix.shape[1] for matrix in matrices)
+    columns = -(-total // world)
+    dtype = torch.float32
+    for matrix in matrices:
+        dtype = torch.promote_types(dtype, matrix.dtype)
+    send = matrices[0].new_empty((world, num_tasks, columns), dtype=dtype)
+    start = 0
+    for matrix in matrices:
+        width, done = matrix.shape[1], 0
+        while done < width:
+            block, offset = divmod(start + done, columns)
+            take = min(width - done, columns - offset)
+            send[block, :, offset : offset + take] = matrix[:, done : done + take]
+            done += take
+        start += width
+    for block in range(world):
+        first_pad = max(0, total - block * columns)
+        if first_pad < columns:
+            send[block, :, first_pad:] = 0
+    return send
 
 
 class _MeanGradient(torch.autograd.Function):

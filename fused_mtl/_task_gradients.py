@@ -31,7 +31,7 @@ on 2 cores, 8 separate heads: 1.9 ms for the loop vs 3.8 ms batched).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
 import torch
@@ -116,12 +116,16 @@ class TaskGradients:
         task_names: Sequence[str] | None,
         separate_losses: Sequence[Tensor] | None = None,
         inputs: Sequence[Tensor] | None = None,
+        agree: Callable[[Tensor], Tensor] | None = None,
     ) -> list[Tensor]:
         """Gradients of each of the ``(K,)`` ``losses``; the graph is retained for a backward.
 
         ``separate_losses``: the same losses before stacking, when the caller has them.
         ``inputs``: tensors to differentiate instead of the parameters given at construction
         (for example a representation that is new at every call); the names stay.
+        ``agree``: under torch.distributed, the smallest over ranks of a tensor of flags, so
+        that the first call's checks and choice are the same on every rank (see
+        ``_choose_mode``).
         """
         if inputs is not None:
             self.parameters = list(inputs)
@@ -129,19 +133,30 @@ class TaskGradients:
             return self._batched(losses)
         if self.mode == "loop":
             return self._loop(separate_losses or losses, task_names)
-        return self._choose_mode(losses, task_names, separate_losses)
+        return self._choose_mode(losses, task_names, separate_losses, agree)
 
     def _choose_mode(
         self,
         losses: Tensor,
         task_names: Sequence[str] | None,
         separate_losses: Sequence[Tensor] | None,
+        agree: Callable[[Tensor], Tensor] | None,
     ) -> list[Tensor]:
         looped = self._loop(separate_losses or losses, task_names)
-        # One host read for every task: which has a non-zero gradient for some parameter.
         reached = torch.stack([(grads.flatten(1) != 0).any(dim=1) for grads in looped]).any(dim=0)
-        for index, task_reached in enumerate(reached.tolist()):
-            if not task_reached:
+        batched, failure = None, None
+        if self.requested != "loop":
+            batched, failure = self._try_batched(losses, looped)
+        flags = torch.cat([~reached, reached.new_tensor([failure is None])]).float()
+        if agree is not None:
+            # A task is unreached only if it is so on every rank (its global gradient is zero);
+            # the batched backward is kept only if every rank could use it. Every rank then
+            # raises, or goes on, alike: none is left waiting in a collective.
+            flags = agree(flags)
+        # One host read for every task and the choice.
+        *unreached, batched_everywhere = flags.tolist()
+        for index, task_unreached in enumerate(unreached):
+            if task_unreached:
                 raise ValueError(
                     f"task {task_label(index, task_names)}: its gradient is zero for every "
                     "shared parameter: its loss does not depend on them (choose parameters "
@@ -150,23 +165,32 @@ class TaskGradients:
         if self.requested == "loop":
             self.mode, self.reason = "loop", "requested (per_task_gradients='loop')"
             return looped
+        if failure is None and not batched_everywhere:
+            failure = "another rank could not use the batched backward"
+        if failure is not None:
+            return self._fall_back(looped, failure)
+        self.mode = "batched"
+        self.reason = "one batched backward agreed with per-task backward passes"
+        return batched
+
+    def _try_batched(
+        self, losses: Tensor, looped: list[Tensor]
+    ) -> tuple[list[Tensor] | None, str | None]:
+        """The batched gradients and ``None``, or ``None`` and why they cannot be used."""
         try:
             batched = self._batched(losses)
         except RuntimeError as error:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-            return self._fall_back(looped, f"the batched backward failed: {first_line}")
+            return None, f"the batched backward failed: {first_line}"
         for name, one, other in zip(self.parameter_names, batched, looped, strict=True):
             rtol = _agreement_rtol(other.dtype)
             scale = float(other.abs().max()) if other.numel() else 0.0
             if not torch.allclose(one, other, rtol=rtol, atol=rtol * scale):
-                return self._fall_back(
-                    looped,
+                return None, (
                     f"the batched backward disagrees with per-task backward passes on {name} "
-                    f"(largest difference {float((one - other).abs().max()):.3g})",
+                    f"(largest difference {float((one - other).abs().max()):.3g})"
                 )
-        self.mode = "batched"
-        self.reason = "one batched backward agreed with per-task backward passes"
-        return batched
+        return batched, None
 
     def _fall_back(self, looped: list[Tensor], reason: str) -> list[Tensor]:
         if self.requested == "batched":

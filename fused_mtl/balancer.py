@@ -75,7 +75,12 @@ class Balancer(nn.Module):
 
     def _syncing(self) -> bool:
         """Whether a training call communicates (distributed, more than one rank, sync on)."""
-        return self.training and torch.is_grad_enabled() and self._sync.active()
+        return self.training and torch.is_grad_enabled() and self._sync.active(self)
+
+    def set_process_group(self, process_group: ProcessGroup | None) -> None:
+        """Sync over ``process_group`` from now on (``None``: the default group); for example
+        after loading a balancer pickled whole with ``torch.save``, which cannot keep one."""
+        self._sync.set_process_group(process_group)
 
     def backward(self, *losses: LossArgs) -> Tensor:
         """``total = self(*losses)``, then ``total.backward()``; returns the total, detached."""
@@ -216,25 +221,37 @@ class GradientBalancer(Balancer):
         ``features``: a tensor to differentiate instead of the shared parameters (MGDA-UB),
         whose rows are this rank's own samples.
         """
-        choosing = gradients.mode is None
+        syncing = self._syncing()
         if features is not None:
             inputs: list[Tensor] | None = [features]
         else:
             inputs = unsharded_parameters(self._shared) if self._sharded else None
-        task_grads = gradients(losses, self.tasks, separate, inputs)
-        if not self._syncing():
+        agree = self._sync.smallest if syncing else None
+        task_grads = gradients(losses, self.tasks, separate, inputs, agree)
+        if not syncing:
             gram = task_gram_or_norms(task_grads, diagonal, self._requested_backend)
             return gram, losses.detach()
-        if choosing:
-            self._agree_on_mode(gradients, losses.device)
         if features is not None:
             local = task_gram_or_norms(task_grads, diagonal, self._requested_backend)
             return self._sync.gram_of_samples(local, losses)
         return self._sync.gram(task_grads, losses, diagonal, self._requested_backend)
 
-    def _agree_on_mode(self, gradients: TaskGradients, device: torch.device) -> None:
-        """Every rank keeps the batched backward only if every rank could (one all_reduce)."""
-        batched = torch.tensor(float(gradients.mode == "batched"), device=device)
-        if float(self._sync.mean(batched)) < 1 and gradients.mode == "batched":
-            gradients.mode = "loop"
-            gradients.reason = "another rank could not use the batched backward"
+
+def with_parameter_gradient(total: Tensor, parameter: Tensor, gradient: Tensor) -> Tensor:
+    """``total`` itself, whose backward also accumulates ``gradient`` (times the upstream
+    gradient) into ``parameter.grad``: for a method that trains its own parameter by a rule of
+    its own (GradNorm's weights), through autograd, where DDP, FSDP and a GradScaler see it
+    like any parameter's gradient. The total's value is untouched, whatever ``gradient`` is."""
+    return _WithParameterGradient.apply(total, parameter, gradient)
+
+
+class _WithParameterGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, total: Tensor, parameter: Tensor, gradient: Tensor) -> Tensor:
+        ctx.save_for_backward(gradient)
+        return total.clone()
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor) -> tuple[Tensor, Tensor, None]:
+        (gradient,) = ctx.saved_tensors
+        return grad_total, grad_total.to(gradient.dtype) * gradient, None

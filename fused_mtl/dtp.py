@@ -153,7 +153,7 @@ class DTP(LossWeighting):
         values = self._per_task_numbers(
             kpis[0] if len(kpis) == 1 else list(kpis), "KPI", broadcast=False
         )
-        if self._sync.active():
+        if self._sync.active(self):
             # Every rank's KPIs, checked and averaged alike on every rank: a bad value is an
             # error everywhere (no rank is left waiting in a collective) and the average is
             # bit-identical.

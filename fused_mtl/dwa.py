@@ -102,7 +102,9 @@ class DWA(LossWeighting):
         self.periods_finished = 0
 
     def _observe(self, losses: Tensor) -> None:
-        if self._syncing():
+        # Every training-mode call counts, with grad or without: under torch.distributed each
+        # must be made on every rank.
+        if self._sync.active(self):
             # Every step, not once a period: DDP broadcasts rank 0's buffers at each forward
             # when DWA sits inside the wrapped module, which would overwrite local sums.
             losses = self._sync.mean(losses)

@@ -13,7 +13,7 @@ from fused_mtl._backend import Backend
 from fused_mtl._distributed import ProcessGroup
 from fused_mtl._losses import task_label
 from fused_mtl._task_gradients import SharedParameters
-from fused_mtl.balancer import GradientBalancer, LossArgs
+from fused_mtl.balancer import GradientBalancer, LossArgs, with_parameter_gradient
 
 # Renormalisation raises a weight that an optimiser step pushed to or below zero to this floor
 # before rescaling the sum to K: the weights stay positive and the rescaling finite.
@@ -167,13 +167,17 @@ class GradNorm(GradientBalancer):
         reported = self._reported_total(losses, self.weights.device)
         if reported is not None:
             return reported
-        self.renormalize_()
         stacked, separate = self._graph_losses(losses, self.weights.device)
+        # Under torch.distributed the first sync gives every rank rank 0's weights and L_i(0):
+        # before they are used.
+        self._syncing()
+        self.renormalize_()
         grad_norms, current = self._task_gram(self._task_gradients, stacked, separate, True)
         if not self._initial_recorded:
             self._set_initial_losses(current)
         dtype = torch.promote_types(grad_norms.dtype, self.weights.dtype)
-        weights = self.weights.detach()
+        # A copy: the total's backward needs these weights after the next call renormalises.
+        weights = self.weights.detach().clone()
         weight_grad = reference.gradnorm_weight_grad(
             weights.to(dtype),
             grad_norms.to(dtype),
@@ -183,11 +187,7 @@ class GradNorm(GradientBalancer):
         ).to(self.weights.dtype)
         self.grad_norms = grad_norms.detach()
         total = (weights.to(stacked.dtype) * stacked).sum()
-        # (w - w) is exactly 0: the value of the total is unchanged, and its backward
-        # accumulates weight_grad (times the upstream gradient) into weights.grad through
-        # autograd, where DDP, FSDP and GradScaler see it like any parameter's gradient.
-        update = ((self.weights - weights) * weight_grad).sum()
-        return total + update.to(total.dtype)
+        return with_parameter_gradient(total, self.weights, weight_grad)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, alpha={self.alpha}"

@@ -8,8 +8,9 @@
 
 Setups: ``ddp_outside`` (the balancer outside the DDP-wrapped model), ``ddp_inside`` (the
 balancer inside the wrapped module, its total computed in ``forward``, as Lightning does),
-``fsdp2`` (trunk and root sharded with ``fully_shard``), ``mismatch`` (rank 1 builds a balancer
-with another task count), ``lightning_auto`` / ``lightning_manual`` (``strategy="ddp"``).
+``fsdp2`` (trunk and root sharded with ``fully_shard``), ``mismatch`` (ranks that built
+different balancers), ``edge_cases`` (what a rank does differently from the others),
+``lightning_auto`` / ``lightning_manual`` (``strategy="ddp"``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fused_mtl import DTP, DWA, MGDA, EqualWeighting, GradNorm, UncertaintyWeighting
-from fused_mtl.compat import AutomaticWeightedLoss
+from fused_mtl.compat import AutomaticWeightedLoss, MultiNoiseLoss
 
 NUM_TASKS = 3
 LOCAL_BATCH = 8
@@ -220,31 +221,115 @@ def run_groups(method: str, rank: int) -> dict[str, object]:
     return train("plain", method, rank, 3, sync=False)
 
 
-COUNTED = ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "all_gather_object")
+# Each collective a balancer may issue, under every spelling torch has had, by what it does.
+def run_edge_cases(rank: int) -> dict[str, object]:
+    """Ranks that differ in their data or their starting state, and copies of a balancer."""
+    import copy
+    import io
+
+    world = dist.get_world_size()
+    inputs, targets = global_batch(world)
+    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    results: dict[str, object] = {}
+
+    # Task 1's gradient is zero on rank 1 only (its loss ignores the model there): the global
+    # gradient is not zero, so no rank may raise, and the weights agree.
+    torch.manual_seed(0)
+    net = Net()
+    mgda = MGDA(net.trunk.parameters(), NUM_TASKS)
+    _, outputs = net(inputs[rows])
+    losses = task_losses(outputs, targets[rows])
+    if rank == 1:
+        losses = torch.stack([losses[0], losses[1].detach() + 0 * outputs.sum(), losses[2]])
+    mgda(losses).backward()
+    results["zero_on_one_rank"] = mgda.weights.clone()
+
+    # Different starting state on each rank: unseeded parameters (MultiNoiseLoss draws them
+    # with torch.rand), GradNorm's initial losses. The first sync gives every rank rank 0's.
+    torch.manual_seed(100 + rank)
+    noise = MultiNoiseLoss(NUM_TASKS)
+    noise(torch.ones(NUM_TASKS, requires_grad=True)).backward()
+    results["multi_noise"] = noise.noise_params.detach().clone()
+    torch.manual_seed(0)
+    net = Net()
+    gradnorm = GradNorm(net.trunk[2].parameters(), NUM_TASKS, initial_losses=[1.0 + rank] * 3)
+    _, outputs = net(inputs[rows])
+    gradnorm(task_losses(outputs, targets[rows])).backward()
+    results["initial_losses"] = gradnorm.initial_losses.clone()
+    results["gradnorm_grad"] = gradnorm.weights.grad.clone()
+
+    # DWA counts training-mode calls made without grad too (logging a total, say).
+    dwa = DWA(NUM_TASKS, period_steps=1)
+    with torch.no_grad():
+        for step in range(3):
+            dwa(torch.tensor([1.0 + rank * step, 2.0, 3.0 - step * 0.5]))
+    results["dwa_no_grad"] = dwa.weights.clone()
+
+    # A deep copy (an EMA model) syncs over the same group; a balancer pickled whole with a
+    # process group refuses to sync until it is given one again.
+    group = dist.new_group(list(range(world)))
+    uw = UncertaintyWeighting(NUM_TASKS, process_group=group)
+    uw(torch.ones(NUM_TASKS) * (1 + rank)).backward()
+    twin = copy.deepcopy(uw)
+    twin.log_vars.grad = None
+    twin(torch.ones(NUM_TASKS, requires_grad=True) * (1 + rank)).backward()
+    results["deepcopy_grad"] = twin.log_vars.grad.clone()
+    buffer = io.BytesIO()
+    torch.save(uw, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    try:
+        loaded(torch.ones(NUM_TASKS, requires_grad=True)).backward()
+        results["pickled"] = None
+    except RuntimeError as error:
+        results["pickled"] = str(error)
+    loaded.set_process_group(group)
+    loaded.log_vars.grad = None
+    loaded(torch.ones(NUM_TASKS, requires_grad=True) * (1 + rank)).backward()
+    results["pickled_grad"] = loaded.log_vars.grad.clone()
+
+    # The first call compiled: the first sync's object collectives stay out of the graph.
+    compiled_uw = UncertaintyWeighting(NUM_TASKS)
+    compiled = torch.compile(compiled_uw, backend="aot_eager")
+    compiled(torch.ones(NUM_TASKS, requires_grad=True) * (1 + rank)).backward()
+    results["compiled_grad"] = compiled_uw.log_vars.grad.clone()
+    return results
+
+
+COUNTED = {
+    "all_reduce": "all_reduce",
+    "reduce_scatter_single": "reduce_scatter",
+    "reduce_scatter_tensor": "reduce_scatter",
+    "all_gather_single": "all_gather",
+    "all_gather_into_tensor": "all_gather",
+    "all_gather_object": "all_gather_object",
+    "broadcast_object_list": "broadcast_object_list",
+}
 
 
 def run_count(method: str, rank: int, world: int) -> dict[str, object]:
     """The collectives the balancer itself issues in each step (DDP's own are in C++ and not
-    seen here): a list per step of ``(collective, elements, bytes)``."""
+    seen here): a list per step of ``(collective, elements put in, bytes put in)``."""
     calls: list[tuple[str, int, int]] = []
-    originals = {name: getattr(dist, name) for name in COUNTED}
+    originals = {name: getattr(dist, name) for name in COUNTED if hasattr(dist, name)}
 
     def counting(name):
         def collective(*args, **kwargs):
-            tensor = (
-                args[1] if name in ("reduce_scatter_tensor", "all_gather_into_tensor") else args[0]
-            )
+            # The tensor a rank puts in: the input of the *_single / *_tensor forms.
+            tensor = args[1] if COUNTED[name] in ("reduce_scatter", "all_gather") else args[0]
             if isinstance(tensor, torch.Tensor):
-                calls.append((name, tensor.numel(), tensor.numel() * tensor.element_size()))
+                calls.append(
+                    (COUNTED[name], tensor.numel(), tensor.numel() * tensor.element_size())
+                )
             else:
-                calls.append((name, 0, 0))
+                calls.append((COUNTED[name], 0, 0))
             return originals[name](*args, **kwargs)
 
         return collective
 
     steps = []
     try:
-        for name in COUNTED:
+        for name in originals:
             setattr(dist, name, counting(name))
         torch.manual_seed(0)
         net = Net()
@@ -334,6 +419,8 @@ def main() -> None:
         try:
             if setup == "mismatch":
                 results["mismatch"] = run_mismatch(rank)
+            elif setup == "edge_cases":
+                results["edge_cases"] = run_edge_cases(rank)
             elif setup == "count":
                 for method in methods:
                     results[method] = run_count(method, rank, world)

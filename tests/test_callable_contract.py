@@ -112,3 +112,54 @@ def test_gradnorm_weight_gradient_is_its_update_not_a_gradient_of_the_total():
     assert not torch.allclose(balancer.weights.grad, losses.detach())
     # GradNorm's gradient is sign(G_i - T_i) ||g_i||: its magnitudes are the gradient norms.
     assert torch.allclose(balancer.weights.grad.abs(), balancer.grad_norms)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_one_process_communicates_nothing(method, monkeypatch):
+    """Without torch.distributed initialised, no balancer calls a collective."""
+
+    def collective(*args, **kwargs):
+        raise AssertionError("a collective was called in a single process")
+
+    for name in worker.COUNTED:
+        if hasattr(torch.distributed, name):
+            monkeypatch.setattr(torch.distributed, name, collective)
+    inputs, targets = worker.global_batch(1)
+    net, balancer = make(method)
+    for _ in range(3):
+        step(net, balancer, method, inputs, targets, call=True)
+
+
+def test_gradnorm_total_is_the_weighted_sum_even_when_its_update_is_not_finite():
+    """A loss so large that a gradient norm overflows: the weights' update is not finite, the
+    total is still sum_i w_i L_i, exactly."""
+    inputs, targets = worker.global_batch(1)
+    net, balancer = make("gradnorm")
+    _, outputs = net(inputs)
+    losses = worker.task_losses(outputs, targets) * torch.tensor([1e25, 1.0, 1.0])
+    total = balancer(losses)
+    assert not torch.isfinite(balancer.grad_norms).all()
+    assert torch.equal(total, (balancer.weights.detach() * losses).sum())
+    assert torch.isfinite(total)
+
+
+@pytest.mark.parametrize("method", ["gradnorm", "mgda"])
+def test_two_calls_then_one_backward(method):
+    """Two balanced totals (two micro-batches, say) summed, then one backward: each total keeps
+    the weights it was computed with, and the gradients add up."""
+    inputs, targets = worker.global_batch(1)
+    net, balancer = make(method)
+    halves = [slice(0, 4), slice(4, 8)]
+    totals, weights = [], []
+    for rows in halves:
+        _, outputs = net(inputs[rows])
+        totals.append(balancer(worker.task_losses(outputs, targets[rows])))
+        weights.append(balancer.weights.detach().clone())
+    (totals[0] + totals[1]).backward()
+    together = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    for rows, used in zip(halves, weights, strict=True):
+        _, outputs = net(inputs[rows])
+        (used * worker.task_losses(outputs, targets[rows])).sum().backward()
+    for got, expected in zip(together, (p.grad for p in net.parameters()), strict=True):
+        assert torch.allclose(got, expected, rtol=1e-6, atol=1e-7)
