@@ -115,14 +115,15 @@ class TaskSync:
             return False
         group = self.process_group if self.process_group is not None else dist.group.WORLD
         if self._synced_group != id(group):
-            self._first_sync(module)
+            # Kept out of compiled graphs: the object collectives pickle Python objects. Wrapped
+            # here, not at import: torch.compiler.disable imports dynamo (and triton).
+            torch.compiler.disable(self._first_sync)(module)
             self._synced_group = id(group)
         return True
 
-    @torch.compiler.disable
     def _first_sync(self, module: Module) -> None:
         """The configuration check, then rank 0's state to every rank (two object collectives,
-        once; kept out of compiled graphs: they pickle Python objects)."""
+        once)."""
         self._check_same_balancer()
         state = {
             key: value.detach().cpu() if isinstance(value, Tensor) else value
