@@ -2,7 +2,7 @@
 
 The public surface::
 
-    fused_mtl.Balancer                  # the interface: balancer.backward(losses), .weights
+    fused_mtl.Balancer                  # the interface: total = balancer(losses), .weights
     fused_mtl.UncertaintyWeighting      # learned uncertainty (parameter log_vars)
     fused_mtl.GradNorm                  # gradient-norm balancing (parameter weights)
     fused_mtl.DWA                       # dynamic weight average (period loss ratios)

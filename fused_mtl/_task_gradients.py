@@ -20,7 +20,10 @@ otherwise the loop is kept and ``reason`` says why. ``requested="batched"`` rais
 falling back; ``requested="loop"`` never tries the batched backward. So a model whose operations
 cannot be vmapped costs one failed attempt, never a wrong gradient. The first call therefore
 costs K + 1 backward passes and a host synchronisation; the following calls cost one (batched)
-or K (loop) and never synchronise.
+or K (loop) and never synchronise. Under torch.distributed the first call's findings are agreed
+over the ranks (one ``all_reduce`` of K + 1 flags, see ``agree``): a task is named only if its
+gradient is zero on every rank, and the batched backward is kept only if every rank can use it,
+so that every rank raises, or goes on, alike.
 
 Which is faster depends on the device and the model. The batched backward replaces K walks of
 the graph by one, which saves K - 1 sets of kernel launches on a GPU. It computes the same
