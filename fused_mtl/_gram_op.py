@@ -137,7 +137,10 @@ def task_gram_or_norms(task_grads: TaskGrads, diagonal: bool, backend: Backend) 
     """
     matrices = task_matrices(task_grads)
     if resolve_backend(backend, *matrices) == "torch":
-        return _reference(matrices, diagonal)
+        # Autocast would run the reference's matmul in half precision: the Gram and the norms
+        # are float32 (float64) whatever autocast does, as on the Triton path.
+        with torch.autocast(matrices[0].device.type, enabled=False):
+            return _reference(matrices, diagonal)
     if torch.compiler.is_compiling():
         return _task_gram_op(matrices, diagonal)
     return _TaskGramFunction.apply(diagonal, *matrices)

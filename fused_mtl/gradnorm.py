@@ -13,7 +13,12 @@ from fused_mtl._backend import Backend
 from fused_mtl._distributed import ProcessGroup
 from fused_mtl._losses import task_label
 from fused_mtl._task_gradients import SharedParameters
-from fused_mtl.balancer import GradientBalancer, LossArgs, with_parameter_gradient
+from fused_mtl.balancer import (
+    GradientBalancer,
+    LossArgs,
+    weighted_sum,
+    with_parameter_gradient,
+)
 
 # Renormalisation raises a weight that an optimiser step pushed to or below zero to this floor
 # before rescaling the sum to K: the weights stay positive and the rescaling finite.
@@ -186,7 +191,9 @@ class GradNorm(GradientBalancer):
             self.alpha,
         ).to(self.weights.dtype)
         self.grad_norms = grad_norms.detach()
-        total = (weights.to(stacked.dtype) * stacked).sum()
+        # float32 (float64) whatever the losses' dtype: half-precision losses are not rounded
+        # to their weights' precision, nor the weights to theirs.
+        total = weighted_sum(weights, stacked)
         return with_parameter_gradient(total, self.weights, weight_grad)
 
     def extra_repr(self) -> str:
