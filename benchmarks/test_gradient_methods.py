@@ -10,12 +10,15 @@ import pytest
 import torch
 
 from fused_mtl.benchmark_cases import (
+    COMPILED_STEP_IMPLEMENTATIONS,
+    COMPILED_STEP_METHODS,
     GRADIENT_STEP_IMPLEMENTATIONS,
     GRAM_BASELINES,
     GRAM_TASK_COUNTS,
     GRAM_WIDTHS,
     STEP_METHODS,
     STEP_TASKS,
+    compiled_step_case,
     copy_case,
     default_device,
     gradient_step_case,
@@ -39,6 +42,12 @@ def test_gradient_method_step(run_case, method, implementation):
 @pytest.mark.parametrize("method", STEP_METHODS)
 def test_method_step(run_case, method):
     run_case(lambda device: method_step_case(method, STEP_TASKS, device))
+
+
+@pytest.mark.parametrize("implementation", COMPILED_STEP_IMPLEMENTATIONS)
+@pytest.mark.parametrize("method", COMPILED_STEP_METHODS)
+def test_compiled_step(run_case, method, implementation):
+    run_case(lambda device: compiled_step_case(method, implementation, STEP_TASKS, device))
 
 
 @pytest.mark.parametrize("implementation", ["fused_auto", "baseline"])

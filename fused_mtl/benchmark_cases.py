@@ -36,7 +36,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -94,6 +94,10 @@ GRADIENT_STEP_IMPLEMENTATIONS = {
     "mgda": ("fused_auto", "fused_loop", "torch_fallback", "features_ub", "per_task_loop"),
 }
 STEP_METHODS = ("equal", "uw", "dwa", "dtp", "gradnorm", "mgda")
+# DWA is left out: its period counters are Python ints, and a compiled step recompiles as they
+# change.
+COMPILED_STEP_METHODS = ("equal", "uw", "dtp", "gradnorm", "mgda")
+COMPILED_STEP_IMPLEMENTATIONS = ("eager", "compiled")
 STEP_TASKS = 8
 BATCH = 256
 
@@ -477,6 +481,37 @@ def method_step_case(method: str, num_tasks: int, device: str) -> Case:
     return _training_step(group, method, "equal", model, run)
 
 
+def compiled_step_case(method: str, implementation: str, num_tasks: int, device: str) -> Case:
+    """One training step (forward, ``balancer(losses)``, backward) with ``method``'s balancer
+    on the toy's network, eager or compiled whole with ``torch.compile`` (inductor). For
+    GradNorm and MGDA the per-task backward passes run between compiled graphs."""
+    group = f"compiled step {method} K={num_tasks}"
+    check_device(device, group, implementation)
+    if implementation not in COMPILED_STEP_IMPLEMENTATIONS:
+        raise ValueError(f"unknown implementation {implementation!r}")
+    model, data = _toy(num_tasks, device)
+    balancer = make_balancer(method, model, num_tasks, period_steps=10).to(device)
+    if isinstance(balancer, DTP):
+        balancer.update_kpis(torch.linspace(0.1, 0.9, num_tasks))
+
+    def run() -> None:
+        balancer(task_losses(model, data)).backward()
+
+    if implementation == "eager":
+        return _training_step(group, implementation, "eager", model, run)
+    torch.compiler.reset()  # each case compiles afresh instead of counting as a recompile
+    compiled = torch.compile(run)
+    started = time.perf_counter()
+    compiled()
+    compile_seconds = time.perf_counter() - started
+    case = _training_step(group, implementation, "eager", model, compiled)
+    return replace(
+        case,
+        compile_seconds=compile_seconds,
+        timing_guard=lambda: torch.compiler.set_stance("fail_on_recompile"),
+    )
+
+
 # --- the suite -------------------------------------------------------------------------------
 
 
@@ -508,6 +543,11 @@ def suite(device: str, quick: bool = False) -> Iterator[Callable[[], Case]]:
             yield lambda m=method, i=implementation: gradient_step_case(m, i, STEP_TASKS, device)
     for method in STEP_METHODS:
         yield lambda m=method: method_step_case(m, STEP_TASKS, device)
+    if quick:  # compiling the steps with inductor takes minutes on a CPU
+        return
+    for method in COMPILED_STEP_METHODS:
+        for implementation in COMPILED_STEP_IMPLEMENTATIONS:
+            yield lambda m=method, i=implementation: compiled_step_case(m, i, STEP_TASKS, device)
 
 
 # --- where a result was measured -------------------------------------------------------------

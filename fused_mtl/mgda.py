@@ -162,7 +162,18 @@ class MGDA(GradientBalancer):
         if by_loss and not syncing:
             self._check_positive(stacked)
         self._last_gradients = gradients
-        gram, current = self._task_gram(gradients, stacked, separate, False, features)
+        try:
+            gram, current = self._task_gram(gradients, stacked, separate, False, features)
+        except ValueError as error:
+            if features is not None and _from_compiled_graph(features):
+                raise ValueError(
+                    "MGDA: the task losses do not reach features: z and the losses come out of "
+                    "one torch.compile graph, whose backward autograd cannot enter at z. "
+                    "Compile the encoder that computes z on its own (torch.compile(encoder)) "
+                    "and the heads apart, or pass MGDA the shared parameters instead of "
+                    "features=z"
+                ) from error
+            raise
         if by_loss and syncing:
             self._check_positive(current)
         scales = reference.gradient_scales(gram, current, self.normalization)
@@ -206,3 +217,8 @@ class MGDA(GradientBalancer):
             f"{super().extra_repr()}, normalization={self.normalization!r}, "
             f"solver_iterations={self.solver_iterations}"
         )
+
+
+def _from_compiled_graph(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is an output of a ``torch.compile`` graph (its backward is one node)."""
+    return tensor.grad_fn is not None and "CompiledFunction" in type(tensor.grad_fn).__name__
