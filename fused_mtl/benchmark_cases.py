@@ -94,9 +94,7 @@ GRADIENT_STEP_IMPLEMENTATIONS = {
     "mgda": ("fused_auto", "fused_loop", "torch_fallback", "features_ub", "per_task_loop"),
 }
 STEP_METHODS = ("equal", "uw", "dwa", "dtp", "gradnorm", "mgda")
-# DWA is left out: its period counters are Python ints, and a compiled step recompiles as they
-# change.
-COMPILED_STEP_METHODS = ("equal", "uw", "dtp", "gradnorm", "mgda")
+COMPILED_STEP_METHODS = STEP_METHODS
 COMPILED_STEP_IMPLEMENTATIONS = ("eager", "compiled")
 STEP_TASKS = 8
 BATCH = 256

@@ -31,11 +31,15 @@ class DWA(LossWeighting):
     without a host synchronisation; calls in eval mode (validation) do not count. A period ends
     when you call ``end_epoch()``, or by itself after ``period_steps`` calls. Ending a period
     reads its K means on the host once, to check that they are finite and positive (the rates
-    divide by them).
+    divide by them). Under ``torch.compile`` the forward is one graph across period
+    boundaries and reads nothing on the host: a period ended by ``period_steps`` inside a
+    compiled region is not checked, and means that are not finite and positive give NaN
+    weights (so a NaN total) instead of the error.
 
     The period sums, the last two period means and the weights are buffers, and the step and
-    period counters are in the module's extra state: ``load_state_dict(state_dict())`` resumes
-    with bit-identical weights, also in the middle of a period.
+    period counters (device tensors) are saved in the module's extra state:
+    ``load_state_dict(state_dict())`` resumes with bit-identical weights, also in the middle of a
+    period.
 
     Args:
         num_tasks: number of tasks K (may be omitted when ``tasks`` is given).
@@ -98,8 +102,23 @@ class DWA(LossWeighting):
         self.register_buffer("period_loss_sums", torch.zeros(num))
         # Row 0: the mean losses of the last finished period, t - 1; row 1: of t - 2.
         self.register_buffer("period_means", torch.full((2, num), math.nan))
-        self.steps_in_period = 0
-        self.periods_finished = 0
+        # The counters live on the device, so that a compiled forward neither reads the host
+        # nor recompiles as they change; they are saved as extra state (plain integers).
+        self.register_buffer("step_count", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.register_buffer("period_count", torch.zeros((), dtype=torch.int64), persistent=False)
+        # The host's copy of step_count in eager calls (None after a compiled call): it tells
+        # an eager call that it closes a period, to check the means, without reading the device.
+        self._host_steps: int | None = 0
+
+    @property
+    def steps_in_period(self) -> int:
+        """Training calls in the current period (reads the device)."""
+        return int(self.step_count)
+
+    @property
+    def periods_finished(self) -> int:
+        """Periods ended so far (reads the device)."""
+        return int(self.period_count)
 
     def _observe(self, losses: Tensor) -> None:
         # Every training-mode call counts, with grad or without: under torch.distributed each
@@ -108,21 +127,48 @@ class DWA(LossWeighting):
             # Every step, not once a period: DDP broadcasts rank 0's buffers at each forward
             # when DWA sits inside the wrapped module, which would overwrite local sums.
             losses = self._sync.mean(losses)
-        sums = self.period_loss_sums
-        sums += losses.to(sums.dtype)
-        self.steps_in_period += 1
-        if self.steps_in_period == self.period_steps:
-            self.end_epoch()
+        sums = self.period_loss_sums + losses.to(self.period_loss_sums.dtype)
+        steps = self.step_count + 1
+        if self.period_steps is None:
+            self.period_loss_sums, self.step_count = sums, steps
+            return
+        closing = steps == self.period_steps
+        if torch.compiler.is_compiling():
+            # No host read and no branch in a compiled region: every call runs the period's
+            # end, selected on the device; means that cannot be used give NaN weights (see
+            # _end_period) instead of the eager call's error.
+            self._host_steps = None
+            self._end_period(sums, steps, closing)
+            return
+        host_steps = self._host_steps if self._host_steps is not None else int(self.step_count)
+        if host_steps + 1 < self.period_steps:
+            self._host_steps = host_steps + 1
+            self.period_loss_sums, self.step_count = sums, steps
+            return
+        self._check_period_means(sums / self.period_steps)
+        self._host_steps = 0
+        self._end_period(sums, steps, closing)
 
     @torch.no_grad()
     def end_epoch(self) -> None:
-        """End the current period: its mean losses become ``L(t-1)``; update the weights."""
-        if self.steps_in_period == 0:
+        """End the current period: its mean losses become ``L(t-1)``; update the weights.
+
+        Reads the step count and the K means on the host: call it outside a compiled region.
+        """
+        steps = int(self.step_count)
+        if steps == 0:
             raise RuntimeError(
                 "DWA.end_epoch: no training losses since the last period ended; call the module "
                 "(or its backward) in training mode during the period"
             )
-        means = self.period_loss_sums / self.steps_in_period
+        self._check_period_means(self.period_loss_sums / steps)
+        closing = torch.ones((), dtype=torch.bool, device=self.step_count.device)
+        self._end_period(self.period_loss_sums, self.step_count, closing)
+        self._host_steps = 0
+
+    def _check_period_means(self, means: Tensor) -> None:
+        """Raise naming the task whose mean loss over the closing period is not finite and
+        positive (one host read of K numbers, once a period)."""
         for index, value in enumerate(means.tolist()):
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(
@@ -130,23 +176,34 @@ class DWA(LossWeighting):
                     f"{self.periods_finished} is {value}; DWA's rates L(t-1) / L(t-2) need "
                     "finite, positive losses"
                 )
-        # New tensors, not in-place updates: a total computed before may still need the old
-        # weights in its backward.
-        self.period_means = torch.stack([means, self.period_means[0]])
-        self.period_loss_sums = torch.zeros_like(self.period_loss_sums)
-        self.steps_in_period = 0
-        self.periods_finished += 1
-        if self.periods_finished >= 2:
-            self.weights = reference.dwa_weights(
-                self.period_means[0], self.period_means[1], self.temperature
-            )
+
+    def _end_period(self, sums: Tensor, steps: Tensor, closing: Tensor) -> None:
+        """The state after this call, the period ended where ``closing`` (a 0-dim bool tensor):
+        the same tensor operations whether or not it ends, so that a compiled forward is one
+        graph. New tensors, not in-place updates: a total computed before may still need the
+        old weights in its backward."""
+        means = sums / steps.clamp_min(1)
+        self.period_means = torch.where(
+            closing, torch.stack([means, self.period_means[0]]), self.period_means
+        )
+        self.period_count = self.period_count + closing.to(self.period_count.dtype)
+        updated = reference.dwa_weights(
+            self.period_means[0], self.period_means[1], self.temperature
+        )
+        usable = torch.isfinite(means).all() & (means > 0).all()
+        updated = torch.where(usable, updated, torch.full_like(updated, math.nan))
+        self.weights = torch.where(closing & (self.period_count >= 2), updated, self.weights)
+        self.period_loss_sums = torch.where(closing, torch.zeros_like(sums), sums)
+        self.step_count = torch.where(closing, torch.zeros_like(steps), steps)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"steps_in_period": self.steps_in_period, "periods_finished": self.periods_finished}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.steps_in_period = int(state["steps_in_period"])
-        self.periods_finished = int(state["periods_finished"])
+        device = self.step_count.device
+        self.step_count = torch.tensor(int(state["steps_in_period"]), device=device)
+        self.period_count = torch.tensor(int(state["periods_finished"]), device=device)
+        self._host_steps = int(state["steps_in_period"])
 
     def extra_repr(self) -> str:
         return (

@@ -81,17 +81,18 @@ def test_mgda_ub_inside_one_compiled_graph_names_torch_compile():
         train("mgda_ub", "step", steps=1)
 
 
-@pytest.mark.parametrize("method", ["uw", "awl", "multi_noise", "equal", "dtp"])
+@pytest.mark.parametrize("method", ["uw", "awl", "multi_noise", "equal", "dtp", "dwa"])
 def test_loss_level_forward_compiles_to_one_graph(method):
-    """fullgraph=True over several steps (DTP's KPIs reported between them): one graph, no
-    recompilation, and the eager totals."""
+    """fullgraph=True over several steps (DTP's KPIs reported between them; DWA's periods of
+    2 steps closing three times, its weights changing at the last two): one graph, no
+    recompilation, and the eager totals and weights."""
     counters = torch._dynamo.utils.counters
     counters.clear()
     _, eager = make(method)
     _, compiled = make(method)
     forward = torch.compile(compiled, fullgraph=True, backend="aot_eager")
     gen = torch.Generator().manual_seed(3)
-    for _ in range(STEPS):
+    for _ in range(7):
         losses = (torch.rand(worker.NUM_TASKS, generator=gen) + 0.5).requires_grad_()
         expected, got = eager(losses), forward(losses)
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
@@ -99,4 +100,23 @@ def test_loss_level_forward_compiles_to_one_graph(method):
             kpis = 1 / (1 + losses.detach())
             eager.update_kpis(kpis)
             compiled.update_kpis(kpis)
+        torch.testing.assert_close(compiled.weights, eager.weights, rtol=1e-6, atol=1e-7)
     assert counters["stats"]["unique_graphs"] == 1
+    if method == "dwa":
+        assert compiled.periods_finished == 3 and compiled.steps_in_period == 1
+        assert not torch.equal(compiled.weights, torch.ones(worker.NUM_TASKS))
+
+
+def test_dwa_compiled_period_with_unusable_means_gives_nan_weights():
+    """Inside a compiled region nothing is read on the host: a period whose mean loss is not
+    positive cannot raise there, and its weights are NaN, so the total shows it; eager raises."""
+    eager, compiled = (worker.make_balancer("dwa", worker.Net()) for _ in range(2))
+    forward = torch.compile(compiled, fullgraph=True, backend="aot_eager")
+    good, bad = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, -2.0, 3.0])
+    for losses in (good, good, good, good, bad, bad):
+        total = forward(losses)
+    assert torch.isnan(compiled.weights).all() and torch.isnan(total)
+    for losses in (good, good, good, good, bad):
+        eager(losses)
+    with pytest.raises(ValueError, match=r"task 1: mean loss over period 2 is -2\.0"):
+        eager(bad)
