@@ -120,3 +120,76 @@ def test_dwa_compiled_period_with_unusable_means_gives_nan_weights():
         eager(losses)
     with pytest.raises(ValueError, match=r"task 1: mean loss over period 2 is -2\.0"):
         eager(bad)
+
+
+def largest_difference(got, expected) -> float:
+    pairs = [(got[0], expected[0]), (got[1], expected[1]), *zip(got[2], expected[2], strict=True)]
+    return max(float((a.float() - b.float()).abs().max()) for a, b in pairs)
+
+
+def autocast_training(method, dtype, scaled, steps=STEPS):
+    """``train(method, None)`` with autocast around the forward (and a GradScaler)."""
+    net, balancer = make(method)
+    optimizer = torch.optim.SGD([*net.parameters(), *balancer.parameters()], lr=0.05)
+    scaler = torch.amp.GradScaler("cpu") if scaled else None
+    inputs, targets = worker.global_batch(1)
+    totals = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=dtype):
+            features, outputs = net(inputs)
+            total = worker.balanced_total(balancer, method, features, outputs, targets)
+        if scaled:
+            scaler.scale(total).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            total.backward()
+            optimizer.step()
+        totals.append(total.detach())
+    return torch.stack(totals), balancer.weights.detach().clone(), list(net.parameters())
+
+
+def main() -> None:
+    """``python tests/test_compile_methods.py``: method x set-up, the largest difference from
+    eager float32 training over 4 steps (totals, weights, parameters)."""
+    import contextlib
+    import io
+
+    columns = ["bf16", "fp16 + GradScaler", "compiled forward", "compiled model", "compiled step"]
+    print("| method | " + " | ".join(columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for method in METHODS:
+        torch._dynamo.reset()
+        eager = train(method, None)
+        cells = [
+            largest_difference(autocast_training(method, torch.bfloat16, False), eager),
+            largest_difference(autocast_training(method, torch.float16, True), eager),
+        ]
+        if method in ("gradnorm", "mgda", "mgda_ub"):
+            cells.append("n/a (per-task gradients)")
+        else:
+            _, reference = make(method)
+            _, compiled = make(method)
+            forward = torch.compile(compiled, fullgraph=True, backend="aot_eager")
+            gen = torch.Generator().manual_seed(3)
+            worst = 0.0
+            for _ in range(7):
+                losses = torch.rand(worker.NUM_TASKS, generator=gen) + 0.5
+                worst = max(worst, float((forward(losses) - reference(losses)).abs()))
+                if method == "dtp":
+                    compiled.update_kpis(1 / (1 + losses))
+                    reference.update_kpis(1 / (1 + losses))
+            cells.append(worst)
+        cells.append(largest_difference(train(method, "model"), eager))
+        if method == "mgda_ub":
+            cells.append("clear error")
+        else:
+            with contextlib.redirect_stderr(io.StringIO()):
+                cells.append(largest_difference(train(method, "step"), eager))
+        text = [cell if isinstance(cell, str) else f"{cell:.1e}" for cell in cells]
+        print(f"| {method} | " + " | ".join(text) + " |")
+
+
+if __name__ == "__main__":
+    main()
