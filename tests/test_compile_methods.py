@@ -74,6 +74,21 @@ def test_compiled_whole_step_equals_eager(method):
     assert_same_training(train(method, "step"), train(method, None))
 
 
+@pytest.mark.parametrize("method", ["gradnorm", "mgda"])
+def test_compiled_whole_step_with_per_task_loop_equals_eager(method, monkeypatch):
+    """The per-task loop (K backward passes) inside a compiled step, from a cold start: every
+    task's gradient is found (no false 'gradient is zero'), the same as eager."""
+    original = worker.make_balancer
+
+    def looping(name, net, *args, **kwargs):
+        return original(name, net, *args, per_task_gradients="loop", **kwargs)
+
+    monkeypatch.setattr(worker, "make_balancer", looping)
+    eager = train(method, None)
+    torch._dynamo.reset()
+    assert_same_training(train(method, "step"), eager)
+
+
 def test_mgda_ub_inside_one_compiled_graph_names_torch_compile():
     """z and the losses out of one compiled graph: autograd cannot take gradients at z. The
     first call says so and how to compile instead, rather than a bare 'does not reach'."""
