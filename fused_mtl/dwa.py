@@ -34,7 +34,7 @@ class DWA(LossWeighting):
     divide by them). Under ``torch.compile`` the forward is one graph across period
     boundaries and reads nothing on the host: a period ended by ``period_steps`` inside a
     compiled region is not checked, and means that are not finite and positive give NaN
-    weights (so a NaN total) instead of the error.
+    weights (so a NaN total) instead of the error, for as long as the rates use that period.
 
     The period sums, the last two period means and the weights are buffers, and the step and
     period counters (device tensors) are saved in the module's extra state:
@@ -187,10 +187,11 @@ class DWA(LossWeighting):
             closing, torch.stack([means, self.period_means[0]]), self.period_means
         )
         self.period_count = self.period_count + closing.to(self.period_count.dtype)
-        updated = reference.dwa_weights(
-            self.period_means[0], self.period_means[1], self.temperature
-        )
-        usable = torch.isfinite(means).all() & (means > 0).all()
+        last, before_last = self.period_means
+        updated = reference.dwa_weights(last, before_last, self.temperature)
+        # Both periods the rates divide by: an unusable one (never checked inside a compiled
+        # region) poisons the weights visibly rather than giving finite, wrong ones.
+        usable = torch.isfinite(self.period_means).all() & (self.period_means > 0).all()
         updated = torch.where(usable, updated, torch.full_like(updated, math.nan))
         self.weights = torch.where(closing & (self.period_count >= 2), updated, self.weights)
         self.period_loss_sums = torch.where(closing, torch.zeros_like(sums), sums)

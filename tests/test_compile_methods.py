@@ -131,6 +131,16 @@ def test_dwa_compiled_period_with_unusable_means_gives_nan_weights():
     for losses in (good, good, good, good, bad, bad):
         total = forward(losses)
     assert torch.isnan(compiled.weights).all() and torch.isnan(total)
+    # A period with a negative mean as L(t-2): the rate it gives would make finite weights of
+    # no meaning; they are NaN too, until that period leaves the two the rates use.
+    early = worker.make_balancer("dwa", worker.Net())
+    forward = torch.compile(early, fullgraph=True, backend="aot_eager")
+    for losses in (bad, bad, good, good):
+        total = forward(losses)
+    assert torch.isnan(early.weights).all() and torch.isnan(total)
+    for losses in (good, good):
+        total = forward(losses)
+    assert torch.equal(early.weights, torch.ones(3)) and torch.isfinite(total)
     for losses in (good, good, good, good, bad):
         eager(losses)
     with pytest.raises(ValueError, match=r"task 1: mean loss over period 2 is -2\.0"):
