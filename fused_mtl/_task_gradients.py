@@ -64,6 +64,23 @@ def _distributed_initialized() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def _retained_grad(*args: object, **kwargs: object) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad``, keeping the graph for the next pass, with torch.compile's
+    donated-buffer refusal turned into what to do about it."""
+    try:
+        return torch.autograd.grad(*args, retain_graph=True, **kwargs)  # type: ignore[arg-type]
+    except RuntimeError as error:
+        if "donated buffers" not in str(error):
+            raise
+        raise RuntimeError(
+            "the per-task gradients are extra backward passes through the losses' graph, and "
+            "part of it was compiled by torch.compile with donated buffers, whose backward runs "
+            "only once. Compile the model alone (torch.compile(model)) and call the balancer "
+            "outside the compiled function, or set torch._functorch.config.donated_buffer = "
+            "False before compiling the whole step"
+        ) from error
+
+
 def shared_parameters(shared: SharedParameters) -> tuple[list[Tensor], list[str]]:
     """The shared parameters as a list, with the names errors use."""
     if isinstance(shared, nn.Module):
@@ -217,11 +234,10 @@ class TaskGradients:
         return identity
 
     def _batched(self, losses: Tensor) -> list[Tensor]:
-        grads = torch.autograd.grad(
+        grads = _retained_grad(
             losses,
             self.parameters,
             grad_outputs=self._identity_for(losses),
-            retain_graph=True,
             is_grads_batched=True,
             allow_unused=True,
         )
@@ -235,9 +251,7 @@ class TaskGradients:
     ) -> list[Tensor]:
         per_task = []
         for index in range(len(losses)):
-            grads = torch.autograd.grad(
-                losses[index], self.parameters, retain_graph=True, allow_unused=True
-            )
+            grads = _retained_grad(losses[index], self.parameters, allow_unused=True)
             for name, grad in zip(self.parameter_names, grads, strict=True):
                 if grad is None:
                     raise ValueError(

@@ -31,6 +31,7 @@ every rank; see ``fused_mtl._distributed`` and ``docs/distributed.md``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -72,6 +73,12 @@ class Balancer(nn.Module):
         self._requested_backend = requested_backend(self.backend)
         owner = f"{type(self).__name__}(num_tasks={self.num_tasks}, tasks={self.tasks})"
         self._sync = TaskSync(owner, sync, process_group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "_sync" not in self.__dict__:  # pickled whole before balancers could sync
+            owner = f"{type(self).__name__}(num_tasks={self.num_tasks}, tasks={self.tasks})"
+            self._sync = TaskSync(owner, True, None)
 
     def _syncing(self) -> bool:
         """Whether a training call communicates (distributed, more than one rank, sync on)."""
@@ -172,6 +179,11 @@ class GradientBalancer(Balancer):
         # FSDP2 shards parameters into DTensors: their gradients are taken on the unsharded copy.
         self._sharded = any(is_sharded(parameter) for parameter in parameters)
         self._task_gradients = TaskGradients(parameters, names, per_task_gradients)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "_sharded" not in self.__dict__:  # pickled whole before FSDP2 support
+            self._sharded = any(is_sharded(parameter) for parameter in self._shared)
 
     @property
     def gradient_mode(self) -> str | None:

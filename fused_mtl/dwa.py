@@ -138,16 +138,20 @@ class DWA(LossWeighting):
             # end, selected on the device; means that cannot be used give NaN weights (see
             # _end_period) instead of the eager call's error.
             self._host_steps = None
-            self._end_period(sums, steps, closing)
+            self._end_period(sums, steps, closing, sums / steps.clamp_min(1))
             return
         host_steps = self._host_steps if self._host_steps is not None else int(self.step_count)
         if host_steps + 1 < self.period_steps:
             self._host_steps = host_steps + 1
             self.period_loss_sums, self.step_count = sums, steps
             return
-        self._check_period_means(sums / self.period_steps)
+        # Divided by the host's count, as a period's means always were (on CUDA a division by a
+        # host number rounds differently from one by a device tensor, by an ulp).
+        means = sums / self.period_steps
+        # A rejected call changes nothing: the period closes at the next call instead.
+        self._check_period_means(means)
         self._host_steps = 0
-        self._end_period(sums, steps, closing)
+        self._end_period(sums, steps, closing, means)
 
     @torch.no_grad()
     def end_epoch(self) -> None:
@@ -161,9 +165,10 @@ class DWA(LossWeighting):
                 "DWA.end_epoch: no training losses since the last period ended; call the module "
                 "(or its backward) in training mode during the period"
             )
-        self._check_period_means(self.period_loss_sums / steps)
+        means = self.period_loss_sums / steps
+        self._check_period_means(means)
         closing = torch.ones((), dtype=torch.bool, device=self.step_count.device)
-        self._end_period(self.period_loss_sums, self.step_count, closing)
+        self._end_period(self.period_loss_sums, self.step_count, closing, means)
         self._host_steps = 0
 
     def _check_period_means(self, means: Tensor) -> None:
@@ -177,12 +182,11 @@ class DWA(LossWeighting):
                     "finite, positive losses"
                 )
 
-    def _end_period(self, sums: Tensor, steps: Tensor, closing: Tensor) -> None:
-        """The state after this call, the period ended where ``closing`` (a 0-dim bool tensor):
-        the same tensor operations whether or not it ends, so that a compiled forward is one
-        graph. New tensors, not in-place updates: a total computed before may still need the
-        old weights in its backward."""
-        means = sums / steps.clamp_min(1)
+    def _end_period(self, sums: Tensor, steps: Tensor, closing: Tensor, means: Tensor) -> None:
+        """The state after this call, the period (of mean losses ``means``) ended where
+        ``closing`` (a 0-dim bool tensor): the same tensor operations whether or not it ends, so
+        that a compiled forward is one graph. New tensors, not in-place updates: a total
+        computed before may still need the old weights in its backward."""
         self.period_means = torch.where(
             closing, torch.stack([means, self.period_means[0]]), self.period_means
         )
@@ -196,6 +200,23 @@ class DWA(LossWeighting):
         self.weights = torch.where(closing & (self.period_count >= 2), updated, self.weights)
         self.period_loss_sums = torch.where(closing, torch.zeros_like(sums), sums)
         self.step_count = torch.where(closing, torch.zeros_like(steps), steps)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A DWA pickled whole before the counters moved to the device kept them as integers.
+        legacy = {
+            key: state.pop(key) for key in ("steps_in_period", "periods_finished") if key in state
+        }
+        super().__setstate__(state)
+        if legacy:
+            device = self.period_loss_sums.device
+            for name, key in (
+                ("step_count", "steps_in_period"),
+                ("period_count", "periods_finished"),
+            ):
+                self.register_buffer(
+                    name, torch.tensor(int(legacy[key]), device=device), persistent=False
+                )
+            self._host_steps = int(legacy["steps_in_period"])
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"steps_in_period": self.steps_in_period, "periods_finished": self.periods_finished}

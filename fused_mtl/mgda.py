@@ -165,7 +165,7 @@ class MGDA(GradientBalancer):
         try:
             gram, current = self._task_gram(gradients, stacked, separate, False, features)
         except ValueError as error:
-            if features is not None and _from_compiled_graph(features):
+            if features is not None and _inside_compiled_graph(features, stacked):
                 raise ValueError(
                     "MGDA: the task losses do not reach features: z and the losses come out of "
                     "one torch.compile graph, whose backward autograd cannot enter at z. "
@@ -219,6 +219,27 @@ class MGDA(GradientBalancer):
         )
 
 
-def _from_compiled_graph(tensor: Tensor) -> bool:
-    """Whether ``tensor`` is an output of a ``torch.compile`` graph (its backward is one node)."""
-    return tensor.grad_fn is not None and "CompiledFunction" in type(tensor.grad_fn).__name__
+def _inside_compiled_graph(features: Tensor, losses: Tensor) -> bool:
+    """Whether ``features`` and ``losses`` are outputs of one ``torch.compile`` graph.
+
+    Such a graph's backward is one autograd node: the losses reach it through their own output
+    of the graph, never through the features' one, so autograd cannot take gradients at the
+    features. (Losses computed from compiled features outside the graph reach the node through
+    the features' output.)
+    """
+    node = features.grad_fn
+    if node is None or "CompiledFunction" not in type(node).__name__:
+        return False
+    entries: set[int] = set()
+    seen, stack = set(), [losses.grad_fn]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        for child, input_nr in current.next_functions:
+            if child is node:
+                entries.add(input_nr)
+            else:
+                stack.append(child)
+    return bool(entries) and features.output_nr not in entries

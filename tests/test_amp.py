@@ -2,7 +2,7 @@
 
 What the balancer computes — weights, Gram matrices, norms, the solver, the total — is float32
 whatever autocast does to the model (float64 for float64 inputs). The total's dtype follows one
-rule for every method: ``promote_types(float32, losses.dtype)``.
+rule for every method: ``promote_types(weights.dtype, losses.dtype)``, float32 here.
 """
 
 import copy

@@ -163,3 +163,19 @@ def test_two_calls_then_one_backward(method):
         (used * worker.task_losses(outputs, targets[rows])).sum().backward()
     for got, expected in zip(together, (p.grad for p in net.parameters()), strict=True):
         assert torch.allclose(got, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["gradnorm", "mgda"])
+def test_gradient_method_pickled_whole_before_it_could_sync_loads(method):
+    import io
+
+    inputs, targets = worker.global_batch(1)
+    net, balancer = make(method)
+    del balancer.__dict__["_sync"], balancer.__dict__["_sharded"]
+    buffer = io.BytesIO()
+    torch.save({"net": net, "balancer": balancer}, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    net, balancer = loaded["net"], loaded["balancer"]
+    total = step(net, balancer, method, inputs, targets, call=True)
+    assert torch.isfinite(total)

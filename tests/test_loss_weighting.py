@@ -290,3 +290,44 @@ def test_dwa_handles_losses_of_extreme_scale(device):
     dwa(torch.tensor([6e4, 1.0, 1.0], dtype=torch.float16, device=device))
     # Summed in float32: 1.2e5 does not overflow float16's 65504.
     assert dwa.period_loss_sums.tolist()[0] == 120000.0
+
+
+def test_dwa_rejected_period_end_changes_nothing(device):
+    """A call that would end a period with an unusable mean raises and leaves the state as it
+    was: the next call ends the period with its own losses instead."""
+    dwa = DWA(2, period_steps=2).to(device)
+    dwa(torch.tensor([1.0, 2.0], device=device))
+    before = {
+        key: value.clone() for key, value in dwa.state_dict().items() if key != "_extra_state"
+    }
+    with pytest.raises(ValueError, match=r"task 1: mean loss over period 0 is -1\.0"):
+        dwa(torch.tensor([1.0, -4.0], device=device))
+    for key, value in before.items():
+        torch.testing.assert_close(dwa.state_dict()[key], value, rtol=0, atol=0, equal_nan=True)
+    assert dwa.steps_in_period == 1 and dwa.periods_finished == 0
+    dwa(torch.tensor([3.0, 4.0], device=device))
+    assert dwa.periods_finished == 1
+    assert torch.equal(dwa.period_means[0].cpu(), torch.tensor([2.0, 3.0]))
+
+
+def test_dwa_pickled_whole_with_integer_counters_loads(tmp_path):
+    """A DWA saved with torch.save(module) when its counters were Python integers (and before
+    balancers could sync) loads, and continues as the same module would."""
+    import io
+
+    dwa, reference = DWA(2, period_steps=3), DWA(2, period_steps=3)
+    for losses in ([2.0, 1.0], [1.0, 1.0], [1.5, 0.5], [1.0, 2.0]):
+        dwa(torch.tensor(losses))
+        reference(torch.tensor(losses))
+    # The state of a DWA pickled before the counters moved to the device.
+    del dwa._buffers["step_count"], dwa._buffers["period_count"]
+    del dwa.__dict__["_host_steps"], dwa.__dict__["_sync"]
+    dwa.__dict__.update(steps_in_period=1, periods_finished=1)
+    buffer = io.BytesIO()
+    torch.save(dwa, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert loaded.steps_in_period == 1 and loaded.periods_finished == 1
+    for losses in ([1.0, 2.0], [0.5, 1.0], [2.0, 2.0], [1.0, 1.0]):
+        assert torch.equal(loaded(torch.tensor(losses)), reference(torch.tensor(losses)))
+    assert torch.equal(loaded.weights, reference.weights)
