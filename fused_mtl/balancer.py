@@ -109,10 +109,11 @@ def weighted_sum(weights: Tensor, losses: Tensor) -> Tensor:
 class LossWeighting(Balancer):
     """A method whose weights come from loss values or metrics, not from gradients.
 
-    ``forward`` stacks the losses, lets the method see them (``_observe``, in training mode
-    only: DWA averages them), and returns ``sum_i w_i L_i`` with ``w = self.weights`` held
-    constant. The methods keep their state in buffers on the module's device: move the module
-    with ``.to(device)`` like a model.
+    ``forward`` stacks the losses, returns ``sum_i w_i L_i`` with ``w = self.weights`` held
+    constant, and then lets the method see them (``_observe``, in training mode only: DWA
+    averages them and may end a period, whose new weights apply from the next call). The
+    methods keep their state in buffers on the module's device: move the module with
+    ``.to(device)`` like a model.
     """
 
     def __init__(
@@ -142,9 +143,12 @@ class LossWeighting(Balancer):
             reduction=self.reduction,
             device=self._device(),
         )
+        # The weights in force for this call: a call that ends a period (DWA) is still one of
+        # its calls, and the next period's weights start with the next call.
+        total = weighted_sum(self.weights, stacked)
         if self.training:
             self._observe(stacked.detach())
-        return weighted_sum(self.weights, stacked)
+        return total
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, reduction={self.reduction!r}"

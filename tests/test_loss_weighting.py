@@ -331,3 +331,33 @@ def test_dwa_pickled_whole_with_integer_counters_loads(tmp_path):
     for losses in ([1.0, 2.0], [0.5, 1.0], [2.0, 2.0], [1.0, 1.0]):
         assert torch.equal(loaded(torch.tensor(losses)), reference(torch.tensor(losses)))
     assert torch.equal(loaded.weights, reference.weights)
+
+
+@pytest.mark.parametrize("period_steps", [1, 2, 3])
+def test_dwa_every_call_of_a_period_uses_that_periods_weights(period_steps):
+    """The call that ends a period is one of its calls: its total uses the period's weights,
+    and the next period's weights apply from the next call (as with end_epoch() between
+    epochs). DWA(2, period_steps=1) on [2, 1] then [1, 2] gives 3 at the second call."""
+    gen = torch.Generator().manual_seed(period_steps)
+    steps = [(torch.rand(2, generator=gen) + 0.5).tolist() for _ in range(6 * period_steps)]
+    scripted, in_force = [], []
+    for index, step in enumerate(steps):
+        scripted.append(step)
+        if (index + 1) % period_steps == 0:
+            scripted.append("end")
+    history = dwa_history(scripted, 2.0, 2)
+    weights = [1.0, 1.0]
+    for entry, after in zip(scripted, history, strict=True):
+        if entry == "end":
+            weights = after
+        else:
+            in_force.append(weights)
+    dwa = DWA(2, period_steps=period_steps)
+    for step, expected in zip(steps, in_force, strict=True):
+        total = dwa(torch.tensor(step))
+        value = sum(w * loss for w, loss in zip(expected, step, strict=True))
+        assert abs(float(total) - value) <= 1e-6 * value, (step, expected)
+    assert float(DWA(2, period_steps=1)(torch.tensor([2.0, 1.0]))) == 3.0
+    first = DWA(2, period_steps=1)
+    first(torch.tensor([2.0, 1.0]))
+    assert float(first(torch.tensor([1.0, 2.0]))) == 3.0
