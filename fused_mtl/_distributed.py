@@ -47,6 +47,7 @@ from torch.nn import Module
 
 from fused_mtl._backend import Backend
 from fused_mtl._gram_op import task_gram_or_norms, task_matrices
+from fused_mtl._losses import listed
 
 ProcessGroup = Any  # torch.distributed.ProcessGroup, which exists only in builds with distributed
 
@@ -55,18 +56,23 @@ class TaskSync:
     """The collectives of one balancer; see the module docstring.
 
     Args:
-        owner: the balancer's description for errors (``"MGDA(tasks=['a', 'b'])"``) and the
-            configuration every rank must agree on.
+        configuration: what every rank must agree on: the method's name, K and the task names
+            (or None).
         enabled: ``False`` turns every collective off (each rank balances on its own numbers).
         process_group: the group to sync over; ``None`` is the default (world) group.
     """
 
-    def __init__(self, owner: str, enabled: bool, process_group: ProcessGroup | None) -> None:
+    def __init__(
+        self,
+        configuration: tuple[str, int, tuple[str, ...] | None],
+        enabled: bool,
+        process_group: ProcessGroup | None,
+    ) -> None:
         if not isinstance(enabled, bool):
             raise TypeError(f"sync must be True or False, got {enabled!r}")
         if process_group is not None and not enabled:
             raise ValueError("process_group is given but sync=False: give one or the other")
-        self.owner = owner
+        self.configuration = configuration
         self.enabled = enabled
         self.process_group = process_group
         # id() of the group the first sync ran on: a new default group syncs anew.
@@ -108,8 +114,8 @@ class TaskSync:
             return False
         if self._group_lost:
             raise RuntimeError(
-                f"{self.owner} was pickled with a process group, which cannot be saved: call "
-                "balancer.set_process_group(group) before training it again"
+                f"{_described(self.configuration)} was pickled with a process group, which "
+                "cannot be saved: call balancer.set_process_group(group) before training it again"
             )
         if dist.get_world_size(self.process_group) == 1:
             return False
@@ -142,11 +148,13 @@ class TaskSync:
     def _check_same_balancer(self) -> None:
         """One ``all_gather_object`` of the configuration; raise on every rank if they differ."""
         configs: list[Any] = [None] * dist.get_world_size(self.process_group)
-        dist.all_gather_object(configs, self.owner, group=self.process_group)
+        dist.all_gather_object(configs, self.configuration, group=self.process_group)
         first = configs[0]
         differing = [rank for rank, config in enumerate(configs) if config != first]
         if differing:
-            lines = "; ".join(f"rank {rank}: {config}" for rank, config in enumerate(configs))
+            lines = "; ".join(
+                f"rank {rank}: {_described(config)}" for rank, config in enumerate(configs)
+            )
             raise RuntimeError(
                 f"the ranks built different balancers (ranks {differing} differ from rank 0): "
                 f"{lines}. Every rank must construct the same method with the same tasks"
@@ -211,6 +219,13 @@ class TaskSync:
         dist.all_reduce(packed, group=self.process_group)
         gram = packed[: local_gram.numel()].reshape(local_gram.shape) / world**2
         return gram, packed[local_gram.numel() :].to(losses.dtype) / world
+
+
+def _described(configuration: tuple[str, int, tuple[str, ...] | None]) -> str:
+    """``UncertaintyWeighting(num_tasks=3, tasks=['a', 'b', 'c'])``, the names shortened."""
+    method, num_tasks, tasks = configuration
+    names = listed(tasks) if tasks is not None else None
+    return f"{method}(num_tasks={num_tasks}, tasks={names})"
 
 
 def _collective(name: str, older_name: str) -> Any:

@@ -25,6 +25,18 @@ REDUCTIONS = (None, "mean", "sum")
 TaskTypes = str | Sequence[str] | Mapping[str, str] | None
 
 
+#: How many names an error lists before it says how many more there are: a message about
+#: 65,536 tasks stays one line.
+LISTED_NAMES = 8
+
+
+def listed(names: Sequence[object]) -> str:
+    """The first ``LISTED_NAMES`` of ``names`` for an error message, and how many more."""
+    shown = ", ".join(repr(name) for name in list(names[:LISTED_NAMES]))
+    more = len(names) - LISTED_NAMES
+    return f"[{shown}{f', ... and {more} more' if more > 0 else ''}]"
+
+
 def task_label(index: int, names: Sequence[str] | None) -> str:
     """How errors name a task: its name when it has one, else its index."""
     return repr(names[index]) if names is not None else str(index)
@@ -45,14 +57,21 @@ def resolve_tasks(
     names = list(tasks)
     if not names:
         raise ValueError("tasks is empty: at least one task is needed")
+    # A set, not list look-ups: O(K) for 65,536 names.
+    seen: set[str] = set()
+    duplicates: set[str] = set()
     for name in names:
         if not isinstance(name, str):
             raise TypeError(f"task names must be strings, got {name!r}")
-    duplicates = sorted({name for name in names if names.count(name) > 1})
+        if name in seen:
+            duplicates.add(name)
+        seen.add(name)
     if duplicates:
-        raise ValueError(f"duplicate task names: {duplicates}")
+        raise ValueError(f"duplicate task names: {listed(sorted(duplicates))}")
     if num_tasks is not None and num_tasks != len(names):
-        raise ValueError(f"num_tasks={num_tasks} but {len(names)} task names were given: {names}")
+        raise ValueError(
+            f"num_tasks={num_tasks} but {len(names)} task names were given: {listed(names)}"
+        )
     return len(names), names
 
 
@@ -60,15 +79,16 @@ def check_names(given: Sequence[str], names: Sequence[str] | None, what: str) ->
     """Raise on a dict keyed by task names that has unknown or missing names."""
     if names is None:
         raise ValueError(f"{what} given as a dict need task names: construct with tasks=[...]")
-    unknown = [key for key in given if key not in names]
-    missing = [name for name in names if name not in given]
+    known, keys = set(names), set(given)
+    unknown = [key for key in given if key not in known]
+    missing = [name for name in names if name not in keys]
     if unknown or missing:
         parts = []
         if unknown:
-            parts.append(f"unknown task(s) {unknown}")
+            parts.append(f"unknown task(s) {listed(unknown)}")
         if missing:
-            parts.append(f"missing task(s) {missing}")
-        raise ValueError(f"{what}: {' and '.join(parts)}; the tasks are {list(names)}")
+            parts.append(f"missing task(s) {listed(missing)}")
+        raise ValueError(f"{what}: {' and '.join(parts)}; the tasks are {listed(names)}")
 
 
 def resolve_task_types(
@@ -178,7 +198,7 @@ def check_losses(
     else:
         losses = list(args)
     if len(losses) != num_tasks:
-        expected = f"{num_tasks} ({', '.join(names)})" if names is not None else str(num_tasks)
+        expected = f"{num_tasks} {listed(names)}" if names is not None else str(num_tasks)
         raise ValueError(f"expected {expected} task losses, got {len(losses)}")
     checked = [
         _check_task_loss(loss, task_label(index, names), reduction, device)

@@ -71,14 +71,17 @@ class Balancer(nn.Module):
         self.backend = check_backend(backend)
         # FUSED_MTL_BACKEND is applied here, once: see requested_backend.
         self._requested_backend = requested_backend(self.backend)
-        owner = f"{type(self).__name__}(num_tasks={self.num_tasks}, tasks={self.tasks})"
-        self._sync = TaskSync(owner, sync, process_group)
+        self._sync = TaskSync(self._configuration(), sync, process_group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         if "_sync" not in self.__dict__:  # pickled whole before balancers could sync
-            owner = f"{type(self).__name__}(num_tasks={self.num_tasks}, tasks={self.tasks})"
-            self._sync = TaskSync(owner, True, None)
+            self._sync = TaskSync(self._configuration(), True, None)
+
+    def _configuration(self) -> tuple[str, int, tuple[str, ...] | None]:
+        """What every rank must have built alike: the method and its tasks."""
+        tasks = tuple(self.tasks) if self.tasks is not None else None
+        return type(self).__name__, self.num_tasks, tasks
 
     def _syncing(self) -> bool:
         """Whether a training call communicates (distributed, more than one rank, sync on)."""
