@@ -81,6 +81,39 @@ def _retained_grad(*args: object, **kwargs: object) -> tuple[Tensor | None, ...]
         ) from error
 
 
+def task_graph_roots(
+    losses: Tensor, separate_losses: Sequence[Tensor] | None
+) -> list[object | None] | None:
+    """Each task's own node of the autograd graph, where the graph shows one: the separate
+    losses' ``grad_fn``, or the inputs of the ``torch.stack`` that made the ``(K,)`` tensor
+    (``None`` for a task whose loss has no graph). ``None`` when the tensor came out of one
+    operation over every task, whose graph does not tell the tasks apart."""
+    if separate_losses is not None:
+        return [loss.grad_fn for loss in separate_losses]
+    node = losses.grad_fn
+    if node is not None and type(node).__name__ == "StackBackward0":
+        return [child for child, _ in node.next_functions]
+    return None
+
+
+def reaches(root: object | None, targets: Sequence[Tensor]) -> bool:
+    """Whether the graph below ``root`` reaches one of ``targets`` (leaf parameters through
+    their accumulation node, other tensors through the node that made them)."""
+    leaves = {id(t) for t in targets if t.grad_fn is None}
+    nodes = {id(t.grad_fn) for t in targets if t.grad_fn is not None}
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if id(node) in nodes or id(getattr(node, "variable", None)) in leaves:
+            return True
+        stack.extend(child for child, _ in node.next_functions)  # type: ignore[attr-defined]
+    return False
+
+
 def shared_parameters(shared: SharedParameters) -> tuple[list[Tensor], list[str]]:
     """The shared parameters as a list, with the names errors use."""
     if isinstance(shared, nn.Module):
@@ -163,7 +196,15 @@ class TaskGradients:
         agree: Callable[[Tensor], Tensor] | None,
     ) -> list[Tensor]:
         looped = self._loop(separate_losses or losses, task_names)
-        reached = torch.stack([(grads.flatten(1) != 0).any(dim=1) for grads in looped]).any(dim=0)
+        # From the graph, not the values: a gradient can be exactly zero at one point (the
+        # first step's theta = 0 in theta ** 2) for a loss that depends on the parameters.
+        roots = task_graph_roots(losses, separate_losses)
+        reached = torch.tensor(
+            [True] * len(looped[0])
+            if roots is None
+            else [reaches(r, self.parameters) for r in roots],
+            device=losses.device,
+        )
         batched, failure = None, None
         if self.requested != "loop":
             batched, failure = self._try_batched(losses, looped)
@@ -178,9 +219,8 @@ class TaskGradients:
         for index, task_unreached in enumerate(unreached):
             if task_unreached:
                 raise ValueError(
-                    f"task {task_label(index, task_names)}: its gradient is zero for every "
-                    "shared parameter: its loss does not depend on them (choose parameters "
-                    "that all tasks use)"
+                    f"task {task_label(index, task_names)}: its loss does not depend on the "
+                    "shared parameters (choose parameters that all tasks use)"
                 )
         if self.requested == "loop":
             self.mode, self.reason = "loop", "requested (per_task_gradients='loop')"

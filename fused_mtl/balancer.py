@@ -39,8 +39,19 @@ from torch import Tensor, nn
 from fused_mtl._backend import Backend, check_backend, requested_backend
 from fused_mtl._distributed import ProcessGroup, TaskSync, is_sharded, unsharded_parameters
 from fused_mtl._gram_op import task_gram_or_norms
-from fused_mtl._losses import Reduction, check_losses, check_reduction, resolve_tasks
-from fused_mtl._task_gradients import SharedParameters, TaskGradients, shared_parameters
+from fused_mtl._losses import (
+    Reduction,
+    check_losses,
+    check_reduction,
+    resolve_tasks,
+    task_label,
+)
+from fused_mtl._task_gradients import (
+    SharedParameters,
+    TaskGradients,
+    shared_parameters,
+    task_graph_roots,
+)
 
 __all__ = ["Balancer", "GradientBalancer", "LossWeighting"]
 
@@ -131,6 +142,9 @@ class LossWeighting(Balancer):
         super().__init__(num_tasks, tasks, backend, sync, process_group)
         self.reduction = check_reduction(reduction)
 
+    #: Whether ``_observe`` learns from the losses (DWA): its state then takes part in syncs.
+    _observes_losses = False
+
     def _device(self) -> torch.device:
         return self.weights.device
 
@@ -146,6 +160,10 @@ class LossWeighting(Balancer):
             reduction=self.reduction,
             device=self._device(),
         )
+        if self.training and self._observes_losses:
+            # Under torch.distributed the first sync loads rank 0's state into the buffers:
+            # before the weights are used (nothing is communicated after the first call).
+            self._sync.active(self)
         # The weights in force for this call: a call that ends a period (DWA) is still one of
         # its calls, and the next period's weights start with the next call.
         total = weighted_sum(self.weights, stacked)
@@ -224,6 +242,16 @@ class GradientBalancer(Balancer):
                 f"{type(self).__name__}: no task loss requires grad; compute the losses "
                 "from the model's outputs (not under torch.no_grad() and not detached)"
             )
+        # Every call, in every mode: a task whose loss has no graph has no gradient, and would
+        # read as a zero one (MGDA would give it all the weight).
+        roots = task_graph_roots(stacked, separate)
+        for index, root in enumerate(roots or ()):
+            if root is None:
+                raise ValueError(
+                    f"{type(self).__name__}: task {task_label(index, self.tasks)}: its loss has "
+                    "no graph (a constant, a detached tensor, or computed under "
+                    "torch.no_grad()); compute every task's loss from the model's outputs"
+                )
         return stacked, separate
 
     def _task_gram(

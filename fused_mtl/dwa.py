@@ -69,6 +69,7 @@ class DWA(LossWeighting):
     weights: Tensor
     period_loss_sums: Tensor
     period_means: Tensor
+    _observes_losses = True
 
     def __init__(
         self,

@@ -194,7 +194,7 @@ def named_module(**kwargs):
         (
             lambda uw: uw(torch.tensor(1.0)),
             ValueError,
-            r"expected 2 \(depth, seg\) task losses, got 1",
+            r"expected 2 \['depth', 'seg'\] task losses, got 1",
         ),
         (lambda uw: uw(*[torch.tensor(1.0)] * 3), ValueError, "got 3"),
         (lambda uw: uw(), ValueError, "got 0"),
