@@ -15,6 +15,7 @@ different balancers), ``edge_cases`` (what a rank does differently from the othe
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from datetime import timedelta
@@ -431,6 +432,10 @@ def main() -> None:
                 for method in methods:
                     results[method] = train(setup, method, rank, world)
         finally:
+            # Every rank done with every collective, and the wrapped models freed, before the
+            # group goes: a group destroyed under a live DDP or FSDP module can abort at exit.
+            gc.collect()
+            dist.barrier()
             dist.destroy_process_group()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 

@@ -89,20 +89,52 @@ def test_compiled_whole_step_with_per_task_loop_equals_eager(method, monkeypatch
     assert_same_training(train(method, "step"), eager)
 
 
-def test_inductor_whole_step_of_a_gradient_method_says_what_to_do():
-    """Inductor donates the compiled backward's buffers, so the graph cannot be walked again by
-    the per-task passes: the first call says so, names torch.compile and the two patterns that
-    work; the second of them (donated buffers off) then trains as eager does."""
-    with pytest.raises(RuntimeError, match=r"torch.compile with donated buffers.*donated_buffer"):
-        train("gradnorm", "step", steps=1, backend="inductor")
+def test_inductor_whole_step_of_a_gradient_method_is_eager_or_says_what_to_do():
+    """Inductor may donate the compiled backward's buffers (it did here for this network, not
+    in every environment), so that the per-task passes cannot walk it again: then the first call
+    says so, naming torch.compile and the two patterns that work. Either way nothing runs wrong,
+    and with donated buffers off the step trains as eager does."""
+    expected = train("gradnorm", None)
+    try:
+        got = train("gradnorm", "step", backend="inductor")
+    except RuntimeError as error:
+        assert "torch.compile with donated buffers" in str(error)
+        assert "donated_buffer = False" in str(error)
+    else:
+        assert_inductor_close(got, expected)
     torch._dynamo.reset()
     with torch._functorch.config.patch(donated_buffer=False):
         got = train("gradnorm", "step", backend="inductor")
-    expected = train("gradnorm", None)
+    assert_inductor_close(got, expected)
+
+
+def assert_inductor_close(got, expected):
     # Inductor's fused kernels reassociate float32 sums: 2.4e-7 measured.
     torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-6)
     for parameter, eager in zip(got[2], expected[2], strict=True):
         torch.testing.assert_close(parameter, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_donated_buffer_refusal_becomes_what_to_do(monkeypatch):
+    """The message torch gives when a compiled backward with donated buffers is walked again,
+    turned into one that names torch.compile and the patterns that work."""
+    refusal = (
+        "This backward function was compiled with non-empty donated buffers which requires "
+        "create_graph=False and retain_graph=False."
+    )
+
+    def refusing(*args, **kwargs):
+        raise RuntimeError(refusal)
+
+    net, balancer = make("gradnorm")
+    inputs, targets = worker.global_batch(1)
+    _, outputs = net(inputs)
+    monkeypatch.setattr(torch.autograd, "grad", refusing)
+    with pytest.raises(RuntimeError, match=r"torch.compile with donated buffers.*") as error:
+        balancer(worker.task_losses(outputs, targets))
+    assert "torch.compile(model)" in str(error.value)
+    assert "torch._functorch.config.donated_buffer = False" in str(error.value)
+    assert isinstance(error.value.__cause__, RuntimeError)
 
 
 def test_mgda_ub_inside_one_compiled_graph_names_torch_compile():
