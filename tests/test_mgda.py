@@ -33,7 +33,7 @@ def sample_gram(kind, num_tasks, seed, dtype=torch.float64):
 KINDS = ["random", "rank2", "rank1", "scaled", "duplicate"]
 
 # Objective and optimality are measured relative to the largest squared norm, the scale of the
-# problem. float64: the solvers are exact up to rounding (the Frank-Wolfe path after 250 steps
+# problem. float64: the solvers are exact up to rounding (the interior-point path
 # and its polish: see reference.min_norm_weights), so 1e-10 leaves room for the conditioning of
 # the face systems and is far below any wrong answer (a vertex or the uniform point is off by
 # 1e-2 or more on these samples). float32 Gram matrices, as MGDA computes them: 1e-5.
@@ -61,24 +61,24 @@ def assert_min_norm(alpha, gram, what):
 def test_the_solver_finds_the_min_norm_point(device, num_tasks, kind, dtype):
     for seed in range(3):
         gram = sample_gram(kind, num_tasks, seed, dtype).to(device)
-        alpha = min_norm_weights(gram, 250)
+        alpha = min_norm_weights(gram)
         assert alpha.dtype == dtype and alpha.device == gram.device
         assert_min_norm(alpha, gram, f"{kind} K={num_tasks} seed={seed}")
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_the_frank_wolfe_path_finds_the_min_norm_point(device, kind, monkeypatch):
+def test_the_interior_point_path_finds_the_min_norm_point(device, kind, monkeypatch):
     # Force the path used beyond ENUMERATION_MAX_TASKS on problems the exact solver can check.
     monkeypatch.setattr("fused_mtl.reference.ENUMERATION_MAX_TASKS", 2)
     for num_tasks in (3, 6, 10):
         gram = sample_gram(kind, num_tasks, seed=7).to(device)
-        assert_min_norm(min_norm_weights(gram, 250), gram, f"{kind} K={num_tasks}")
+        assert_min_norm(min_norm_weights(gram), gram, f"{kind} K={num_tasks}")
 
 
-def test_the_frank_wolfe_path_runs_above_the_enumeration_limit(device):
+def test_the_interior_point_path_runs_above_the_enumeration_limit(device):
     num_tasks = ENUMERATION_MAX_TASKS + 6
     gram = sample_gram("rank2", num_tasks, seed=3).to(device)
-    alpha = min_norm_weights(gram, 250).double().cpu()
+    alpha = min_norm_weights(gram).double().cpu()
     gram = gram.double().cpu()
     # Too many faces for the exact solver: check the optimality conditions alone.
     gap = float(alpha @ gram @ alpha - (gram @ alpha).min())
@@ -91,16 +91,16 @@ def test_two_tasks_use_the_closed_form_exactly(device):
         gram = sample_gram("random", 2, seed).to(device)
         (m11, m12), (_, m22) = gram.tolist()
         first = min(max((m22 - m12) / (m11 + m22 - 2 * m12), 0.0), 1.0)
-        alpha = min_norm_weights(gram, 250)
+        alpha = min_norm_weights(gram)
         assert alpha.tolist() == pytest.approx([first, 1 - first], rel=1e-15, abs=1e-15)
         assert_min_norm(alpha, gram, f"K=2 seed={seed}")
     # One gradient is a multiple of the other, shorter one: all weight goes to the shorter one.
     g = torch.tensor([[1.0, 2.0], [3.0, 6.0]], dtype=torch.float64, device=device)
-    assert min_norm_weights(g @ g.T, 250).tolist() == [1.0, 0.0]
+    assert min_norm_weights(g @ g.T).tolist() == [1.0, 0.0]
     # Equal gradients: every alpha is optimal; the solver returns one half each.
     same = torch.ones(2, 2, dtype=torch.float64, device=device)
-    assert min_norm_weights(same, 250).tolist() == [0.5, 0.5]
-    assert min_norm_weights(torch.eye(1, device=device), 250).tolist() == [1.0]
+    assert min_norm_weights(same).tolist() == [0.5, 0.5]
+    assert min_norm_weights(torch.eye(1, device=device)).tolist() == [1.0]
 
 
 class TwoLayerNet(nn.Module):

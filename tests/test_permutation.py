@@ -101,7 +101,7 @@ def run_mgda_ub(order, device):
     return mgda.weights
 
 
-def run_mgda_frank_wolfe(order, device):
+def run_mgda_interior_point(order, device):
     return run_mgda(order, device, normalization="loss+")
 
 
@@ -113,14 +113,14 @@ METHODS = {
     "gradnorm": run_gradnorm,
     "mgda": run_mgda,
     "mgda_ub": run_mgda_ub,
-    "mgda_frank_wolfe": run_mgda_frank_wolfe,
+    "mgda_interior_point": run_mgda_interior_point,
 }
 
 
 @pytest.mark.parametrize("perm", PERMUTATIONS)
 @pytest.mark.parametrize("method", list(METHODS))
 def test_permuting_the_tasks_permutes_the_weights(device, method, perm, monkeypatch):
-    if method == "mgda_frank_wolfe":
+    if method == "mgda_interior_point":
         monkeypatch.setattr("fused_mtl.reference.ENUMERATION_MAX_TASKS", 2)
     identity = list(range(NUM_TASKS))
     weights = METHODS[method](identity, device)
