@@ -24,6 +24,8 @@ that second derivatives are right; under ``torch.compile`` double backward is no
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -32,56 +34,75 @@ from fused_mtl._backend import Backend, resolve_backend
 from fused_mtl.reference import Parametrization
 
 
-def _launch_forward(losses, params, loss_coefs, reg_coefs, parametrization):
+def _launch_forward(losses, params, loss_coefs, reg_coefs, parametrization, lower, upper):
     from fused_mtl.kernels import uncertainty as kernels
 
-    return kernels.uncertainty_forward(losses, params, loss_coefs, reg_coefs, parametrization)
+    return kernels.uncertainty_forward(
+        losses, params, loss_coefs, reg_coefs, parametrization, lower, upper
+    )
 
 
-def _launch_backward(grad_total, losses, params, loss_coefs, reg_coefs, parametrization):
+def _launch_backward(
+    grad_total, losses, params, loss_coefs, reg_coefs, parametrization, lower, upper
+):
     from fused_mtl.kernels import uncertainty as kernels
 
     return kernels.uncertainty_backward(
-        grad_total, losses, params, loss_coefs, reg_coefs, parametrization
+        grad_total, losses, params, loss_coefs, reg_coefs, parametrization, lower, upper
     )
 
 
 def _setup_context(ctx, inputs, output):
-    """What both wrappers keep for the backward: the inputs and the (constexpr) parametrisation."""
-    losses, params, loss_coefs, reg_coefs, parametrization = inputs
+    """What both wrappers keep for the backward: the inputs, the (constexpr) parametrisation and
+    the parameter's range."""
+    losses, params, loss_coefs, reg_coefs, parametrization, lower, upper = inputs
     ctx.save_for_backward(losses, params, loss_coefs, reg_coefs)
     ctx.parametrization = parametrization
+    ctx.bounds = (lower, upper)
+
+
+# Every wrapper's backward returns no gradient for the coefficients and the configuration.
+_NO_GRADIENTS = (None,) * 5
 
 
 class _UncertaintyFunction(torch.autograd.Function):
     """Eager-mode autograd node of the Triton path (see the module docstring for why)."""
 
     @staticmethod
-    def forward(ctx, losses, params, loss_coefs, reg_coefs, parametrization):
-        inputs = (losses, params, loss_coefs, reg_coefs, parametrization)
+    def forward(ctx, losses, params, loss_coefs, reg_coefs, parametrization, lower, upper):
+        inputs = (losses, params, loss_coefs, reg_coefs, parametrization, lower, upper)
         _setup_context(ctx, inputs, None)
         return _launch_forward(*inputs)
 
     @staticmethod
     def backward(ctx, grad_total):
         losses, params, loss_coefs, reg_coefs = ctx.saved_tensors
+        parametrization = Parametrization(ctx.parametrization)
         if torch.is_grad_enabled():
             # create_graph=True: the gradient itself will be differentiated (a gradient penalty,
             # a meta-learning step), so build it from differentiable torch ops, not the kernel.
             with torch.enable_grad():
                 total = reference.uncertainty_total(
-                    losses, params, Parametrization(ctx.parametrization), loss_coefs, reg_coefs
+                    losses,
+                    params,
+                    parametrization,
+                    loss_coefs,
+                    reg_coefs,
+                    _log_var_bounds(parametrization, *ctx.bounds),
                 )
-            return (
-                *torch.autograd.grad(total, (losses, params), grad_total, create_graph=True),
-                None,
-                None,
-                None,
-            )
+            grads = torch.autograd.grad(total, (losses, params), grad_total, create_graph=True)
+            return *grads, *_NO_GRADIENTS
         grad_losses, grad_params = _launch_backward(
-            grad_total, losses, params, loss_coefs, reg_coefs, ctx.parametrization
+            grad_total, losses, params, loss_coefs, reg_coefs, ctx.parametrization, *ctx.bounds
         )
-        return grad_losses, grad_params, None, None, None
+        return grad_losses, grad_params, *_NO_GRADIENTS
+
+
+def _log_var_bounds(parametrization: Parametrization, lower: float, upper: float):
+    """Back from the parameter's range to the range of ``log sigma^2``."""
+    if parametrization == Parametrization.LOG_VARIANCE:
+        return lower, upper
+    return 2 * math.log(lower), 2 * math.log(upper)
 
 
 @torch.library.custom_op("fused_mtl::uncertainty_weighting", mutates_args=())
@@ -91,12 +112,14 @@ def _forward_op(
     loss_coefs: Tensor | None,
     reg_coefs: Tensor | None,
     parametrization: int,
+    lower: float,
+    upper: float,
 ) -> Tensor:
-    return _launch_forward(losses, params, loss_coefs, reg_coefs, parametrization)
+    return _launch_forward(losses, params, loss_coefs, reg_coefs, parametrization, lower, upper)
 
 
 @_forward_op.register_fake
-def _forward_fake(losses, params, loss_coefs, reg_coefs, parametrization):
+def _forward_fake(losses, params, loss_coefs, reg_coefs, parametrization, lower, upper):
     return losses.new_empty((), dtype=reference.result_dtype(losses, params))
 
 
@@ -108,21 +131,25 @@ def _backward_op(
     loss_coefs: Tensor | None,
     reg_coefs: Tensor | None,
     parametrization: int,
+    lower: float,
+    upper: float,
 ) -> tuple[Tensor, Tensor]:
-    return _launch_backward(grad_total, losses, params, loss_coefs, reg_coefs, parametrization)
+    return _launch_backward(
+        grad_total, losses, params, loss_coefs, reg_coefs, parametrization, lower, upper
+    )
 
 
 @_backward_op.register_fake
-def _backward_fake(grad_total, losses, params, loss_coefs, reg_coefs, parametrization):
+def _backward_fake(grad_total, losses, params, loss_coefs, reg_coefs, parametrization, *bounds):
     return torch.empty_like(losses), torch.empty_like(params)
 
 
 def _backward(ctx, grad_total):
     losses, params, loss_coefs, reg_coefs = ctx.saved_tensors
     grad_losses, grad_params = _backward_op(
-        grad_total, losses, params, loss_coefs, reg_coefs, ctx.parametrization
+        grad_total, losses, params, loss_coefs, reg_coefs, ctx.parametrization, *ctx.bounds
     )
-    return grad_losses, grad_params, None, None, None
+    return grad_losses, grad_params, *_NO_GRADIENTS
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -156,14 +183,20 @@ def uncertainty_weighting(
     loss_coefs: Tensor | None = None,
     reg_coefs: Tensor | None = None,
     backend: Backend = "auto",
+    log_var_bounds: tuple[float, float] = reference.LOG_VARIANCE_BOUNDS,
 ) -> Tensor:
     """Balanced total of a ``(K,)`` losses tensor; dispatches to Triton or the torch reference.
 
     ``backend`` is taken as requested: callers apply ``FUSED_MTL_BACKEND`` beforehand.
+    ``log_var_bounds`` is the range of ``log sigma^2`` (see ``fused_mtl.reference``).
     """
     _check_inputs(losses, params, (loss_coefs, reg_coefs))
     if resolve_backend(backend, losses, params) == "torch":
-        return reference.uncertainty_total(losses, params, parametrization, loss_coefs, reg_coefs)
+        return reference.uncertainty_total(
+            losses, params, parametrization, loss_coefs, reg_coefs, log_var_bounds
+        )
+    lower, upper = reference.parameter_bounds(parametrization, log_var_bounds)
+    inputs = (losses, params, loss_coefs, reg_coefs, int(parametrization), lower, upper)
     if torch.compiler.is_compiling():
-        return _forward_op(losses, params, loss_coefs, reg_coefs, int(parametrization))
-    return _UncertaintyFunction.apply(losses, params, loss_coefs, reg_coefs, int(parametrization))
+        return _forward_op(*inputs)
+    return _UncertaintyFunction.apply(*inputs)

@@ -13,6 +13,7 @@ from fused_mtl._gram_op import TaskGrads, task_gram_or_norms
 from fused_mtl._losses import resolve_task_types
 from fused_mtl._uncertainty_op import uncertainty_weighting as _uncertainty_op
 from fused_mtl.reference import Parametrization
+from fused_mtl.uncertainty import check_log_var_bounds
 
 __all__ = ["task_grad_norms", "task_gram", "uncertainty_weighting"]
 
@@ -23,12 +24,14 @@ def uncertainty_weighting(
     task_types: str | Sequence[str] | None = None,
     *,
     backend: Backend = "auto",
+    log_var_bounds: tuple[float, float] = reference.LOG_VARIANCE_BOUNDS,
 ) -> Tensor:
     r"""Balanced total :math:`\sum_i a_i e^{-s_i} L_i + b_i s_i` of a ``(K,)`` losses tensor.
 
     ``log_vars`` holds ``s_i = log sigma_i^2`` (shape ``(K,)``). ``task_types`` selects
     ``(a_i, b_i)`` per task: ``"regression"`` (0.5, 0.5), ``"classification"`` (1, 0.5); ``None``
     gives (1, 1). The result has the promoted dtype of ``losses`` and ``log_vars``.
+    ``log_var_bounds`` is the range that ``s_i`` is kept in, as for ``UncertaintyWeighting``.
 
     ``UncertaintyWeighting`` keeps the task-type coefficients on the device; here they are built
     on each call from ``task_types``, a small host-to-device copy.
@@ -39,7 +42,15 @@ def uncertainty_weighting(
         >>> uncertainty_weighting(torch.tensor([1.0, 2.0]), torch.zeros(2))
         tensor(3.)
     """
+    for name, value in (("losses", losses), ("log_vars", log_vars)):
+        if not isinstance(value, Tensor):
+            raise TypeError(
+                f"uncertainty_weighting: {name} must be one tensor of shape (K,), got "
+                f"{type(value).__name__}"
+                + (" (torch.stack a list first)" if name == "losses" else "")
+            )
     requested = requested_backend(check_backend(backend))
+    bounds = check_log_var_bounds(log_var_bounds)
     loss_coefs = reg_coefs = None
     if task_types is not None and log_vars.dim() == 1:
         num_tasks = log_vars.shape[0]
@@ -48,7 +59,7 @@ def uncertainty_weighting(
         loss_coefs = torch.tensor(a, device=log_vars.device)
         reg_coefs = torch.tensor(b, device=log_vars.device)
     return _uncertainty_op(
-        losses, log_vars, Parametrization.LOG_VARIANCE, loss_coefs, reg_coefs, requested
+        losses, log_vars, Parametrization.LOG_VARIANCE, loss_coefs, reg_coefs, requested, bounds
     )
 
 

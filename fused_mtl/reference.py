@@ -23,6 +23,16 @@ For K tasks with scalar losses ``L_i`` and one learned parameter per task, the b
 
       term_i = L_i / eta_i^2 + log(eta_i)
 
+Each parameter stands for a variance: ``sigma_i^2 = e^{s_i} = p_i^2 = eta_i^2``. The objective has
+no minimum when a loss is zero or negative (an NLL can be): ``sigma_i^2 -> 0`` drives the term to
+minus infinity. Every form therefore keeps the variance in a bounded range,
+``log sigma_i^2`` in ``LOG_VARIANCE_BOUNDS`` = [-20, 20] unless chosen otherwise: the parameter
+is clamped there (for ``p`` and ``eta``, their magnitude: the terms depend on ``p^2``, and
+``log |eta|`` extends ``log eta`` to either sign), and its gradient is dropped where it would push
+a parameter that is already outside further out, so that a parameter that overshot comes back
+when the losses allow it. Inside the range nothing changes: the values and gradients are those
+of the formulas, bit for bit.
+
 Per-task gradients
 ------------------
 With ``g_i`` task i's gradient of the shared parameters (all of them, flattened and joined), the
@@ -61,6 +71,7 @@ normalised, ``g_i / c_i``, which turns ``M`` into ``M_ik / (c_i c_k)``.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -69,15 +80,18 @@ from torch import Tensor
 __all__ = [
     "ENUMERATION_MAX_TASKS",
     "INTERIOR_POINT_ITERATIONS",
+    "LOG_VARIANCE_BOUNDS",
     "MGDA_NORMALIZATIONS",
     "TASK_TYPE_COEFFICIENTS",
     "Parametrization",
+    "bounded_parameters",
     "compute_dtype",
     "dtp_weights",
     "dwa_weights",
     "gradient_scales",
     "gradnorm_weight_grad",
     "min_norm_weights",
+    "parameter_bounds",
     "renormalized_weights",
     "result_dtype",
     "task_grad_norms",
@@ -124,6 +138,61 @@ def task_type_coefficients(
     return loss_coefs, reg_coefs
 
 
+#: The range of ``log sigma^2`` that every uncertainty form keeps its parameter in (see the
+#: module docstring): a weight of at most e^20 = 4.9e8, reached only by a loss of 2e-9 or less
+#: at the optimum of the log-variance form (``s* = log L``), and finite totals and gradients for
+#: any loss below 1e29 in magnitude.
+LOG_VARIANCE_BOUNDS = (-20.0, 20.0)
+
+
+def parameter_bounds(
+    parametrization: Parametrization, log_var_bounds: tuple[float, float] = LOG_VARIANCE_BOUNDS
+) -> tuple[float, float]:
+    """The range of the parameter itself (of its magnitude for ``p`` and ``eta``)."""
+    lower, upper = log_var_bounds
+    if parametrization == Parametrization.LOG_VARIANCE:
+        return float(lower), float(upper)
+    return math.exp(lower / 2), math.exp(upper / 2)
+
+
+class _BoundedParameter(torch.autograd.Function):
+    """The parameter clamped to its range; the gradient kept unless it points further out."""
+
+    @staticmethod
+    def forward(ctx, params: Tensor, lower: float, upper: float, symmetric: bool) -> Tensor:
+        ctx.save_for_backward(params)
+        ctx.bounds = (lower, upper, symmetric)
+        if not symmetric:
+            return params.clamp(lower, upper)
+        # sign(q) |q| is q exactly; -0.0 counts as positive.
+        sign = torch.where(params < 0, -1.0, 1.0).to(params.dtype)
+        return sign * params.abs().clamp(lower, upper)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        (params,) = ctx.saved_tensors
+        lower, upper, symmetric = ctx.bounds
+        magnitude, slope = params, grad
+        if symmetric:
+            magnitude = params.abs()
+            slope = torch.where(params < 0, -grad, grad)
+        # A gradient step moves the magnitude by -slope: outward below the range when the
+        # slope is positive, above it when negative.
+        outward = ((magnitude < lower) & (slope > 0)) | ((magnitude > upper) & (slope < 0))
+        return torch.where(outward, torch.zeros_like(grad), grad), None, None, None
+
+
+def bounded_parameters(
+    params: Tensor,
+    parametrization: Parametrization,
+    log_var_bounds: tuple[float, float] = LOG_VARIANCE_BOUNDS,
+) -> Tensor:
+    """The per-task parameters inside their range (see the module docstring)."""
+    lower, upper = parameter_bounds(parametrization, log_var_bounds)
+    symmetric = parametrization != Parametrization.LOG_VARIANCE
+    return _BoundedParameter.apply(params, lower, upper, symmetric)
+
+
 def result_dtype(losses: Tensor, params: Tensor) -> torch.dtype:
     """The dtype of the total: torch's promotion of the loss and parameter dtypes."""
     return torch.promote_types(losses.dtype, params.dtype)
@@ -139,8 +208,10 @@ def _weights_and_regularisers(
     parametrization: Parametrization,
     loss_coefs: Tensor | None,
     reg_coefs: Tensor | None,
+    log_var_bounds: tuple[float, float],
 ) -> tuple[Tensor, Tensor]:
     """Per-task weight ``w_i`` and regulariser ``r_i`` with ``term_i = w_i * L_i + r_i``."""
+    params = bounded_parameters(params, parametrization, log_var_bounds)
     if parametrization == Parametrization.LOG_VARIANCE:
         weights = torch.exp(-params)
         regularisers = params
@@ -153,7 +224,8 @@ def _weights_and_regularisers(
         regularisers = torch.log(1 + params**2)
     elif parametrization == Parametrization.DYNAMIC_NOISE:
         weights = 1 / params**2
-        regularisers = torch.log(params)
+        # log |eta|: eta enters squared elsewhere, and its sign is the parameter's choice.
+        regularisers = torch.log(params.abs())
     else:
         raise ValueError(f"unknown parametrization {parametrization!r}")
     return weights, regularisers
@@ -165,12 +237,13 @@ def uncertainty_terms(
     parametrization: Parametrization = Parametrization.LOG_VARIANCE,
     loss_coefs: Tensor | None = None,
     reg_coefs: Tensor | None = None,
+    log_var_bounds: tuple[float, float] = LOG_VARIANCE_BOUNDS,
 ) -> Tensor:
     """Per-task terms ``w_i * L_i + r_i`` (shape ``(K,)``) in the compute dtype."""
     dtype = compute_dtype(result_dtype(losses, params))
     losses, params = losses.to(dtype), params.to(dtype)
     weights, regularisers = _weights_and_regularisers(
-        params, parametrization, loss_coefs, reg_coefs
+        params, parametrization, loss_coefs, reg_coefs, log_var_bounds
     )
     return weights * losses + regularisers
 
@@ -181,9 +254,12 @@ def uncertainty_total(
     parametrization: Parametrization = Parametrization.LOG_VARIANCE,
     loss_coefs: Tensor | None = None,
     reg_coefs: Tensor | None = None,
+    log_var_bounds: tuple[float, float] = LOG_VARIANCE_BOUNDS,
 ) -> Tensor:
     """The balanced total ``sum_i term_i`` (0-dim, in the promoted dtype of losses and params)."""
-    terms = uncertainty_terms(losses, params, parametrization, loss_coefs, reg_coefs)
+    terms = uncertainty_terms(
+        losses, params, parametrization, loss_coefs, reg_coefs, log_var_bounds
+    )
     return terms.sum().to(result_dtype(losses, params))
 
 
@@ -191,9 +267,12 @@ def uncertainty_weights(
     params: Tensor,
     parametrization: Parametrization = Parametrization.LOG_VARIANCE,
     loss_coefs: Tensor | None = None,
+    log_var_bounds: tuple[float, float] = LOG_VARIANCE_BOUNDS,
 ) -> Tensor:
     """The effective weight ``w_i = dTotal / dL_i`` that multiplies each task loss."""
-    weights, _ = _weights_and_regularisers(params, parametrization, loss_coefs, None)
+    weights, _ = _weights_and_regularisers(
+        params, parametrization, loss_coefs, None, log_var_bounds
+    )
     return weights
 
 

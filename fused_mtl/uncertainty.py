@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -44,10 +45,12 @@ class UncertaintyModule(Balancer):
         backend: Backend,
         sync: bool = True,
         process_group: ProcessGroup | None = None,
+        log_var_bounds: tuple[float, float] = reference.LOG_VARIANCE_BOUNDS,
     ) -> None:
         super().__init__(num_tasks, tasks, backend, sync, process_group)
         self.reduction = check_reduction(reduction)
         self.check_finite = bool(check_finite)
+        self.log_var_bounds = check_log_var_bounds(log_var_bounds)
         self.register_buffer("loss_coefs", None, persistent=False)
         self.register_buffer("reg_coefs", None, persistent=False)
 
@@ -66,6 +69,7 @@ class UncertaintyModule(Balancer):
         )
         if self.check_finite:
             raise_if_not_finite(stacked, self.tasks)
+            raise_if_negative(stacked, self.tasks)
         if self._syncing():
             # The parameter's gradient, -a_i e^{-s_i} L_i + b_i, is linear in this rank's loss:
             # its mean over ranks is the gradient on the whole batch (one all_reduce of K
@@ -78,6 +82,7 @@ class UncertaintyModule(Balancer):
             self.loss_coefs,
             self.reg_coefs,
             self._requested_backend,
+            self.log_var_bounds,
         )
 
     @property
@@ -85,11 +90,46 @@ class UncertaintyModule(Balancer):
         """Effective weight of each task loss, ``d total / d L_i`` (detached, shape ``(K,)``)."""
         with torch.no_grad():
             return reference.uncertainty_weights(
-                self._task_parameter().detach(), self._parametrization, self.loss_coefs
+                self._task_parameter().detach(),
+                self._parametrization,
+                self.loss_coefs,
+                self.log_var_bounds,
             )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, reduction={self.reduction!r}"
+
+
+def check_log_var_bounds(bounds: object) -> tuple[float, float]:
+    """``(lower, upper)``: two finite numbers, ``lower < upper``."""
+    if (
+        not isinstance(bounds, (tuple, list))
+        or len(bounds) != 2
+        or not all(
+            isinstance(value, (int, float)) and not isinstance(value, bool) for value in bounds
+        )
+    ):
+        raise TypeError(f"log_var_bounds must be a pair (lower, upper) of numbers, got {bounds!r}")
+    lower, upper = float(bounds[0]), float(bounds[1])
+    if not (math.isfinite(lower) and math.isfinite(upper) and lower < upper):
+        raise ValueError(
+            f"log_var_bounds must be finite with lower < upper, got ({lower}, {upper})"
+        )
+    return lower, upper
+
+
+def raise_if_negative(losses: Tensor, names: Sequence[str] | None) -> None:
+    """``ValueError`` naming the first task whose loss is negative (one host read)."""
+    negative = losses.detach() < 0
+    if not bool(negative.any()):
+        return
+    index = int(negative.nonzero()[0, 0])
+    raise ValueError(
+        f"task {task_label(index, names)}: loss is {losses[index].item()} < 0; uncertainty "
+        "weighting needs losses >= 0 (a L e^-s + b s has no minimum for L < 0, so its "
+        "log-variance would only stop at the bound of log_var_bounds): add a constant that "
+        "makes the loss non-negative (an NLL's lowest value), or balance this task otherwise"
+    )
 
 
 class UncertaintyWeighting(UncertaintyModule):
@@ -110,8 +150,14 @@ class UncertaintyWeighting(UncertaintyModule):
             a dict by task name, or one string for all); ``None`` gives the ``exp(-s) L + s`` form.
         init_log_var: initial ``s_i`` (one number, or one per task).
         reduction: ``None`` requires scalar losses; ``"mean"`` / ``"sum"`` reduce each loss.
-        check_finite: raise ``FloatingPointError`` naming the task on a NaN or infinite loss.
-            This reads the losses on the host (a synchronisation): leave it off in CUDA graphs.
+        check_finite: raise ``FloatingPointError`` naming the task on a NaN or infinite loss,
+            and ``ValueError`` on a negative one. This reads the losses on the host (a
+            synchronisation): leave it off in CUDA graphs.
+        log_var_bounds: the range ``(lower, upper)`` that ``s_i`` is kept in, -20 to 20 by
+            default. A zero or negative loss drives ``s_i`` down without limit (the objective
+            then has no minimum); at the bound ``s_i`` stops, the total and every gradient stay
+            finite, and a gradient that would push ``s_i`` further out is dropped, so that it
+            comes back once the loss allows it. Inside the range nothing changes.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see the README). The environment
             variable ``FUSED_MTL_BACKEND`` overrides ``"auto"``; it is read here, at construction.
         sync: under ``torch.distributed``, average the gradient of ``log_vars`` over the ranks,
@@ -147,17 +193,19 @@ class UncertaintyWeighting(UncertaintyModule):
         backend: Backend = "auto",
         sync: bool = True,
         process_group: ProcessGroup | None = None,
+        log_var_bounds: tuple[float, float] = reference.LOG_VARIANCE_BOUNDS,
     ) -> None:
-        super().__init__(num_tasks, tasks, reduction, check_finite, backend, sync, process_group)
-        initial = torch.as_tensor(init_log_var, dtype=torch.float32)
-        if initial.dim() == 0:
-            initial = initial.expand(self.num_tasks)
-        if initial.shape != (self.num_tasks,):
-            raise ValueError(
-                f"init_log_var must be one number or {self.num_tasks} numbers, "
-                f"got shape {tuple(initial.shape)}"
-            )
-        self.log_vars = nn.Parameter(initial.clone())
+        super().__init__(
+            num_tasks,
+            tasks,
+            reduction,
+            check_finite,
+            backend,
+            sync,
+            process_group,
+            log_var_bounds,
+        )
+        self.log_vars = nn.Parameter(self._initial_log_vars(init_log_var))
         self.task_types = resolve_task_types(task_types, self.num_tasks, self.tasks)
         if self.task_types is not None:
             labels = [task_label(i, self.tasks) for i in range(self.num_tasks)]
@@ -166,10 +214,36 @@ class UncertaintyWeighting(UncertaintyModule):
             self.loss_coefs = torch.tensor(loss_coefs)
             self.reg_coefs = torch.tensor(reg_coefs)
 
+    def _initial_log_vars(self, init_log_var: object) -> Tensor:
+        try:
+            initial = torch.as_tensor(init_log_var, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(
+                f"init_log_var must be one number or {self.num_tasks} numbers, "
+                f"got {type(init_log_var).__name__}"
+            ) from error
+        if initial.dim() == 0:
+            initial = initial.expand(self.num_tasks)
+        if initial.shape != (self.num_tasks,):
+            raise ValueError(
+                f"init_log_var must be one number or {self.num_tasks} numbers, "
+                f"got shape {tuple(initial.shape)}"
+            )
+        lower, upper = self.log_var_bounds
+        for index, value in enumerate(initial.tolist()):
+            if not lower <= value <= upper:  # NaN fails too
+                raise ValueError(
+                    f"task {task_label(index, self.tasks)}: init_log_var is {value}; it must "
+                    f"be a finite number in log_var_bounds [{lower}, {upper}]"
+                )
+        return initial.clone()
+
     def _task_parameter(self) -> Tensor:
         return self.log_vars
 
     @property
     def sigmas(self) -> Tensor:
-        """The learned standard deviations ``sigma_i = exp(s_i / 2)`` (detached)."""
-        return torch.exp(0.5 * self.log_vars.detach())
+        """The learned standard deviations ``sigma_i = exp(s_i / 2)`` (detached), with ``s_i``
+        in ``log_var_bounds``."""
+        lower, upper = self.log_var_bounds
+        return torch.exp(0.5 * self.log_vars.detach().clamp(lower, upper))

@@ -14,6 +14,12 @@ DYNAMIC_NOISE (2)   ``1 / eta_i^2``         ``log(eta_i)``       ``1/eta_i - 2w_
 and ``d term_i / d L_i = w_i`` in every case. The parametrisation is a constexpr, so each variant
 compiles to straight-line code with no branch at run time.
 
+Each parameter is first clamped to its range ``[lower, upper]`` (of its magnitude for ``p`` and
+``eta``, whose sign is kept), and its gradient is zeroed where a gradient step would move a
+parameter that is already outside further out: the rule of ``fused_mtl.reference``, which
+keeps the variance bounded when a loss is zero or negative. Inside the range the arithmetic is
+unchanged.
+
 Every value is loaded, computed and summed in float32 whatever the storage dtype (fp16, bf16 or
 fp32), then cast once on store; this also keeps the kernels inside what the Triton interpreter
 supports (no bf16 arithmetic, no libdevice).
@@ -45,8 +51,21 @@ def _weight_and_regulariser(params, loss_coefs, reg_coefs, PARAMETRIZATION: tl.c
         regulariser = tl.log(1.0 + square)
     else:
         weight = 1.0 / (params * params)
-        regulariser = tl.log(params)
+        regulariser = tl.log(tl.abs(params))
     return weight, regulariser
+
+
+@triton.jit
+def _bounded(params, lower, upper, PARAMETRIZATION: tl.constexpr):
+    """The parameters clamped to their range, and the magnitude and sign the range applies to."""
+    if PARAMETRIZATION == 0:
+        magnitude = params
+        sign = tl.full(params.shape, 1.0, tl.float32)
+    else:
+        magnitude = tl.abs(params)
+        sign = tl.where(params < 0.0, -1.0, 1.0)
+    clamped = tl.minimum(tl.maximum(magnitude, lower), upper)
+    return sign * clamped, magnitude, sign
 
 
 @triton.jit
@@ -74,6 +93,8 @@ def _uncertainty_forward_kernel(
     reg_coefs_ptr,  # (K,) b_i of the log-variance form, read only if HAS_COEFS
     total_ptr,  # () output, in the promoted dtype of losses and params
     num_tasks,  # K
+    lower,  # range of the parameter (of its magnitude for p and eta), fp32
+    upper,
     PARAMETRIZATION: tl.constexpr,  # 0 log-variance, 1 Liebel-Koerner, 2 dynamic noise
     HAS_COEFS: tl.constexpr,  # False: a_i = b_i = 1, the coefficient pointers are not read
     BLOCK_K: tl.constexpr,  # tasks per loop iteration
@@ -86,6 +107,7 @@ def _uncertainty_forward_kernel(
         losses, params, loss_coefs, reg_coefs = _load_task_block(
             losses_ptr, params_ptr, loss_coefs_ptr, reg_coefs_ptr, offsets, mask, HAS_COEFS
         )
+        params, _, _ = _bounded(params, lower, upper, PARAMETRIZATION)
         weight, regulariser = _weight_and_regulariser(
             params, loss_coefs, reg_coefs, PARAMETRIZATION
         )
@@ -104,6 +126,8 @@ def _uncertainty_backward_kernel(
     grad_losses_ptr,  # (K,) output d total / d L, in the losses' dtype
     grad_params_ptr,  # (K,) output d total / d q, in the parameters' dtype
     num_tasks,  # K
+    lower,  # range of the parameter (of its magnitude for p and eta), fp32
+    upper,
     PARAMETRIZATION: tl.constexpr,
     HAS_COEFS: tl.constexpr,
     BLOCK_K: tl.constexpr,  # tasks per program
@@ -116,6 +140,7 @@ def _uncertainty_backward_kernel(
     losses, params, loss_coefs, reg_coefs = _load_task_block(
         losses_ptr, params_ptr, loss_coefs_ptr, reg_coefs_ptr, offsets, mask, HAS_COEFS
     )
+    params, magnitude, sign = _bounded(params, lower, upper, PARAMETRIZATION)
     weight, _ = _weight_and_regulariser(params, loss_coefs, reg_coefs, PARAMETRIZATION)
     if PARAMETRIZATION == 0:
         grad_params = reg_coefs - weight * losses
@@ -123,6 +148,11 @@ def _uncertainty_backward_kernel(
         grad_params = 2.0 * params / (1.0 + params * params) - 2.0 * weight * losses / params
     else:
         grad_params = 1.0 / params - 2.0 * weight * losses / params
+    grad_params = grad_total * grad_params
+    # A step moves the magnitude by -slope: zero a gradient that pushes an outside parameter out.
+    slope = sign * grad_params
+    outward = ((magnitude < lower) & (slope > 0.0)) | ((magnitude > upper) & (slope < 0.0))
+    grad_params = tl.where(outward, 0.0, grad_params)
     tl.store(
         grad_losses_ptr + offsets,
         (grad_total * weight).to(grad_losses_ptr.dtype.element_ty),
@@ -130,7 +160,7 @@ def _uncertainty_backward_kernel(
     )
     tl.store(
         grad_params_ptr + offsets,
-        (grad_total * grad_params).to(grad_params_ptr.dtype.element_ty),
+        grad_params.to(grad_params_ptr.dtype.element_ty),
         mask=mask,
     )
 
@@ -155,6 +185,8 @@ def uncertainty_forward(
     loss_coefs: torch.Tensor | None,
     reg_coefs: torch.Tensor | None,
     parametrization: int,
+    lower: float,
+    upper: float,
 ) -> torch.Tensor:
     """Launch the forward kernel once; return the 0-dim total."""
     losses, params = losses.contiguous(), params.contiguous()
@@ -172,6 +204,8 @@ def uncertainty_forward(
             reg_coefs,
             total,
             num_tasks,
+            lower,
+            upper,
             PARAMETRIZATION=parametrization,
             HAS_COEFS=has_coefs,
             BLOCK_K=block,
@@ -187,6 +221,8 @@ def uncertainty_backward(
     loss_coefs: torch.Tensor | None,
     reg_coefs: torch.Tensor | None,
     parametrization: int,
+    lower: float,
+    upper: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the backward kernel once; return ``(grad_losses, grad_params)``."""
     losses, params = losses.contiguous(), params.contiguous()
@@ -205,6 +241,8 @@ def uncertainty_backward(
             grad_losses,
             grad_params,
             num_tasks,
+            lower,
+            upper,
             PARAMETRIZATION=parametrization,
             HAS_COEFS=has_coefs,
             BLOCK_K=block,

@@ -9,6 +9,7 @@ from fused_mtl._gram_op import _task_gram_op
 from fused_mtl._uncertainty_op import _backward_op, _forward_op
 from fused_mtl.compat import AutomaticWeightedLoss
 from fused_mtl.functional import task_grad_norms, task_gram
+from fused_mtl.reference import Parametrization, parameter_bounds
 
 
 def make_step(balancer):
@@ -66,7 +67,14 @@ def test_opcheck(parametrization, device):
     losses = torch.rand(5, generator=gen).to(device).requires_grad_()
     params = (torch.rand(5, generator=gen) + 0.5).to(device).requires_grad_()
     coefs = (torch.full((5,), 0.5, device=device), torch.ones(5, device=device))
-    args = (losses, params, *(coefs if parametrization == 0 else (None, None)), parametrization)
+    bounds = parameter_bounds(Parametrization(parametrization))
+    args = (
+        losses,
+        params,
+        *(coefs if parametrization == 0 else (None, None)),
+        parametrization,
+        *bounds,
+    )
     torch.library.opcheck(_forward_op, args)
     grad = torch.tensor(0.5, device=device)
     torch.library.opcheck(

@@ -159,9 +159,14 @@ EXTREME_RTOL = {torch.float32: 2 * 80 * 1.45 * 2.0**-24 + 2e-6}
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_extreme_log_variances(backend, device):
-    s = torch.tensor([-80.0, 80.0, -80.0, 80.0, 0.0, -10.0, 10.0], dtype=torch.float64)
-    losses = torch.tensor([0.0, 0.0, 1.0, 1.0, 6.0e4, 1.0e-3, 6.0e4], dtype=torch.float64)
-    expected = log_variance(losses, s)
+    """Log-variances far outside the range [-20, 20]: the formula at the clamped value, and the
+    gradient dropped only where it pushes further out (s = -80 with L = 0: d/ds = 1, a step
+    lowers s)."""
+    s = torch.tensor([-80.0, 80.0, -80.0, 80.0, 0.0, -10.0, 10.0, -20.0], dtype=torch.float64)
+    losses = torch.tensor([0.0, 0.0, 1.0, 1.0, 6.0e4, 1.0e-3, 6.0e4, 0.0], dtype=torch.float64)
+    expected = log_variance(losses, s.clamp(-20.0, 20.0))
+    outward = torch.tensor([True] + [False] * 7)
+    expected.grad_params = torch.where(outward, 0.0, expected.grad_params)
     total, grad_losses, grad_params = run_op(
         losses.float().to(device), s.float().to(device), Parametrization.LOG_VARIANCE, backend
     )
