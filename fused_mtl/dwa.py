@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,11 +29,15 @@ class DWA(LossWeighting):
     and 1 during the first two periods. They sum to K and stay constant within a period.
 
     Every call in training mode adds the losses (detached) to the period's sums on the device,
-    without a host synchronisation; calls in eval mode (validation) do not count. A period ends
-    when you call ``end_epoch()``, or by itself after ``period_steps`` calls. Ending a period
-    reads its K means on the host once, to check that they are finite and positive (the rates
-    divide by them). Under ``torch.compile`` the forward is one graph across period
-    boundaries and reads nothing on the host: a period ended by ``period_steps`` inside a
+    without a host synchronisation; calls in eval mode (validation) do not count. A call with a
+    NaN or infinite loss (an fp16 overflow that a ``GradScaler`` skips, say) leaves the state as
+    it was, selected on the device: it neither enters the sums nor counts towards the period,
+    and the period that it falls in ends with a ``RuntimeWarning`` naming the tasks and how many
+    calls were left out (the total of that call is NaN or infinite, as the loss is). A period
+    ends when you call ``end_epoch()``, or by itself after ``period_steps`` counted calls.
+    Ending a period reads its K means on the host once, to check that they are finite and
+    positive (the rates divide by them). Under ``torch.compile`` the forward is one graph across
+    period boundaries and reads nothing on the host: a period ended by ``period_steps`` inside a
     compiled region is not checked, and means that are not finite and positive give NaN
     weights (so a NaN total) instead of the error, for as long as the rates use that period.
 
@@ -107,6 +112,10 @@ class DWA(LossWeighting):
         # nor recompiles as they change; they are saved as extra state (plain integers).
         self.register_buffer("step_count", torch.zeros((), dtype=torch.int64), persistent=False)
         self.register_buffer("period_count", torch.zeros((), dtype=torch.int64), persistent=False)
+        # Calls of the current period left out per task for a non-finite loss, for the warning.
+        self.register_buffer(
+            "nonfinite_calls", torch.zeros(num, dtype=torch.int64), persistent=False
+        )
         # The host's copy of step_count in eager calls (None after a compiled call): it tells
         # an eager call that it closes a period, to check the means, without reading the device.
         self._host_steps: int | None = 0
@@ -128,10 +137,18 @@ class DWA(LossWeighting):
             # Every step, not once a period: DDP broadcasts rank 0's buffers at each forward
             # when DWA sits inside the wrapped module, which would overwrite local sums.
             losses = self._sync.mean(losses)
-        sums = self.period_loss_sums + losses.to(self.period_loss_sums.dtype)
-        steps = self.step_count + 1
+        # A call with a non-finite loss changes nothing, selected on the device (no host read).
+        finite_tasks = torch.isfinite(losses)
+        finite = finite_tasks.all()
+        nonfinite = self.nonfinite_calls + (~finite_tasks).to(torch.int64)
+        sums = torch.where(
+            finite,
+            self.period_loss_sums + losses.to(self.period_loss_sums.dtype),
+            self.period_loss_sums,
+        )
+        steps = self.step_count + finite.to(self.step_count.dtype)
         if self.period_steps is None:
-            self.period_loss_sums, self.step_count = sums, steps
+            self.period_loss_sums, self.step_count, self.nonfinite_calls = sums, steps, nonfinite
             return
         closing = steps == self.period_steps
         if torch.compiler.is_compiling():
@@ -139,19 +156,26 @@ class DWA(LossWeighting):
             # end, selected on the device; means that cannot be used give NaN weights (see
             # _end_period) instead of the eager call's error.
             self._host_steps = None
+            self.nonfinite_calls = nonfinite
             self._end_period(sums, steps, closing, sums / steps.clamp_min(1))
             return
+        # The host counts calls, an upper bound of the counted ones: a call that may end the
+        # period reads the device's count (once a period, and again after a left-out call).
         host_steps = self._host_steps if self._host_steps is not None else int(self.step_count)
+        if host_steps + 1 >= self.period_steps:
+            host_steps = int(steps) - 1
         if host_steps + 1 < self.period_steps:
             self._host_steps = host_steps + 1
-            self.period_loss_sums, self.step_count = sums, steps
+            self.period_loss_sums, self.step_count, self.nonfinite_calls = sums, steps, nonfinite
             return
         # Divided by the host's count, as a period's means always were (on CUDA a division by a
         # host number rounds differently from one by a device tensor, by an ulp).
         means = sums / self.period_steps
         # A rejected call changes nothing: the period closes at the next call instead.
         self._check_period_means(means)
+        self._warn_left_out_calls(nonfinite)
         self._host_steps = 0
+        self.nonfinite_calls = nonfinite
         self._end_period(sums, steps, closing, means)
 
     @torch.no_grad()
@@ -163,11 +187,12 @@ class DWA(LossWeighting):
         steps = int(self.step_count)
         if steps == 0:
             raise RuntimeError(
-                "DWA.end_epoch: no training losses since the last period ended; call the module "
-                "(or its backward) in training mode during the period"
+                "DWA.end_epoch: no finite training losses since the last period ended; call "
+                "the module (or its backward) in training mode during the period"
             )
         means = self.period_loss_sums / steps
         self._check_period_means(means)
+        self._warn_left_out_calls(self.nonfinite_calls)
         closing = torch.ones((), dtype=torch.bool, device=self.step_count.device)
         self._end_period(self.period_loss_sums, self.step_count, closing, means)
         self._host_steps = 0
@@ -182,6 +207,23 @@ class DWA(LossWeighting):
                     f"{self.periods_finished} is {value}; DWA's rates L(t-1) / L(t-2) need "
                     "finite, positive losses"
                 )
+
+    def _warn_left_out_calls(self, nonfinite: Tensor) -> None:
+        """Warn, naming the tasks, when calls of the ending period were left out (one host read
+        of K counts, once a period)."""
+        counts = nonfinite.tolist()
+        if any(counts):
+            described = ", ".join(
+                f"task {task_label(index, self.tasks)}: {count}"
+                for index, count in enumerate(counts)
+                if count
+            )
+            warnings.warn(
+                f"DWA: period {self.periods_finished} left out the calls with a non-finite "
+                f"loss (calls per task: {described}); its means are those of the other calls",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def _end_period(self, sums: Tensor, steps: Tensor, closing: Tensor, means: Tensor) -> None:
         """The state after this call, the period (of mean losses ``means``) ended where
@@ -201,6 +243,9 @@ class DWA(LossWeighting):
         self.weights = torch.where(closing & (self.period_count >= 2), updated, self.weights)
         self.period_loss_sums = torch.where(closing, torch.zeros_like(sums), sums)
         self.step_count = torch.where(closing, torch.zeros_like(steps), steps)
+        self.nonfinite_calls = torch.where(
+            closing, torch.zeros_like(self.nonfinite_calls), self.nonfinite_calls
+        )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # A DWA pickled whole before the counters moved to the device kept them as integers.

@@ -1,10 +1,13 @@
 """Findings of the adversarial audit: each test fails on the code before its fix."""
 
 import math
+import warnings
 
 import formulas
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fused_mtl import DWA, UncertaintyWeighting
 from fused_mtl.compat import AutomaticWeightedLoss, MultiNoiseLoss
@@ -179,3 +182,100 @@ def test_check_finite_names_the_task_with_a_negative_loss():
         uw({"depth": torch.tensor(float("nan")), "nll": torch.tensor(-0.5)})
     # Zero is a valid loss (the bound handles a run of them).
     assert torch.isfinite(uw({"depth": torch.tensor(0.0), "nll": torch.tensor(0.0)}))
+
+
+def dwa_period_reference(calls, period_steps, temperature, num_tasks):
+    """The weights each call uses, from the paper's rule in plain Python floats: a period is
+    ``period_steps`` calls with finite losses (the others are left out), its means are their
+    averages, and from the third period on ``w = K softmax(r / T)`` with
+    ``r = mean(t-1) / mean(t-2)``. The call that completes a period still uses that period's
+    weights."""
+    weights, period, means, used = [1.0] * num_tasks, [], [], []
+    for losses in calls:
+        used.append(list(weights))
+        if not all(math.isfinite(value) for value in losses):
+            continue
+        period.append(losses)
+        if len(period) == period_steps:
+            means.append([sum(column) / period_steps for column in zip(*period, strict=True)])
+            period = []
+            if len(means) >= 2:
+                rates = [a / b for a, b in zip(means[-1], means[-2], strict=True)]
+                exps = [math.exp(rate / temperature) for rate in rates]
+                weights = [num_tasks * e / sum(exps) for e in exps]
+    return used
+
+
+def test_a_nan_loss_leaves_dwa_as_it_was_and_the_periods_go_on():
+    """One NaN loss used to stay in the period sums for good: every later period end was
+    rejected and no period closed again. Now the call is left out, on the device."""
+    dwa = DWA(tasks=["depth", "seg"], period_steps=2)
+    calls = [
+        [2.0, 1.0],
+        [2.0, 1.0],
+        [1.0, 1.0],
+        [math.nan, 1.0],
+        [1.0, 1.0],
+        [1.0, 2.0],
+        [1.0, 2.0],
+    ]
+    expected = dwa_period_reference(calls, 2, 2.0, 2)
+    with pytest.warns(RuntimeWarning, match=r"period 1 left out .*task 'depth': 1"):
+        for index, losses in enumerate(calls):
+            before = {
+                name: value.clone()
+                for name, value in dwa.state_dict().items()
+                if isinstance(value, torch.Tensor)
+            }
+            total = dwa(torch.tensor(losses))
+            weights_used = total.detach() if math.isnan(losses[0]) else None
+            if index == 3:
+                assert weights_used is not None and math.isnan(float(weights_used))
+                after = dwa.state_dict()
+                for name, value in before.items():
+                    torch.testing.assert_close(after[name], value, rtol=0, atol=0, equal_nan=True)
+                assert dwa.steps_in_period == 1
+            else:
+                want = sum(w * x for w, x in zip(expected[index], losses, strict=True))
+                assert float(total) == pytest.approx(want, rel=1e-6), index
+    assert dwa.periods_finished == 3
+    assert dwa.weights.tolist() == pytest.approx(
+        dwa_period_reference([*calls, [1.0, 1.0]], 2, 2.0, 2)[-1], rel=1e-6
+    )
+
+
+dwa_calls = st.lists(
+    st.lists(
+        st.one_of(
+            st.floats(0.05, 20.0),
+            st.sampled_from([math.nan, math.inf]),
+        ),
+        min_size=3,
+        max_size=3,
+    ),
+    min_size=1,
+    max_size=14,
+)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    calls=dwa_calls,
+    period_steps=st.integers(1, 4),
+    temperature=st.sampled_from([0.5, 2.0, 10.0]),
+)
+def test_dwa_period_rule_over_random_histories(calls, period_steps, temperature):
+    """Every call uses the weights of its period, a call with a non-finite loss changes
+    nothing, and the weights follow the paper's rule (float64 reference, float32 state)."""
+    expected = dwa_period_reference(calls, period_steps, temperature, 3)
+    dwa = DWA(3, temperature=temperature, period_steps=period_steps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for index, losses in enumerate(calls):
+            total = float(dwa(torch.tensor(losses)))
+            if all(math.isfinite(value) for value in losses):
+                want = sum(w * x for w, x in zip(expected[index], losses, strict=True))
+                assert total == pytest.approx(want, rel=1e-5), (index, losses)
+    finite = [c for c in calls if all(math.isfinite(v) for v in c)]
+    assert dwa.periods_finished == len(finite) // period_steps
+    assert dwa.steps_in_period == len(finite) % period_steps
