@@ -165,7 +165,7 @@ def test_dwa_rejects_bad_input(device):
     with pytest.raises(ValueError, match="period_steps must be a positive integer"):
         DWA(2, period_steps=0)
     dwa = DWA(tasks=["a", "b"]).to(device)
-    with pytest.raises(RuntimeError, match="no training losses since the last period"):
+    with pytest.raises(RuntimeError, match="no finite training losses since the last period"):
         dwa.end_epoch()
     dwa(torch.tensor([1.0, -0.5], device=device))
     with pytest.raises(ValueError, match=r"task 'b': mean loss over period 0 is -0.5"):
