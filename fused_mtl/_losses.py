@@ -102,10 +102,15 @@ def resolve_task_types(
     elif isinstance(task_types, Mapping):
         check_names(list(task_types), names, "task_types")
         types = [task_types[name] for name in names]  # type: ignore[union-attr]
-    else:
+    elif isinstance(task_types, Sequence):
         types = list(task_types)
         if len(types) != num_tasks:
             raise ValueError(f"task_types has {len(types)} entries for {num_tasks} tasks")
+    else:
+        raise TypeError(
+            "task_types must be one string for every task, a sequence with one per task or a "
+            f"dict by task name, got {type(task_types).__name__} {task_types!r}"
+        )
     return types
 
 

@@ -182,6 +182,14 @@ class TaskGradients:
         """
         if inputs is not None:
             self.parameters = list(inputs)
+        for name, parameter in zip(self.parameter_names, self.parameters, strict=False):
+            # A Python flag, no tensor read: a parameter frozen after construction.
+            if not parameter.requires_grad:
+                raise ValueError(
+                    f"shared parameter {name} does not require grad (it was frozen after the "
+                    "balancer was built); unfreeze it, or build the balancer from the "
+                    "parameters that are still trained"
+                )
         if self.mode == "batched":
             return self._batched(losses)
         if self.mode == "loop":

@@ -105,6 +105,7 @@ class Balancer(nn.Module):
 
     def backward(self, *losses: LossArgs) -> Tensor:
         """``total = self(*losses)``, then ``total.backward()``; returns the total, detached."""
+        check_grad_enabled(self)
         total = self(*losses)
         total.backward()
         return total.detach()
@@ -112,6 +113,16 @@ class Balancer(nn.Module):
     def extra_repr(self) -> str:
         tasks = self.tasks if self.tasks is not None else self.num_tasks
         return f"tasks={tasks}, backend={self.backend!r}"
+
+
+def check_grad_enabled(balancer: Balancer) -> None:
+    if not torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{type(balancer).__name__}.backward was called with grad disabled "
+            "(torch.no_grad() or torch.inference_mode()): there is no graph to back-propagate; "
+            "call it where the losses were computed with grad, or call the balancer itself "
+            "(balancer(losses)) to get the total without a backward"
+        )
 
 
 def weighted_sum(weights: Tensor, losses: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ from fused_mtl._backend import Backend
 from fused_mtl._distributed import ProcessGroup
 from fused_mtl._losses import task_label
 from fused_mtl._task_gradients import SharedParameters, TaskGradients
-from fused_mtl.balancer import GradientBalancer, LossArgs, weighted_sum
+from fused_mtl.balancer import GradientBalancer, LossArgs, check_grad_enabled, weighted_sum
 
 #: Interior-point iterations when K > ``reference.ENUMERATION_MAX_TASKS`` (smaller K are solved
 #: by enumeration); see ``reference.min_norm_weights`` for the precision they reach.
@@ -188,6 +188,7 @@ class MGDA(GradientBalancer):
     def backward(self, *losses: LossArgs, features: Tensor | None = None) -> Tensor:
         """``total = self(*losses, features=features)``, then ``total.backward()``; returns the
         total, detached."""
+        check_grad_enabled(self)
         total = self(*losses, features=features)
         total.backward()
         return total.detach()

@@ -279,3 +279,36 @@ def test_dwa_period_rule_over_random_histories(calls, period_steps, temperature)
     finite = [c for c in calls if all(math.isfinite(v) for v in c)]
     assert dwa.periods_finished == len(finite) // period_steps
     assert dwa.steps_in_period == len(finite) % period_steps
+
+
+def test_unclear_errors_now_name_the_argument_or_the_task():
+    from fused_mtl import MGDA, GradNorm
+    from fused_mtl import functional as F
+
+    with pytest.raises(TypeError, match=r"task_types must be one string .* got int 5"):
+        UncertaintyWeighting(2, task_types=5)
+    with pytest.raises(ValueError, match=r"task 'b': init_log_var is nan; it must be a finite"):
+        UncertaintyWeighting(tasks=["a", "b"], init_log_var=[0.0, math.nan])
+    with pytest.raises(ValueError, match=r"task 0: init_log_var is inf"):
+        UncertaintyWeighting(2, init_log_var=math.inf)
+    with pytest.raises(TypeError, match="init_log_var must be one number or 2 numbers"):
+        UncertaintyWeighting(2, init_log_var="zero")
+    with pytest.raises(ValueError, match="log_var_bounds must be finite with lower < upper"):
+        UncertaintyWeighting(2, log_var_bounds=(5.0, -5.0))
+    with pytest.raises(TypeError, match="losses must be one tensor of shape"):
+        F.uncertainty_weighting([torch.tensor(1.0), torch.tensor(2.0)], torch.zeros(2))
+
+    for make in (lambda p: GradNorm(p, 2), lambda p: MGDA(p, 2)):
+        trunk = torch.nn.Linear(3, 2)
+        balancer = make(trunk)
+        trunk.bias.requires_grad_(False)
+        out = trunk(torch.randn(4, 3))
+        with pytest.raises(ValueError, match=r"shared parameter 'bias' \(shape \(2,\)\) does not"):
+            balancer([out[:, 0].mean(), out[:, 1].mean()])
+        trunk.bias.requires_grad_(True)
+        with torch.no_grad():
+            out = trunk(torch.randn(4, 3))
+            with pytest.raises(RuntimeError, match="backward was called with grad disabled"):
+                balancer.backward([out[:, 0].mean(), out[:, 1].mean()])
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"UncertaintyWeighting\.backward"):
+        UncertaintyWeighting(2).backward(torch.ones(2))
