@@ -5,6 +5,7 @@ run); the console script and ``python -m fused_mtl`` are run as processes."""
 import itertools
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -293,6 +294,7 @@ def test_bench_baselines_compute_uncertainty_weighting(num_tasks):
         (["demo", "--steps", "0"], "argument --steps: expected a positive integer, got 0"),
         (["demo", "--steps", "-3"], "expected a positive integer, got -3"),
         (["demo", "--steps", "ten"], "expected a positive integer, got 'ten'"),
+        (["demo", "--steps", str(10**12)], "argument --steps: at most 100000 steps, got"),
         (["demo", "--device", "tpu"], "unknown device 'tpu'"),
         (["demo", "--device", "meta"], "unsupported device 'meta'"),
         (["bench", "--device", "gpu0"], "unknown device 'gpu0'"),
@@ -335,6 +337,34 @@ def test_unwritable_outputs(capsys, tmp_path):
         assert status == 2
         assert err.count("\n") == 1 and message in err, err
         assert "Traceback" not in err and out == ""
+
+
+def test_an_output_that_cannot_be_written_fails_before_the_run(capsys, monkeypatch, tmp_path):
+    """--json /dev/full used to run the whole benchmark, then die with a traceback."""
+    from fused_mtl import benchmark_cases
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("the benchmark ran before its outputs were checked")
+
+    monkeypatch.setattr(benchmark_cases, "suite", no_run)
+    if Path("/dev/full").exists():
+        status, out, err = run_cli(capsys, "bench", "--quick", "--json", "/dev/full")
+        assert status == 2 and out == ""
+        expected = "fused-mtl bench: error: --json '/dev/full' cannot be written: "
+        assert err == expected + "No space left on device\n"
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    if not os.access(read_only, os.W_OK):  # root writes anywhere
+        status, _, err = run_cli(capsys, "bench", "--markdown", str(read_only / "x.md"))
+        assert status == 2 and err.count("\n") == 1 and "--markdown" in err, err
+    # A file that can be written is probed and left as it was; a new one is not left behind.
+    kept = tmp_path / "kept.json"
+    kept.write_text("earlier results\n")
+    with pytest.raises(AssertionError, match="the benchmark ran"):
+        cli.main(["bench", "--json", str(kept), "--markdown", str(tmp_path / "new.md")])
+    assert kept.read_text() == "earlier results\n"
+    assert not (tmp_path / "new.md").exists()
 
 
 @pytest.mark.parametrize(
