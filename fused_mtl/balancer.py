@@ -43,6 +43,7 @@ from fused_mtl._losses import (
     Reduction,
     check_losses,
     check_reduction,
+    listed,
     resolve_tasks,
     task_label,
 )
@@ -56,6 +57,9 @@ from fused_mtl._task_gradients import (
 __all__ = ["Balancer", "GradientBalancer", "LossWeighting"]
 
 LossArgs = Tensor | Sequence[Tensor] | dict[str, Tensor]
+
+#: Where ``nn.Module`` keeps ``get_extra_state()`` in a state dict.
+EXTRA_STATE_KEY = "_extra_state"
 
 
 class Balancer(nn.Module):
@@ -102,6 +106,86 @@ class Balancer(nn.Module):
         """Sync over ``process_group`` from now on (``None``: the default group); for example
         after loading a balancer pickled whole with ``torch.save``, which cannot keep one."""
         self._sync.set_process_group(process_group)
+
+    # --- checkpoints -----------------------------------------------------------------------
+    # The task names travel in the module's extra state, and a checkpoint is checked before any
+    # of it loads: the names (a checkpoint of tasks in another order would give each task
+    # another's weights), then the values (``_checkpoint_faults``). A fault is reported like
+    # torch's own size mismatches (a RuntimeError from ``load_state_dict`` naming the
+    # balancer), and nothing of the balancer changes.
+
+    def _extra_state(self) -> dict[str, Any]:
+        """What a method saves beside its tensors (counters), merged into the extra state."""
+        return {}
+
+    def _set_extra_state(self, state: dict[str, Any]) -> None:
+        """Load what ``_extra_state`` saved."""
+
+    def _checkpoint_faults(self, tensors: dict[str, Any]) -> list[str]:
+        """What is wrong with the values of a checkpoint (the entries of this module, by name
+        without prefix); one line per fault, naming the entry and the task."""
+        return []
+
+    def _value_faults(self, what: str, values: object, allowed: str, accept: Any) -> list[str]:
+        """The first task whose checkpoint value fails ``accept`` (a float -> bool test), as a
+        line for ``_checkpoint_faults``; ``allowed`` says what is expected. A missing entry or
+        one of another shape is left to torch's own report."""
+        if not isinstance(values, Tensor) or values.dim() == 0:
+            return []
+        if values.shape[-1] != self.num_tasks:
+            return []
+        for row in values.detach().double().cpu().reshape(-1, self.num_tasks).tolist():
+            for index, value in enumerate(row):
+                if not accept(value):
+                    label = task_label(index, self.tasks)
+                    return [f"{what} of task {label} is {value}; {allowed}"]
+        return []
+
+    def get_extra_state(self) -> dict[str, Any]:
+        tasks = list(self.tasks) if self.tasks is not None else None
+        return {"tasks": tasks, **self._extra_state()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._set_extra_state(state)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        own = {
+            key[len(prefix) :]: value
+            for key, value in state_dict.items()
+            if key.startswith(prefix) and "." not in key[len(prefix) :]
+        }
+        faults = self._checkpoint_names_fault(own.get(EXTRA_STATE_KEY))
+        faults = faults or self._checkpoint_faults(own)
+        if faults:
+            error_msgs.extend(f"{type(self).__name__} checkpoint: {fault}" for fault in faults)
+            return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if EXTRA_STATE_KEY not in own and prefix + EXTRA_STATE_KEY in missing_keys:
+            # Saved before the names were: it loads as before.
+            missing_keys.remove(prefix + EXTRA_STATE_KEY)
+
+    def _checkpoint_names_fault(self, extra: object) -> list[str]:
+        saved = extra.get("tasks") if isinstance(extra, dict) else None
+        if saved is None or self.tasks is None or list(saved) == list(self.tasks):
+            return []
+        if sorted(saved) == sorted(self.tasks):
+            return [
+                f"its tasks are in another order: saved {listed(saved)}, this module has "
+                f"{listed(self.tasks)}; build it with tasks in the saved order (each task's "
+                "state would otherwise go to another task)"
+            ]
+        return [f"its tasks are {listed(saved)}, this module's are {listed(self.tasks)}"]
 
     def backward(self, *losses: LossArgs) -> Tensor:
         """``total = self(*losses)``, then ``total.backward()``; returns the total, detached."""

@@ -182,10 +182,25 @@ class DTP(LossWeighting):
                     "key performance indicator in [0, 1] (accuracy, IoU, ...)"
                 )
 
-    def get_extra_state(self) -> dict[str, Any]:
+    def _extra_state(self) -> dict[str, Any]:
         return {"kpi_updates": self.kpi_updates}
 
-    def set_extra_state(self, state: dict[str, Any]) -> None:
+    def _checkpoint_faults(self, tensors: dict[str, Any]) -> list[str]:
+        faults = self._value_faults(
+            "kpi_average",
+            tensors.get("kpi_average"),
+            "a KPI average lies in [0, 1] (NaN before the first report)",
+            lambda value: math.isnan(value) or 0 <= value <= 1,
+        )
+        faults += self._value_faults(
+            "weights",
+            tensors.get("weights"),
+            "DTP's weights are finite and >= 0",
+            lambda value: math.isfinite(value) and value >= 0,
+        )
+        return faults
+
+    def _set_extra_state(self, state: dict[str, Any]) -> None:
         self.kpi_updates = int(state["kpi_updates"])
 
     def extra_repr(self) -> str:

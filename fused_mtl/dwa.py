@@ -264,10 +264,38 @@ class DWA(LossWeighting):
                 )
             self._host_steps = int(legacy["steps_in_period"])
 
-    def get_extra_state(self) -> dict[str, Any]:
+    def _extra_state(self) -> dict[str, Any]:
         return {"steps_in_period": self.steps_in_period, "periods_finished": self.periods_finished}
 
-    def set_extra_state(self, state: dict[str, Any]) -> None:
+    def _checkpoint_faults(self, tensors: dict[str, Any]) -> list[str]:
+        faults = self._value_faults(
+            "weights",
+            tensors.get("weights"),
+            "DWA's weights are finite and positive",
+            lambda value: math.isfinite(value) and value > 0,
+        )
+        faults += self._value_faults(
+            "period_loss_sums", tensors.get("period_loss_sums"), "must be finite", math.isfinite
+        )
+        faults += self._value_faults(
+            "period_means",
+            tensors.get("period_means"),
+            "a finished period's mean losses are finite and positive (NaN: no such period yet)",
+            lambda value: math.isnan(value) or (math.isfinite(value) and value > 0),
+        )
+        extra = tensors.get("_extra_state")
+        if isinstance(extra, dict) and "steps_in_period" in extra:
+            steps, periods = int(extra["steps_in_period"]), int(extra["periods_finished"])
+            limit = self.period_steps if self.period_steps is not None else math.inf
+            if not 0 <= steps < limit or periods < 0:
+                faults.append(
+                    f"steps_in_period {steps} and periods_finished {periods}: expected "
+                    f"0 <= steps_in_period < period_steps ({self.period_steps}) and "
+                    "periods_finished >= 0"
+                )
+        return faults
+
+    def _set_extra_state(self, state: dict[str, Any]) -> None:
         device = self.step_count.device
         self.step_count = torch.tensor(int(state["steps_in_period"]), device=device)
         self.period_count = torch.tensor(int(state["periods_finished"]), device=device)

@@ -148,6 +148,22 @@ class GradNorm(GradientBalancer):
         self.initial_losses.copy_(values)
         self._initial_recorded = True
 
+    def _checkpoint_faults(self, tensors: dict[str, object]) -> list[str]:
+        faults = self._value_faults(
+            "weights", tensors.get("weights"), "must be finite", math.isfinite
+        )
+        initial = tensors.get("initial_losses")
+        if isinstance(initial, Tensor) and not bool(torch.isnan(initial).all()):
+            # Recorded: every L_i(0) is a finite, positive loss (all NaN: not recorded yet).
+            faults += self._value_faults(
+                "initial_losses",
+                initial,
+                "GradNorm's training rates L_i(t) / L_i(0) need finite, positive initial "
+                "losses (all NaN: not recorded yet)",
+                lambda value: math.isfinite(value) and value > 0,
+            )
+        return faults
+
     @staticmethod
     def _after_load(module: nn.Module, incompatible_keys: object) -> None:
         assert isinstance(module, GradNorm)

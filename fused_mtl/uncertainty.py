@@ -57,6 +57,14 @@ class UncertaintyModule(Balancer):
     def _task_parameter(self) -> Tensor:
         raise NotImplementedError
 
+    def _checkpoint_faults(self, tensors: dict[str, object]) -> list[str]:
+        name = next(
+            name for name, value in self.named_parameters() if value is self._task_parameter()
+        )
+        return self._value_faults(
+            name, tensors.get(name), "the per-task parameter must be finite", math.isfinite
+        )
+
     def forward(self, *losses: LossArgs) -> Tensor:
         """The balanced total (0-dim) of the task losses, in any calling convention."""
         params = self._task_parameter()

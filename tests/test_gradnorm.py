@@ -270,7 +270,7 @@ def test_initial_losses_recorded_on_the_first_call_and_kept_in_the_state_dict(de
 
     resumed = GradNorm(net.shared.parameters(), tasks=TASKS)
     resumed.load_state_dict(gradnorm.state_dict())
-    assert set(gradnorm.state_dict()) == {"weights", "initial_losses"}
+    assert set(gradnorm.state_dict()) == {"weights", "initial_losses", "_extra_state"}
     scaled = [loss * 0.5 for loss in net.losses(inputs, targets)]
     resumed.backward(scaled)
     # Not re-recorded: the loaded L_i(0) stays, and the halved losses give rates of 0.5.

@@ -93,7 +93,8 @@ def test_parameter_name_shape_and_initial_value():
     uw = UncertaintyWeighting(4, init_log_var=-0.5)
     assert [name for name, _ in uw.named_parameters()] == ["log_vars"]
     assert torch.equal(uw.log_vars.detach(), torch.full((4,), -0.5))
-    assert list(uw.state_dict()) == ["log_vars"]  # task-type coefficients are configuration
+    # Task-type coefficients are configuration; the extra state holds the task names.
+    assert list(uw.state_dict()) == ["log_vars", "_extra_state"]
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

@@ -312,3 +312,67 @@ def test_unclear_errors_now_name_the_argument_or_the_task():
                 balancer.backward([out[:, 0].mean(), out[:, 1].mean()])
     with torch.no_grad(), pytest.raises(RuntimeError, match=r"UncertaintyWeighting\.backward"):
         UncertaintyWeighting(2).backward(torch.ones(2))
+
+
+def test_checkpoints_keep_the_task_names_and_refuse_another_order():
+    """Task names were not saved: a module with the tasks in another order took each task's
+    log-variance for another task's without a word."""
+    saved = UncertaintyWeighting(tasks=["depth", "seg"], init_log_var=[1.0, -2.0])
+    state = saved.state_dict()
+    assert state["_extra_state"]["tasks"] == ["depth", "seg"]
+    swapped = UncertaintyWeighting(tasks=["seg", "depth"])
+    with pytest.raises(RuntimeError, match=r"its tasks are in another order: saved \['depth'"):
+        swapped.load_state_dict(state)
+    assert swapped.log_vars.tolist() == [0.0, 0.0]  # nothing loaded
+    other = UncertaintyWeighting(tasks=["depth", "normals"])
+    with pytest.raises(RuntimeError, match=r"its tasks are \['depth', 'seg'\], this module's"):
+        other.load_state_dict(state)
+    same = UncertaintyWeighting(tasks=["depth", "seg"])
+    same.load_state_dict(state)
+    assert same.log_vars.tolist() == [1.0, -2.0]
+    # A checkpoint saved before the names were (no extra state) loads, strictly.
+    legacy = {"log_vars": torch.tensor([0.5, 0.25])}
+    same.load_state_dict(legacy)
+    assert same.log_vars.tolist() == [0.5, 0.25]
+
+
+def test_checkpoints_with_values_a_method_cannot_use_are_refused():
+    from fused_mtl import DTP, GradNorm
+
+    def refused(module, key, value, message):
+        state = module.state_dict()
+        state[key] = value
+        before = {k: v.clone() for k, v in module.state_dict().items() if torch.is_tensor(v)}
+        with pytest.raises(RuntimeError, match=message):
+            module.load_state_dict(state)
+        after = module.state_dict()
+        for name, tensor in before.items():
+            torch.testing.assert_close(after[name], tensor, rtol=0, atol=0, equal_nan=True)
+
+    uw = UncertaintyWeighting(tasks=["depth", "seg"])
+    refused(uw, "log_vars", torch.tensor([0.0, math.nan]), r"log_vars of task 'seg' is nan")
+    refused(AutomaticWeightedLoss(2), "params", torch.tensor([math.inf, 1.0]), r"params of task 0")
+    gradnorm = GradNorm(torch.nn.Linear(2, 2), tasks=["a", "b"])
+    refused(
+        gradnorm,
+        "initial_losses",
+        torch.tensor([1.0, -1.0]),
+        r"initial_losses of task 'b' is -1.0; GradNorm's training rates",
+    )
+    state = gradnorm.state_dict()
+    gradnorm.load_state_dict(state)  # all NaN: not recorded yet, accepted
+    dtp = DTP(tasks=["a", "b"])
+    refused(dtp, "kpi_average", torch.tensor([0.5, math.inf]), r"kpi_average of task 'b' is inf")
+    dwa = DWA(tasks=["a", "b"], period_steps=3)
+    refused(
+        dwa,
+        "period_means",
+        torch.tensor([[1.0, -2.0], [math.nan, math.nan]]),
+        r"period_means of task 'b' is -2.0",
+    )
+    refused(
+        dwa,
+        "_extra_state",
+        {"tasks": ["a", "b"], "steps_in_period": 3, "periods_finished": 0},
+        "steps_in_period 3",
+    )
