@@ -64,4 +64,5 @@ if rank == 0:
     print("weights per rank:", everyone)
     assert all(other == everyone[0] for other in everyone)
     print("same weights on every rank")
+dist.barrier()  # every rank is done with the group before any rank tears it down
 dist.destroy_process_group()

@@ -10,7 +10,12 @@ and nothing else changes:
   ``torch.rand``, called as ``multi_loss([l1, l2])``; ``sum_i L_i / eta_i^2 + log(eta_i)``.
 
 Differences, all on the safe side: non-scalar losses raise instead of broadcasting into a
-non-scalar "total", and losses must be tensors on the parameters' device. Under
+non-scalar "total", and losses must be tensors on the parameters' device. The variance ``p^2``
+or ``eta^2`` is kept in ``[e^-20, e^20]`` (``fused_mtl.reference.LOG_VARIANCE_BOUNDS``): where a
+zero or negative loss would drive it to 0 and the total to minus infinity, it stops at the
+bound; inside the range the numbers are the snippets', bit for bit. ``MultiNoiseLoss`` takes
+``log |eta|``, so a parameter that crossed zero gives a finite total where the snippet's
+``log(eta)`` gives NaN. Under
 ``torch.distributed`` the parameter's gradient is averaged over the ranks, as for
 ``UncertaintyWeighting`` (``sync=False`` turns that off). ``MultiNoiseLoss`` is
 created on the default device: unlike the usual snippet, it does not move itself to CUDA at

