@@ -253,6 +253,12 @@ class DWA(LossWeighting):
             key: state.pop(key) for key in ("steps_in_period", "periods_finished") if key in state
         }
         super().__setstate__(state)
+        if "nonfinite_calls" not in self._buffers:  # pickled before calls could be left out
+            self.register_buffer(
+                "nonfinite_calls",
+                torch.zeros(self.num_tasks, dtype=torch.int64, device=self.weights.device),
+                persistent=False,
+            )
         if legacy:
             device = self.period_loss_sums.device
             for name, key in (

@@ -54,6 +54,11 @@ class UncertaintyModule(Balancer):
         self.register_buffer("loss_coefs", None, persistent=False)
         self.register_buffer("reg_coefs", None, persistent=False)
 
+    def __setstate__(self, state: dict[str, object]) -> None:
+        super().__setstate__(state)
+        if "log_var_bounds" not in self.__dict__:  # pickled whole before the range existed
+            self.log_var_bounds = reference.LOG_VARIANCE_BOUNDS
+
     def _task_parameter(self) -> Tensor:
         raise NotImplementedError
 

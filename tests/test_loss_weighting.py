@@ -321,7 +321,7 @@ def test_dwa_pickled_whole_with_integer_counters_loads(tmp_path):
         dwa(torch.tensor(losses))
         reference(torch.tensor(losses))
     # The state of a DWA pickled before the counters moved to the device.
-    del dwa._buffers["step_count"], dwa._buffers["period_count"]
+    del dwa._buffers["step_count"], dwa._buffers["period_count"], dwa._buffers["nonfinite_calls"]
     del dwa.__dict__["_host_steps"], dwa.__dict__["_sync"]
     dwa.__dict__.update(steps_in_period=1, periods_finished=1)
     buffer = io.BytesIO()

@@ -407,3 +407,19 @@ def test_the_documented_range_of_the_float32_norms(backend):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # numpy's overflow in the interpreter
         assert math.isinf(float(task_grad_norms(torch.full((2, 100), 1e19), backend=backend)[0]))
+
+
+def test_an_uncertainty_module_pickled_whole_before_the_range_loads():
+    import io
+
+    uw = UncertaintyWeighting(2, init_log_var=[0.5, -0.5])
+    del uw.__dict__["log_var_bounds"]
+    buffer = io.BytesIO()
+    torch.save(uw, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    losses = torch.tensor([1.0, 2.0])
+    expected = formulas.log_variance(
+        losses.double(), torch.tensor([0.5, -0.5], dtype=torch.float64)
+    )
+    assert float(loaded(losses)) == pytest.approx(float(expected.total), rel=1e-6)
