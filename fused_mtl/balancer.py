@@ -134,7 +134,12 @@ class Balancer(nn.Module):
             return []
         if values.shape[-1] != self.num_tasks:
             return []
-        for row in values.detach().double().cpu().reshape(-1, self.num_tasks).tolist():
+        values = values.detach()
+        if hasattr(values, "full_tensor"):
+            # A DTensor (the balancer inside an FSDP2 module): every rank loads, so every rank
+            # gathers the same values and reaches the same verdict.
+            values = values.full_tensor()
+        for row in values.double().cpu().reshape(-1, self.num_tasks).tolist():
             for index, value in enumerate(row):
                 if not accept(value):
                     label = task_label(index, self.tasks)

@@ -16,6 +16,7 @@ import argparse
 import datetime
 import functools
 import json
+import stat
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -110,28 +111,35 @@ def _writable_directory(path: Path, option: str = "--out") -> Path:
 
 
 def _writable_file(path: Path | None, option: str) -> Path | None:
-    """``path`` if a file can be written there, checked before any work: a byte is written and
-    flushed (a full device fails there, not when opened), then taken back."""
+    """``path`` if a file can be written there, checked before any work. A regular file (or a
+    new one) gets a byte written and flushed, then taken back: a full disk fails on the flush,
+    not when the file is opened. A device (``/dev/full``, ``/dev/null``) gets a newline. A pipe
+    is only opened: what is written to it cannot be taken back."""
     if path is None:
         return None
     if path.is_dir():
         raise UsageError(f"{option} {str(path)!r} is a directory, not a file")
-    existed = path.exists()
-    if not existed:
+    # What the probe creates it removes: a new file, or the missing target of a symlink.
+    created = not path.exists()
+    if created:
         _writable_directory(path.resolve().parent, option)
     try:
+        mode = path.stat().st_mode if path.exists() else stat.S_IFREG
         with open(path, "ab") as handle:
-            size = handle.tell()
-            handle.write(b"\n")
-            handle.flush()
-            if path.is_file():
+            if stat.S_ISREG(mode):
+                size = handle.tell()
+                handle.write(b"\n")
+                handle.flush()
                 handle.truncate(size)
+            elif stat.S_ISCHR(mode):
+                handle.write(b"\n")
+                handle.flush()
     except OSError as error:
         reason = error.strerror or str(error)
         raise UsageError(f"{option} {str(path)!r} cannot be written: {reason}") from None
     finally:
-        if not existed and path.is_file():
-            path.unlink()
+        if created and path.is_file():
+            path.resolve().unlink()
     return path
 
 

@@ -13,7 +13,8 @@ Differences, all on the safe side: non-scalar losses raise instead of broadcasti
 non-scalar "total", and losses must be tensors on the parameters' device. The variance ``p^2``
 or ``eta^2`` is kept in ``[e^-20, e^20]`` (``fused_mtl.reference.LOG_VARIANCE_BOUNDS``): where a
 zero or negative loss would drive it to 0 and the total to minus infinity, it stops at the
-bound; inside the range the numbers are the snippets', bit for bit. ``MultiNoiseLoss`` takes
+bound; inside the range the gradients are the snippets', bit for bit, and the totals too up
+to the order of the sum over tasks (a few ulps from K = 5 on). ``MultiNoiseLoss`` takes
 ``log |eta|``, so a parameter that crossed zero gives a finite total where the snippet's
 ``log(eta)`` gives NaN. Under
 ``torch.distributed`` the parameter's gradient is averaged over the ranks, as for

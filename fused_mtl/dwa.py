@@ -36,10 +36,12 @@ class DWA(LossWeighting):
     calls were left out (the total of that call is NaN or infinite, as the loss is). A period
     ends when you call ``end_epoch()``, or by itself after ``period_steps`` counted calls.
     Ending a period reads its K means on the host once, to check that they are finite and
-    positive (the rates divide by them). Under ``torch.compile`` the forward is one graph across
-    period boundaries and reads nothing on the host: a period ended by ``period_steps`` inside a
-    compiled region is not checked, and means that are not finite and positive give NaN
-    weights (so a NaN total) instead of the error, for as long as the rates use that period.
+    positive (the rates divide by them), and the step count on the call that may end it (after
+    a left-out call, on each call until the period ends). Under ``torch.compile`` the forward is
+    one graph across period boundaries and reads nothing on the host: a period ended by
+    ``period_steps`` inside a compiled region is not checked, and means that are not positive
+    give NaN weights (so a NaN total) instead of the error, for as long as the rates use that
+    period.
 
     The period sums, the last two period means and the weights are buffers, and the step and
     period counters (device tensors) are saved in the module's extra state:
@@ -277,8 +279,8 @@ class DWA(LossWeighting):
         faults = self._value_faults(
             "weights",
             tensors.get("weights"),
-            "DWA's weights are finite and positive",
-            lambda value: math.isfinite(value) and value > 0,
+            "DWA's weights are finite and >= 0",
+            lambda value: math.isfinite(value) and value >= 0,
         )
         faults += self._value_faults(
             "period_loss_sums", tensors.get("period_loss_sums"), "must be finite", math.isfinite
@@ -291,7 +293,10 @@ class DWA(LossWeighting):
         )
         extra = tensors.get("_extra_state")
         if isinstance(extra, dict) and "steps_in_period" in extra:
-            steps, periods = int(extra["steps_in_period"]), int(extra["periods_finished"])
+            try:
+                steps, periods = int(extra["steps_in_period"]), int(extra["periods_finished"])
+            except (KeyError, TypeError, ValueError):
+                return [*faults, f"its counters are not integers: {extra!r}"]
             limit = self.period_steps if self.period_steps is not None else math.inf
             if not 0 <= steps < limit or periods < 0:
                 faults.append(

@@ -156,12 +156,22 @@ def parameter_bounds(
 
 
 class _BoundedParameter(torch.autograd.Function):
-    """The parameter clamped to its range; the gradient kept unless it points further out."""
+    """The parameter clamped to its range; the gradient kept unless it points further out.
+
+    Written with ``setup_context`` and torch ops only, so that ``torch.func`` transforms (grad,
+    vmap, jacrev of a ``functional_call``) go through it.
+    """
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, params: Tensor, lower: float, upper: float, symmetric: bool) -> Tensor:
+    def setup_context(ctx, inputs, output) -> None:
+        params, lower, upper, symmetric = inputs
         ctx.save_for_backward(params)
         ctx.bounds = (lower, upper, symmetric)
+
+    @staticmethod
+    def forward(params: Tensor, lower: float, upper: float, symmetric: bool) -> Tensor:
         if not symmetric:
             return params.clamp(lower, upper)
         # sign(q) |q| is q exactly; -0.0 counts as positive.
@@ -554,7 +564,10 @@ def _face_minima(gram: Tensor, supports: Tensor) -> Tensor:
 def _best(gram: Tensor, candidates: Tensor) -> Tensor:
     """The candidate (a row of ``(C, K)``) with the smallest finite ``alpha^T M alpha``."""
     objectives = ((candidates @ gram) * candidates).sum(dim=1)
-    return candidates[torch.where(objectives.isfinite(), objectives, torch.inf).argmin()]
+    best = torch.where(objectives.isfinite(), objectives, torch.inf).argmin()
+    # A one-element index tensor, not a 0-dim one: indexing with a 0-dim tensor reads it on the
+    # host (a synchronisation on CUDA).
+    return candidates[best.reshape(1)][0]
 
 
 def _enumerated(gram: Tensor) -> Tensor:

@@ -113,6 +113,11 @@ class UncertaintyModule(Balancer):
         return f"{super().extra_repr()}, reduction={self.reduction!r}"
 
 
+#: The widest range ``log_var_bounds`` may ask for: weights up to e^80 = 5.5e34 and parameter
+#: bounds up to e^40 still fit float32 (3.4e38).
+MAX_LOG_VAR_BOUND = 80.0
+
+
 def check_log_var_bounds(bounds: object) -> tuple[float, float]:
     """``(lower, upper)``: two finite numbers, ``lower < upper``."""
     if (
@@ -124,9 +129,11 @@ def check_log_var_bounds(bounds: object) -> tuple[float, float]:
     ):
         raise TypeError(f"log_var_bounds must be a pair (lower, upper) of numbers, got {bounds!r}")
     lower, upper = float(bounds[0]), float(bounds[1])
-    if not (math.isfinite(lower) and math.isfinite(upper) and lower < upper):
+    if not (-MAX_LOG_VAR_BOUND <= lower < upper <= MAX_LOG_VAR_BOUND):
         raise ValueError(
-            f"log_var_bounds must be finite with lower < upper, got ({lower}, {upper})"
+            f"log_var_bounds must satisfy -{MAX_LOG_VAR_BOUND:g} <= lower < upper <= "
+            f"{MAX_LOG_VAR_BOUND:g} (every form's weight then fits float32), got "
+            f"({lower}, {upper})"
         )
     return lower, upper
 
@@ -167,10 +174,14 @@ class UncertaintyWeighting(UncertaintyModule):
             and ``ValueError`` on a negative one. This reads the losses on the host (a
             synchronisation): leave it off in CUDA graphs.
         log_var_bounds: the range ``(lower, upper)`` that ``s_i`` is kept in, -20 to 20 by
-            default. A zero or negative loss drives ``s_i`` down without limit (the objective
-            then has no minimum); at the bound ``s_i`` stops, the total and every gradient stay
-            finite, and a gradient that would push ``s_i`` further out is dropped, so that it
-            comes back once the loss allows it. Inside the range nothing changes.
+            default (at most -80 to 80). A zero or negative loss drives ``s_i`` down without
+            limit (the objective then has no minimum); at the bound ``s_i`` stops, the total
+            and every gradient stay finite, and a gradient that would push ``s_i`` further out
+            is dropped, so that it can come back once the loss allows it (near the bound the
+            gradient is about e^20 |L|: an SGD step can throw ``s_i`` far past the other bound,
+            where Adam's normalised steps do not). Inside the range nothing changes. With
+            float16 losses the weight ``e^-s`` must fit float16 for the losses' gradient to be
+            finite (``s > -11``): pass ``log_var_bounds=(-11, 11)`` there.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see the README). The environment
             variable ``FUSED_MTL_BACKEND`` overrides ``"auto"``; it is read here, at construction.
         sync: under ``torch.distributed``, average the gradient of ``log_vars`` over the ranks,

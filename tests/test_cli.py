@@ -365,6 +365,20 @@ def test_an_output_that_cannot_be_written_fails_before_the_run(capsys, monkeypat
         cli.main(["bench", "--json", str(kept), "--markdown", str(tmp_path / "new.md")])
     assert kept.read_text() == "earlier results\n"
     assert not (tmp_path / "new.md").exists()
+    # A symlink to a missing file is kept, and the probe does not leave the target behind; a pipe
+    # is only opened (a byte written to it could not be taken back).
+    link = tmp_path / "link.json"
+    link.symlink_to(tmp_path / "missing.json")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        with pytest.raises(AssertionError, match="the benchmark ran"):
+            cli.main(["bench", "--json", str(link), "--markdown", str(fifo)])
+        assert os.read(reader, 16) == b""
+    finally:
+        os.close(reader)
+    assert link.is_symlink() and not (tmp_path / "missing.json").exists()
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fused_mtl import DWA, UncertaintyWeighting
 from fused_mtl.compat import AutomaticWeightedLoss, MultiNoiseLoss
@@ -423,3 +424,58 @@ def test_an_uncertainty_module_pickled_whole_before_the_range_loads():
         losses.double(), torch.tensor([0.5, -0.5], dtype=torch.float64)
     )
     assert float(loaded(losses)) == pytest.approx(float(expected.total), rel=1e-6)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts ``aten._local_scalar_dense``: what ``.item()``, ``int()``, ``bool()`` and indexing
+    with a 0-dim tensor call, a device-to-host read (a synchronisation on CUDA)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("num_tasks", [3, 12, 64])
+def test_the_min_norm_solver_reads_nothing_on_the_host(num_tasks):
+    """Its last step indexed with a 0-dim argmin, which reads the index on the host."""
+    from fused_mtl.reference import min_norm_weights
+
+    grads = torch.randn(num_tasks, 30, dtype=torch.float64)
+    with HostReads() as reads:
+        min_norm_weights(grads @ grads.T)
+    assert reads.count == 0
+
+
+def test_uncertainty_weighting_goes_through_torch_func():
+    """The bounded parameter is an autograd.Function: torch.func needs its setup_context."""
+    uw = UncertaintyWeighting(3, backend="torch")
+    losses = torch.tensor([0.5, 1.0, 2.0])
+    params = {"log_vars": torch.tensor([0.0, 0.0, -25.0])}
+    grads = torch.func.grad(lambda p: torch.func.functional_call(uw, p, (losses,)))(params)
+    # d/ds = 1 - e^-s L at the clamped s; the third is below -20 and its slope 1 - e^20 * 2 < 0
+    # moves it back in: kept.
+    expected = 1 - torch.exp(-params["log_vars"].clamp(-20, 20)) * losses
+    torch.testing.assert_close(grads["log_vars"], expected, rtol=1e-6, atol=0)
+    batched = torch.func.vmap(lambda row: uw(row))(torch.rand(4, 3))
+    assert batched.shape == (4,)
+
+
+def test_checkpoint_checks_accept_what_the_methods_save_and_name_malformed_counters():
+    from fused_mtl import DWA
+
+    dwa = DWA(2, temperature=0.1, period_steps=1)
+    for losses in ([1.0, 1.0], [1.0, 1.0], [1000.0, 1.0]):
+        dwa(torch.tensor(losses))
+    assert 0.0 in dwa.weights.tolist()  # a weight that underflowed: valid state
+    DWA(2, temperature=0.1, period_steps=1).load_state_dict(dwa.state_dict())
+    state = dwa.state_dict()
+    state["_extra_state"] = {"tasks": None, "steps_in_period": "x", "periods_finished": 0}
+    with pytest.raises(RuntimeError, match="DWA checkpoint: its counters are not integers"):
+        dwa.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"log_var_bounds must satisfy -80 <= lower < upper"):
+        UncertaintyWeighting(2, log_var_bounds=(-1.0, 1e39))
