@@ -16,6 +16,7 @@ different balancers), ``edge_cases`` (what a rank does differently from the othe
 from __future__ import annotations
 
 import gc
+import math
 import os
 import sys
 from datetime import timedelta
@@ -294,6 +295,29 @@ def run_edge_cases(rank: int) -> dict[str, object]:
     compiled = torch.compile(compiled_uw, backend="aot_eager")
     compiled(torch.ones(NUM_TASKS, requires_grad=True) * (1 + rank)).backward()
     results["compiled_grad"] = compiled_uw.log_vars.grad.clone()
+
+    # A balancer inside a module sharded with FSDP2: its checkpoint entries are DTensors, which
+    # the load checks gather, so that every rank loads its own state and refuses a NaN alike.
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    holder = nn.Module()
+    holder.trunk = nn.Linear(4, 4)
+    holder.uw = UncertaintyWeighting(tasks=["a", "b", "c"], init_log_var=[0.5, -0.5, 1.0])
+    fully_shard(holder, mesh=mesh)
+    state = holder.state_dict()
+    holder.load_state_dict(state)
+    results["fsdp2_round_trip"] = holder.uw.log_vars.full_tensor().clone()
+    state["uw.log_vars"] = distribute_tensor(torch.tensor([0.0, math.nan, 0.0]), mesh, [Shard(0)])
+    try:
+        holder.load_state_dict(state)
+        results["fsdp2_nan"] = "loaded"
+    except RuntimeError as error:
+        results["fsdp2_nan"] = str(error)
+    results["fsdp2_after"] = holder.uw.log_vars.full_tensor().clone()
+    del holder
     return results
 
 

@@ -206,6 +206,11 @@ def test_ranks_that_differ_in_data_or_state_still_agree(tmp_path):
     assert torch.allclose(zero["compiled_grad"], torch.full((3,), -0.5))
     assert "was pickled with a process group" in zero["pickled"]
     assert "set_process_group" in zero["pickled"]
+    # Inside an FSDP2 module: the round trip loads, a NaN is refused on every rank, unchanged.
+    for rank in (zero, one):
+        assert rank["fsdp2_round_trip"].tolist() == [0.5, -0.5, 1.0]
+        assert "log_vars of task 'b' is nan" in rank["fsdp2_nan"], rank["fsdp2_nan"]
+        assert rank["fsdp2_after"].tolist() == [0.5, -0.5, 1.0]
 
 
 ADAPTIVE = [method for method in worker.METHODS if method != "equal"]
