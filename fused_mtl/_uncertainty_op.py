@@ -24,8 +24,6 @@ that second derivatives are right; under ``torch.compile`` double backward is no
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -82,13 +80,8 @@ class _UncertaintyFunction(torch.autograd.Function):
             # create_graph=True: the gradient itself will be differentiated (a gradient penalty,
             # a meta-learning step), so build it from differentiable torch ops, not the kernel.
             with torch.enable_grad():
-                total = reference.uncertainty_total(
-                    losses,
-                    params,
-                    parametrization,
-                    loss_coefs,
-                    reg_coefs,
-                    _log_var_bounds(parametrization, *ctx.bounds),
+                total = reference.total_in_parameter_range(
+                    losses, params, parametrization, loss_coefs, reg_coefs, *ctx.bounds
                 )
             grads = torch.autograd.grad(total, (losses, params), grad_total, create_graph=True)
             return *grads, *_NO_GRADIENTS
@@ -96,13 +89,6 @@ class _UncertaintyFunction(torch.autograd.Function):
             grad_total, losses, params, loss_coefs, reg_coefs, ctx.parametrization, *ctx.bounds
         )
         return grad_losses, grad_params, *_NO_GRADIENTS
-
-
-def _log_var_bounds(parametrization: Parametrization, lower: float, upper: float):
-    """Back from the parameter's range to the range of ``log sigma^2``."""
-    if parametrization == Parametrization.LOG_VARIANCE:
-        return lower, upper
-    return 2 * math.log(lower), 2 * math.log(upper)
 
 
 @torch.library.custom_op("fused_mtl::uncertainty_weighting", mutates_args=())

@@ -96,6 +96,7 @@ __all__ = [
     "task_grad_norms",
     "task_gram",
     "task_type_coefficients",
+    "total_in_parameter_range",
     "uncertainty_terms",
     "uncertainty_total",
     "uncertainty_weights",
@@ -316,8 +317,24 @@ def uncertainty_total(
         )
         return terms.sum().to(result_dtype(losses, params))
     lower, upper = parameter_bounds(parametrization, log_var_bounds)
-    return _UncertaintyTotal.apply(
+    return total_in_parameter_range(
         losses, params, parametrization, loss_coefs, reg_coefs, lower, upper
+    )
+
+
+def total_in_parameter_range(
+    losses: Tensor,
+    params: Tensor,
+    parametrization: Parametrization,
+    loss_coefs: Tensor | None,
+    reg_coefs: Tensor | None,
+    lower: float,
+    upper: float,
+) -> Tensor:
+    """``uncertainty_total`` (eager) with the parameter's own range, as ``parameter_bounds``
+    gives it and the kernels take it."""
+    return _UncertaintyTotal.apply(
+        losses, params, Parametrization(parametrization), loss_coefs, reg_coefs, lower, upper
     )
 
 

@@ -57,15 +57,11 @@ def _weight_and_regulariser(params, loss_coefs, reg_coefs, PARAMETRIZATION: tl.c
 
 @triton.jit
 def _bounded(params, lower, upper, PARAMETRIZATION: tl.constexpr):
-    """The parameters clamped to their range, and the magnitude and sign the range applies to."""
+    """The parameters clamped to their range (for p and eta their magnitude, the sign kept)."""
     if PARAMETRIZATION == 0:
-        magnitude = params
-        sign = tl.full(params.shape, 1.0, tl.float32)
-    else:
-        magnitude = tl.abs(params)
-        sign = tl.where(params < 0.0, -1.0, 1.0)
-    clamped = tl.minimum(tl.maximum(magnitude, lower), upper)
-    return sign * clamped, magnitude, sign
+        return tl.minimum(tl.maximum(params, lower), upper)
+    sign = tl.where(params < 0.0, -1.0, 1.0)
+    return sign * tl.minimum(tl.maximum(tl.abs(params), lower), upper)
 
 
 @triton.jit
@@ -107,7 +103,7 @@ def _uncertainty_forward_kernel(
         losses, params, loss_coefs, reg_coefs = _load_task_block(
             losses_ptr, params_ptr, loss_coefs_ptr, reg_coefs_ptr, offsets, mask, HAS_COEFS
         )
-        params, _, _ = _bounded(params, lower, upper, PARAMETRIZATION)
+        params = _bounded(params, lower, upper, PARAMETRIZATION)
         weight, regulariser = _weight_and_regulariser(
             params, loss_coefs, reg_coefs, PARAMETRIZATION
         )
@@ -140,7 +136,10 @@ def _uncertainty_backward_kernel(
     losses, params, loss_coefs, reg_coefs = _load_task_block(
         losses_ptr, params_ptr, loss_coefs_ptr, reg_coefs_ptr, offsets, mask, HAS_COEFS
     )
-    params, magnitude, sign = _bounded(params, lower, upper, PARAMETRIZATION)
+    bounded = _bounded(params, lower, upper, PARAMETRIZATION)
+    # params - bounded is < 0 below the range, > 0 above it, 0 inside (signed for p and eta).
+    offset = params - bounded
+    params = bounded
     weight, _ = _weight_and_regulariser(params, loss_coefs, reg_coefs, PARAMETRIZATION)
     if PARAMETRIZATION == 0:
         grad_params = reg_coefs - weight * losses
@@ -149,10 +148,8 @@ def _uncertainty_backward_kernel(
     else:
         grad_params = 1.0 / params - 2.0 * weight * losses / params
     grad_params = grad_total * grad_params
-    # A step moves the magnitude by -slope: zero a gradient that pushes an outside parameter out.
-    slope = sign * grad_params
-    outward = ((magnitude < lower) & (slope > 0.0)) | ((magnitude > upper) & (slope < 0.0))
-    grad_params = tl.where(outward, 0.0, grad_params)
+    # A step (-grad) pushes an outside parameter further out where offset * grad < 0: zero it.
+    grad_params = tl.where(offset * grad_params < 0.0, 0.0, grad_params)
     tl.store(
         grad_losses_ptr + offsets,
         (grad_total * weight).to(grad_losses_ptr.dtype.element_ty),
