@@ -12,8 +12,7 @@ from fused_mtl._backend import Backend, check_backend, requested_backend
 from fused_mtl._gram_op import TaskGrads, task_gram_or_norms
 from fused_mtl._losses import resolve_task_types
 from fused_mtl._uncertainty_op import uncertainty_weighting as _uncertainty_op
-from fused_mtl.reference import Parametrization
-from fused_mtl.uncertainty import check_log_var_bounds
+from fused_mtl.reference import Parametrization, check_log_var_bounds
 
 __all__ = ["task_grad_norms", "task_gram", "uncertainty_weighting"]
 

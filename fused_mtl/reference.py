@@ -84,6 +84,7 @@ __all__ = [
     "MGDA_NORMALIZATIONS",
     "TASK_TYPE_COEFFICIENTS",
     "Parametrization",
+    "check_log_var_bounds",
     "compute_dtype",
     "dtp_weights",
     "dwa_weights",
@@ -143,6 +144,31 @@ def task_type_coefficients(
 #: at the optimum of the log-variance form (``s* = log L``), and finite totals and gradients for
 #: any loss below 1e29 in magnitude.
 LOG_VARIANCE_BOUNDS = (-20.0, 20.0)
+
+
+#: The widest range ``log_var_bounds`` may ask for: weights up to e^80 = 5.5e34 and parameter
+#: bounds up to e^40 still fit float32 (3.4e38).
+MAX_LOG_VAR_BOUND = 80.0
+
+
+def check_log_var_bounds(bounds: object) -> tuple[float, float]:
+    """``(lower, upper)``: two finite numbers, ``lower < upper``."""
+    if (
+        not isinstance(bounds, (tuple, list))
+        or len(bounds) != 2
+        or not all(
+            isinstance(value, (int, float)) and not isinstance(value, bool) for value in bounds
+        )
+    ):
+        raise TypeError(f"log_var_bounds must be a pair (lower, upper) of numbers, got {bounds!r}")
+    lower, upper = float(bounds[0]), float(bounds[1])
+    if not (-MAX_LOG_VAR_BOUND <= lower < upper <= MAX_LOG_VAR_BOUND):
+        raise ValueError(
+            f"log_var_bounds must satisfy -{MAX_LOG_VAR_BOUND:g} <= lower < upper <= "
+            f"{MAX_LOG_VAR_BOUND:g} (every form's weight then fits float32), got "
+            f"({lower}, {upper})"
+        )
+    return lower, upper
 
 
 def parameter_bounds(

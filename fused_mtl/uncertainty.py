@@ -22,7 +22,7 @@ from fused_mtl._losses import (
 )
 from fused_mtl._uncertainty_op import uncertainty_weighting
 from fused_mtl.balancer import Balancer, LossArgs
-from fused_mtl.reference import Parametrization
+from fused_mtl.reference import Parametrization, check_log_var_bounds
 
 
 class UncertaintyModule(Balancer):
@@ -81,8 +81,7 @@ class UncertaintyModule(Balancer):
             device=params.device,
         )
         if self.check_finite:
-            raise_if_not_finite(stacked, self.tasks)
-            raise_if_negative(stacked, self.tasks)
+            raise_if_unusable(stacked, self.tasks)
         if self._syncing():
             # The parameter's gradient, -a_i e^{-s_i} L_i + b_i, is linear in this rank's loss:
             # its mean over ranks is the gradient on the whole batch (one all_reduce of K
@@ -113,37 +112,15 @@ class UncertaintyModule(Balancer):
         return f"{super().extra_repr()}, reduction={self.reduction!r}"
 
 
-#: The widest range ``log_var_bounds`` may ask for: weights up to e^80 = 5.5e34 and parameter
-#: bounds up to e^40 still fit float32 (3.4e38).
-MAX_LOG_VAR_BOUND = 80.0
-
-
-def check_log_var_bounds(bounds: object) -> tuple[float, float]:
-    """``(lower, upper)``: two finite numbers, ``lower < upper``."""
-    if (
-        not isinstance(bounds, (tuple, list))
-        or len(bounds) != 2
-        or not all(
-            isinstance(value, (int, float)) and not isinstance(value, bool) for value in bounds
-        )
-    ):
-        raise TypeError(f"log_var_bounds must be a pair (lower, upper) of numbers, got {bounds!r}")
-    lower, upper = float(bounds[0]), float(bounds[1])
-    if not (-MAX_LOG_VAR_BOUND <= lower < upper <= MAX_LOG_VAR_BOUND):
-        raise ValueError(
-            f"log_var_bounds must satisfy -{MAX_LOG_VAR_BOUND:g} <= lower < upper <= "
-            f"{MAX_LOG_VAR_BOUND:g} (every form's weight then fits float32), got "
-            f"({lower}, {upper})"
-        )
-    return lower, upper
-
-
-def raise_if_negative(losses: Tensor, names: Sequence[str] | None) -> None:
-    """``ValueError`` naming the first task whose loss is negative (one host read)."""
-    negative = losses.detach() < 0
-    if not bool(negative.any()):
+def raise_if_unusable(losses: Tensor, names: Sequence[str] | None) -> None:
+    """``check_finite``: ``FloatingPointError`` naming every task whose loss is NaN or
+    infinite, else ``ValueError`` naming the first negative one. One host read when the losses
+    are usable."""
+    detached = losses.detach()
+    if bool((detached >= 0).all()):  # False for NaN too
         return
-    index = int(negative.nonzero()[0, 0])
+    raise_if_not_finite(detached, names)
+    index = int((detached < 0).nonzero()[0, 0])
     raise ValueError(
         f"task {task_label(index, names)}: loss is {losses[index].item()} < 0; uncertainty "
         "weighting needs losses >= 0 (a L e^-s + b s has no minimum for L < 0, so its "
