@@ -177,6 +177,22 @@ def uncertainty_weighting(
     ``log_var_bounds`` is the range of ``log sigma^2`` (see ``fused_mtl.reference``).
     """
     _check_inputs(losses, params, (loss_coefs, reg_coefs))
+    return checked_uncertainty_weighting(
+        losses, params, parametrization, loss_coefs, reg_coefs, backend, log_var_bounds
+    )
+
+
+def checked_uncertainty_weighting(
+    losses: Tensor,
+    params: Tensor,
+    parametrization: Parametrization,
+    loss_coefs: Tensor | None,
+    reg_coefs: Tensor | None,
+    backend: Backend,
+    log_var_bounds: tuple[float, float],
+) -> Tensor:
+    """``uncertainty_weighting`` for inputs whose shapes, dtypes and devices the caller has
+    checked already (the modules: their losses come out of ``stack_losses``)."""
     if resolve_backend(backend, losses, params) == "torch":
         return reference.uncertainty_total(
             losses, params, parametrization, loss_coefs, reg_coefs, log_var_bounds

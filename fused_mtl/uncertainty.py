@@ -20,7 +20,7 @@ from fused_mtl._losses import (
     stack_losses,
     task_label,
 )
-from fused_mtl._uncertainty_op import uncertainty_weighting
+from fused_mtl._uncertainty_op import checked_uncertainty_weighting
 from fused_mtl.balancer import Balancer, LossArgs
 from fused_mtl.reference import Parametrization, check_log_var_bounds
 
@@ -87,7 +87,7 @@ class UncertaintyModule(Balancer):
             # its mean over ranks is the gradient on the whole batch (one all_reduce of K
             # numbers in the backward; inside DDP, DDP's own averaging then changes nothing).
             params = self._sync.mean_grad(params)
-        return uncertainty_weighting(
+        return checked_uncertainty_weighting(
             stacked,
             params,
             self._parametrization,
