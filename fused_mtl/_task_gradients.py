@@ -39,6 +39,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from fused_mtl._losses import task_label
 
@@ -112,6 +113,93 @@ def reaches(root: object | None, targets: Sequence[Tensor]) -> bool:
             return True
         stack.extend(child for child, _ in node.next_functions)  # type: ignore[attr-defined]
     return False
+
+
+def task_root_edges(
+    losses: Tensor, separate_losses: Sequence[Tensor] | None
+) -> list[GradientEdge] | None:
+    """Each task's loss as an edge of the autograd graph (see ``task_graph_roots``), or
+    ``None`` when the graph does not tell the tasks apart or a task's loss has no graph."""
+    if separate_losses is not None:
+        if any(loss.grad_fn is None for loss in separate_losses):
+            return None
+        return [get_gradient_edge(loss) for loss in separate_losses]
+    node = losses.grad_fn
+    if node is None or type(node).__name__ != "StackBackward0":
+        return None
+    edges = [GradientEdge(child, number) for child, number in node.next_functions]
+    return None if any(edge.node is None for edge in edges) else edges
+
+
+def task_frontiers(
+    roots: Sequence[GradientEdge], shared: Sequence[Tensor]
+) -> list[list[GradientEdge]] | None:
+    """For each task, the edges where its own part of the graph (the nodes that no other
+    task's loss reaches: its head) enters the part that several tasks share.
+
+    ``None`` when a task has no own part, or when a shared parameter is reached from inside a
+    task's own part (a weight tied between the trunk and a head): the gradient at the edges
+    would then miss, or count twice, that parameter's share.
+    """
+    counts: dict[int, int] = {}
+    for root in roots:
+        seen: set[int] = set()
+        stack = [root.node]
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            counts[id(node)] = counts.get(id(node), 0) + 1
+            stack.extend(child for child, _ in node.next_functions)  # type: ignore[attr-defined]
+    shared_ids = {id(parameter) for parameter in shared}
+    frontiers = []
+    for root in roots:
+        if counts[id(root.node)] > 1:
+            return None
+        edges: dict[tuple[int, int], GradientEdge] = {}
+        seen = set()
+        stack = [root.node]
+        while stack:
+            node = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            for child, number in node.next_functions:  # type: ignore[attr-defined]
+                if child is None:
+                    continue
+                leaf = getattr(child, "variable", None)
+                if counts[id(child)] > 1:
+                    if leaf is not None:
+                        return None
+                    edges[(id(child), number)] = GradientEdge(child, number)
+                elif leaf is not None and id(leaf) in shared_ids:
+                    return None
+                else:
+                    stack.append(child)
+        frontiers.append(list(edges.values()))
+    return frontiers
+
+
+def graph_leaves(root: Tensor, excluded: Sequence[Tensor]) -> list[Tensor]:
+    """The leaf tensors that a backward of ``root`` accumulates gradients into, except the
+    ``excluded`` ones (each found once, through its accumulation node)."""
+    skipped = {id(t) for t in excluded}
+    leaves: list[Tensor] = []
+    seen: set[int] = set()
+    stack = [root.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            if id(variable) not in skipped:
+                leaves.append(variable)
+            continue
+        stack.extend(child for child, _ in node.next_functions)  # type: ignore[attr-defined]
+    return leaves
 
 
 def shared_parameters(shared: SharedParameters) -> tuple[list[Tensor], list[str]]:
@@ -191,7 +279,7 @@ class TaskGradients:
                     "parameters that are still trained"
                 )
         if self.mode == "batched":
-            return self._batched(losses)
+            return self._batched(losses, separate_losses)
         if self.mode == "loop":
             return self._loop(separate_losses or losses, task_names)
         return self._choose_mode(losses, task_names, separate_losses, agree)
@@ -215,7 +303,7 @@ class TaskGradients:
         )
         batched, failure = None, None
         if self.requested != "loop":
-            batched, failure = self._try_batched(losses, looped)
+            batched, failure = self._try_batched(losses, separate_losses, looped)
         flags = torch.cat([~reached, reached.new_tensor([failure is None])]).float()
         if agree is not None:
             # A task is unreached only if it is so on every rank (its global gradient is zero);
@@ -242,11 +330,11 @@ class TaskGradients:
         return batched
 
     def _try_batched(
-        self, losses: Tensor, looped: list[Tensor]
+        self, losses: Tensor, separate_losses: Sequence[Tensor] | None, looped: list[Tensor]
     ) -> tuple[list[Tensor] | None, str | None]:
         """The batched gradients and ``None``, or ``None`` and why they cannot be used."""
         try:
-            batched = self._batched(losses)
+            batched = self._batched(losses, separate_losses)
         except RuntimeError as error:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
             return None, f"the batched backward failed: {first_line}"
@@ -281,18 +369,66 @@ class TaskGradients:
             self._identity = identity
         return identity
 
-    def _batched(self, losses: Tensor) -> list[Tensor]:
-        grads = _retained_grad(
-            losses,
-            self.parameters,
-            grad_outputs=self._identity_for(losses),
-            is_grads_batched=True,
-            allow_unused=True,
-        )
+    def _batched(
+        self, losses: Tensor, separate_losses: Sequence[Tensor] | None = None
+    ) -> list[Tensor]:
+        roots = task_root_edges(losses, separate_losses)
+        frontiers = task_frontiers(roots, self.parameters) if roots is not None else None
+        if frontiers is None:
+            grads = _retained_grad(
+                losses,
+                self.parameters,
+                grad_outputs=self._identity_for(losses),
+                is_grads_batched=True,
+                allow_unused=True,
+            )
+        else:
+            grads = self._through_frontiers(roots, frontiers, losses)  # type: ignore[arg-type]
         for name, grad in zip(self.parameter_names, grads, strict=True):
             if grad is None:
                 raise ValueError(f"no task loss reaches the shared parameter {name}")
         return list(grads)
+
+    def _through_frontiers(
+        self, roots: Sequence[GradientEdge], frontiers: list[list[GradientEdge]], losses: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        """The batched backward in two stages: each task's loss back through its own head to
+        where the shared part begins (``task_frontiers``), then one batched backward of those
+        K gradients through the shared part.
+
+        A batched backward from the losses carries K rows through every head, K - 1 of them
+        zero: K^2 head backward passes instead of K (on the toy's network at K = 8, 5 of its 9
+        ms). Here each head is crossed once, by its own task.
+        """
+        edges: dict[tuple[int, int], GradientEdge] = {}
+        for frontier in frontiers:
+            for edge in frontier:
+                edges.setdefault((id(edge.node), edge.output_nr), edge)
+        keys = list(edges)
+        per_task: list[dict[tuple[int, int], Tensor]] = []
+        one = torch.ones((), dtype=losses.dtype, device=losses.device)
+        for root, frontier in zip(roots, frontiers, strict=True):
+            grads = _retained_grad([root], frontier, grad_outputs=[one], allow_unused=True)
+            per_task.append(
+                {
+                    (id(edge.node), edge.output_nr): grad
+                    for edge, grad in zip(frontier, grads, strict=True)
+                    if grad is not None
+                }
+            )
+        batched_outputs = []
+        for key in keys:
+            example = next(task[key] for task in per_task if key in task)
+            batched_outputs.append(
+                torch.stack([task.get(key, torch.zeros_like(example)) for task in per_task])
+            )
+        return _retained_grad(
+            [edges[key] for key in keys],
+            self.parameters,
+            grad_outputs=batched_outputs,
+            is_grads_batched=True,
+            allow_unused=True,
+        )
 
     def _loop(
         self, losses: Tensor | Sequence[Tensor], task_names: Sequence[str] | None

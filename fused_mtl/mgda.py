@@ -189,9 +189,7 @@ class MGDA(GradientBalancer):
         """``total = self(*losses, features=features)``, then ``total.backward()``; returns the
         total, detached."""
         check_grad_enabled(self)
-        total = self(*losses, features=features)
-        total.backward()
-        return total.detach()
+        return self._weighted_backward(lambda: self(*losses, features=features))
 
     def _check_features(self, features: object) -> torch.device:
         if not isinstance(features, Tensor) or not features.is_floating_point():

@@ -249,7 +249,7 @@ def test_loop_mode_when_batched_gradients_disagree(device, monkeypatch):
     net = make_net(device)
     inputs, targets = make_batch(device)
 
-    def wrong(self, losses):
+    def wrong(self, losses, separate_losses=None):
         return [2 * g for g in TaskGradients._loop(self, losses, None)]
 
     monkeypatch.setattr(TaskGradients, "_batched", wrong)

@@ -264,3 +264,94 @@ def test_mgda_rejects_bad_input(device):
         MGDA(net.heads[0].parameters(), tasks=TASKS).backward(losses)
     with pytest.raises(ValueError, match="no task loss requires grad"):
         mgda.backward([loss.detach() for loss in losses])
+
+
+class TiedHeadNet(nn.Module):
+    """A trunk of two layers and linear heads, one of which also reads the trunk's first
+    layer's weight: a head that reaches a shared parameter on its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(6, 6)
+        self.second = nn.Linear(6, 5)
+        self.heads = nn.ModuleList(nn.Linear(5, 1) for _ in TASKS)
+
+    def losses(self, inputs, targets, tied):
+        features = self.second(torch.tanh(self.first(inputs)))
+        losses = [
+            (head(features).squeeze(1) - target).square().mean()
+            for head, target in zip(self.heads, targets, strict=True)
+        ]
+        if tied:
+            losses[0] = losses[0] + 0.1 * self.first.weight.square().sum()
+        return losses
+
+
+def float64_step(net, inputs, targets, shared_names, tied):
+    """MGDA ("none") from the definition in float64: per-task gradients of the named shared
+    parameters, the exact alpha, then every parameter's gradient of sum_i alpha_i L_i."""
+    net = copy.deepcopy(net).double()
+    losses = net.losses(inputs.double(), [t.double() for t in targets], tied)
+    shared = [p for name, p in net.named_parameters() if name in shared_names]
+    grads = torch.stack(
+        [
+            torch.cat([g.flatten() for g in torch.autograd.grad(loss, shared, retain_graph=True)])
+            for loss in losses
+        ]
+    )
+    _, alpha = min_norm_exact(grads @ grads.T)
+    sum(a * loss for a, loss in zip(alpha, losses, strict=True)).backward()
+    return {name: p.grad for name, p in net.named_parameters()}
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("shared_names", [("second.weight", "second.bias"), "trunk"])
+def test_backward_writes_the_shared_update_from_the_per_task_gradients(tied, shared_names):
+    """``backward`` takes the shared parameters' gradient from the per-task gradients and
+    back-propagates only into the others; the result is the definition's, with a part of the
+    trunk outside the shared parameters, with a head that reads a shared weight itself, with
+    the parameters' hooks run once and the update added to a gradient already there."""
+    torch.manual_seed(3)
+    net = TiedHeadNet()
+    if shared_names == "trunk":
+        shared_names = ("first.weight", "first.bias", "second.weight", "second.bias")
+    gen = torch.Generator().manual_seed(4)
+    inputs = torch.randn(16, 6, generator=gen)
+    targets = [torch.randn(16, generator=gen) for _ in TASKS]
+    expected = float64_step(net, inputs, targets, shared_names, tied)
+    shared = [p for name, p in net.named_parameters() if name in shared_names]
+    hook_calls = []
+    shared[0].register_post_accumulate_grad_hook(lambda p: hook_calls.append(p.grad.clone()))
+    mgda = MGDA(shared, tasks=TASKS)
+    for _ in range(2):  # the first call also chooses the gradient mode
+        net.zero_grad()
+        mgda.backward(net.losses(inputs, targets, tied))
+    assert len(hook_calls) == 2
+    for name, parameter in net.named_parameters():
+        got = parameter.grad.double()
+        assert torch.allclose(got, expected[name], rtol=1e-5, atol=1e-6), name
+    previous = {name: p.grad.clone() for name, p in net.named_parameters()}
+    mgda.backward(net.losses(inputs, targets, tied))  # without zero_grad: accumulates
+    for name, parameter in net.named_parameters():
+        assert torch.allclose(parameter.grad, 2 * previous[name], rtol=1e-5, atol=1e-6), name
+
+
+def test_frontiers_are_where_each_head_enters_the_trunk():
+    """Per-head losses: each task's frontier is the one edge into the trunk's output; a head
+    that reaches a shared parameter itself has none (its share would be counted twice)."""
+    from fused_mtl._task_gradients import task_frontiers, task_root_edges
+
+    net = TiedHeadNet()
+    inputs, targets = torch.randn(4, 6), [torch.randn(4) for _ in TASKS]
+    shared = list(net.first.parameters()) + list(net.second.parameters())
+    losses = net.losses(inputs, targets, tied=False)
+    frontiers = task_frontiers(task_root_edges(torch.stack(losses), None), shared)
+    assert frontiers is not None
+    nodes = {(id(edge.node), edge.output_nr) for frontier in frontiers for edge in frontier}
+    assert len(nodes) == 1 and all(len(frontier) == 1 for frontier in frontiers)
+    assert type(frontiers[0][0].node).__name__ == "AddmmBackward0"  # net.second's output
+    tied = net.losses(inputs, targets, tied=True)
+    assert task_frontiers(task_root_edges(torch.stack(tied), tied), shared) is None
+    # A shared parameter that only one task's own part reaches.
+    with_head = [*shared, net.heads[0].weight]
+    assert task_frontiers(task_root_edges(torch.stack(losses), losses), with_head) is None
