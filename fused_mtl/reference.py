@@ -72,7 +72,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -391,10 +391,26 @@ def uncertainty_weights(
     return weights
 
 
-def _task_matrices(task_grads: Sequence[Tensor]) -> list[Tensor]:
-    """Each ``(K, *param.shape)`` gradient as a ``(K, P_j)`` matrix in the compute dtype."""
+#: Columns of a half-precision gradient matrix upcast at a time. A whole-matrix upcast writes a
+#: fresh float32 copy on every call (32 MiB for 8 x 1M bfloat16), which made the Gram 2.8x and
+#: the norms 13.8x their float32 time on a CPU; chunks of 2^16 columns (2 MiB at K = 8) stay in
+#: cache and are summed in float32 all the same.
+UPCAST_CHUNK = 1 << 16
+
+
+def _task_matrices(task_grads: Sequence[Tensor]) -> Iterator[Tensor]:
+    """Each ``(K, *param.shape)`` gradient as ``(K, P_j)`` column blocks in the compute dtype:
+    float32 and float64 matrices whole, half-precision ones a chunk of columns at a time. A
+    generator: each upcast chunk is used and freed before the next is made (kept all at once,
+    they are the whole-matrix copy again)."""
     dtype = torch.float64 if any(g.dtype == torch.float64 for g in task_grads) else torch.float32
-    return [g.reshape(g.shape[0], -1).to(dtype) for g in task_grads]
+    for grad in task_grads:
+        matrix = grad.reshape(grad.shape[0], -1)
+        if matrix.dtype == dtype:
+            yield matrix
+            continue
+        for start in range(0, matrix.shape[1], UPCAST_CHUNK):
+            yield matrix[:, start : start + UPCAST_CHUNK].to(dtype)
 
 
 def task_gram(task_grads: Sequence[Tensor]) -> Tensor:
@@ -404,8 +420,7 @@ def task_gram(task_grads: Sequence[Tensor]) -> Tensor:
     matrix product ``G G^T`` rounds its two triangles apart, by 2.7e-5 at K = 8, P = 4097 with
     entries near 4e3).
     """
-    matrices = _task_matrices(task_grads)
-    gram = torch.stack([m @ m.T for m in matrices]).sum(0)
+    gram = sum(m @ m.T for m in _task_matrices(task_grads))
     return torch.triu(gram) + torch.triu(gram, diagonal=1).T
 
 
@@ -419,10 +434,9 @@ def task_grad_norms(task_grads: Sequence[Tensor]) -> Tensor:
     4e-23). Measured with rows of 100 equal elements. Gradients this large or small are out of
     reach of float32 training anyway; float64 gradients are exact far beyond (1e-154 to 1e154).
     """
-    matrices = _task_matrices(task_grads)
-    # The norm of the per-parameter norms; vector_norm's gradient at a zero norm is zero.
-    per_parameter = torch.stack([torch.linalg.vector_norm(m, dim=1) for m in matrices])
-    return torch.linalg.vector_norm(per_parameter, dim=0)
+    # The norm of the per-block norms; vector_norm's gradient at a zero norm is zero.
+    per_block = [torch.linalg.vector_norm(m, dim=1) for m in _task_matrices(task_grads)]
+    return torch.linalg.vector_norm(torch.stack(per_block), dim=0)
 
 
 def gradnorm_weight_grad(

@@ -217,3 +217,25 @@ def test_bad_input(task_grads, error, message):
 def test_triton_backend_rejects_float64():
     with pytest.raises(TypeError, match="float64"):
         task_gram([torch.zeros(2, 3, dtype=torch.float64)], backend="triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_upcast_in_chunks_and_summed_exactly(dtype, monkeypatch):
+    """Half-precision gradients are upcast a chunk of columns at a time (here 7 columns, so
+    that blocks end inside each parameter and a last short one remains): every column is
+    counted once, in float32, as with the whole matrix upcast at once."""
+    from fused_mtl import reference
+
+    monkeypatch.setattr(reference, "UPCAST_CHUNK", 7)
+    gen = torch.Generator().manual_seed(5)
+    grads = [
+        torch.randn(3, 4, 5, generator=gen).to(dtype),
+        torch.randn(3, 9, generator=gen).to(dtype),
+    ]
+    flat = torch.cat([g.reshape(3, -1).double() for g in grads], dim=1)
+    expected_gram = flat @ flat.T
+    gram = reference.task_gram(grads)
+    norms = reference.task_grad_norms(grads)
+    assert gram.dtype == norms.dtype == torch.float32
+    assert torch.allclose(gram.double(), expected_gram, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(norms.double(), expected_gram.diagonal().sqrt(), rtol=1e-6)
