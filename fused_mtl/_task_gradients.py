@@ -6,7 +6,10 @@ parameter shaped ``(K, *W_j.shape)`` whose row ``i`` is ``dL_i / dW_j``, the inp
 
 - ``"batched"``: one call of ``torch.autograd.grad`` on the stacked ``(K,)`` losses with the
   identity as ``K`` batched output gradients (``is_grads_batched=True``, which vmaps the
-  backward). The graph is walked once instead of K times.
+  backward). The graph is walked once instead of K times. When the losses are separate (their
+  graph shows each task's own part: its head), each task's loss goes back through its own head
+  alone, to where the shared part begins, and one batched backward of those K gradients then
+  crosses the shared part (``task_frontiers``).
 - ``"loop"``: K calls of ``torch.autograd.grad``, one per task loss, as common implementations
   do. It works with every model.
 
