@@ -37,7 +37,7 @@ on 2 cores, 8 separate heads: 1.9 ms for the loop vs 3.8 ms batched).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -100,11 +100,8 @@ def task_graph_roots(
     return None
 
 
-def reaches(root: object | None, targets: Sequence[Tensor]) -> bool:
-    """Whether the graph below ``root`` reaches one of ``targets`` (leaf parameters through
-    their accumulation node, other tensors through the node that made them)."""
-    leaves = {id(t) for t in targets if t.grad_fn is None}
-    nodes = {id(t.grad_fn) for t in targets if t.grad_fn is not None}
+def graph_nodes(root: object | None) -> Iterator[object]:
+    """Every node of the autograd graph below ``root`` (itself included), each once."""
     seen: set[int] = set()
     stack = [root]
     while stack:
@@ -112,10 +109,19 @@ def reaches(root: object | None, targets: Sequence[Tensor]) -> bool:
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
-        if id(node) in nodes or id(getattr(node, "variable", None)) in leaves:
-            return True
+        yield node
         stack.extend(child for child, _ in node.next_functions)  # type: ignore[attr-defined]
-    return False
+
+
+def reaches(root: object | None, targets: Sequence[Tensor]) -> bool:
+    """Whether the graph below ``root`` reaches one of ``targets`` (leaf parameters through
+    their accumulation node, other tensors through the node that made them)."""
+    leaves = {id(t) for t in targets if t.grad_fn is None}
+    nodes = {id(t.grad_fn) for t in targets if t.grad_fn is not None}
+    return any(
+        id(node) in nodes or id(getattr(node, "variable", None)) in leaves
+        for node in graph_nodes(root)
+    )
 
 
 def task_root_edges(
@@ -146,22 +152,15 @@ def task_frontiers(
     """
     counts: dict[int, int] = {}
     for root in roots:
-        seen: set[int] = set()
-        stack = [root.node]
-        while stack:
-            node = stack.pop()
-            if node is None or id(node) in seen:
-                continue
-            seen.add(id(node))
+        for node in graph_nodes(root.node):
             counts[id(node)] = counts.get(id(node), 0) + 1
-            stack.extend(child for child, _ in node.next_functions)  # type: ignore[attr-defined]
     shared_ids = {id(parameter) for parameter in shared}
     frontiers = []
     for root in roots:
         if counts[id(root.node)] > 1:
             return None
         edges: dict[tuple[int, int], GradientEdge] = {}
-        seen = set()
+        seen: set[int] = set()
         stack = [root.node]
         while stack:
             node = stack.pop()
@@ -188,21 +187,8 @@ def graph_leaves(root: Tensor, excluded: Sequence[Tensor]) -> list[Tensor]:
     """The leaf tensors that a backward of ``root`` accumulates gradients into, except the
     ``excluded`` ones (each found once, through its accumulation node)."""
     skipped = {id(t) for t in excluded}
-    leaves: list[Tensor] = []
-    seen: set[int] = set()
-    stack = [root.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        variable = getattr(node, "variable", None)
-        if variable is not None:
-            if id(variable) not in skipped:
-                leaves.append(variable)
-            continue
-        stack.extend(child for child, _ in node.next_functions)  # type: ignore[attr-defined]
-    return leaves
+    variables = (getattr(node, "variable", None) for node in graph_nodes(root.grad_fn))
+    return [v for v in variables if v is not None and id(v) not in skipped]
 
 
 def shared_parameters(shared: SharedParameters) -> tuple[list[Tensor], list[str]]:
