@@ -31,6 +31,7 @@ def run_case(benchmark, bench_device) -> Callable[[Callable[[str], Case]], None]
             baseline=case.baseline,
             compile_seconds=case.compile_seconds,
             bytes_moved=case.bytes_moved,
+            peak_bytes=case.peak_bytes,
         )
         with case.timing_guard():
             benchmark(case.step)

@@ -18,12 +18,15 @@ from fused_mtl.benchmark_cases import (
     GRAM_WIDTHS,
     STEP_METHODS,
     STEP_TASKS,
+    TRUNK_NETWORKS,
+    TRUNK_STEP_IMPLEMENTATIONS,
     compiled_step_case,
     copy_case,
     default_device,
     gradient_step_case,
     gram_case,
     method_step_case,
+    trunk_step_case,
 )
 
 WIDTHS = GRAM_WIDTHS[torch.device(default_device()).type]
@@ -37,6 +40,12 @@ GRADIENT_STEPS = [
 @pytest.mark.parametrize(("method", "implementation"), GRADIENT_STEPS)
 def test_gradient_method_step(run_case, method, implementation):
     run_case(lambda device: gradient_step_case(method, implementation, STEP_TASKS, device))
+
+
+@pytest.mark.parametrize("implementation", TRUNK_STEP_IMPLEMENTATIONS)
+@pytest.mark.parametrize("network", TRUNK_NETWORKS)
+def test_whole_trunk_mgda_step(run_case, network, implementation):
+    run_case(lambda device: trunk_step_case(network, implementation, STEP_TASKS, device))
 
 
 @pytest.mark.parametrize("method", STEP_METHODS)

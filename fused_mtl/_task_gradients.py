@@ -37,6 +37,7 @@ on 2 cores, 8 separate heads: 1.9 ms for the loop vs 3.8 ms batched).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Literal
 
@@ -435,3 +436,124 @@ class TaskGradients:
                     )
             per_task.append(grads)
         return [torch.stack(grads) for grads in zip(*per_task, strict=True)]
+
+
+class LinearLayerGram:
+    """The Gram matrix of the per-task gradients of ``nn.Linear`` layers, one layer at a time.
+
+    A linear layer ``y = x W^T + b`` has, for task i, ``dL_i/dW = delta_i^T x`` and
+    ``dL_i/db = sum_rows delta_i``, with ``delta_i = dL_i/dy``. So the Gram matrix
+    ``sum_layers J J^T`` needs the per-task gradients of the layers' *outputs*, ``(K, *y.shape)``
+    each, and the inputs that the forward pass recorded. Each layer's ``(K, *W.shape)``
+    gradients are then formed, used and freed before the next layer's: the peak extra memory is
+    K times the outputs plus K times the largest layer, instead of K times every shared
+    parameter (on a 4 x 1024 trunk at batch 128 and K = 8: 16 MiB of outputs and 32 MiB for one
+    layer, against 118 MiB).
+
+    The layers' forward hooks record their calls (while grad is enabled); a call of this object
+    uses the calls recorded since the previous one that the losses come from, and a layer
+    called several times has its calls summed. The final update is then the ordinary backward
+    of ``sum_i w_i L_i``: the per-task gradients of the parameters are never held, so there is
+    nothing to take it from.
+    """
+
+    def __init__(self, layers: Sequence[nn.Linear], requested: str) -> None:
+        self.layers = list(layers)
+        self._records: list[tuple[int, Tensor, Tensor]] = []
+        self.output_gradients = TaskGradients([], [], requested)
+        recorder = weakref.WeakMethod(self._record)
+        self._hooks = [
+            layer.register_forward_hook(
+                lambda module, args, output, index=index: _call_alive(recorder, index, args, output)
+            )
+            for index, layer in enumerate(self.layers)
+        ]
+
+    def _record(self, index: int, args: tuple[Tensor, ...], output: Tensor) -> None:
+        if torch.is_grad_enabled() and output.requires_grad:
+            self._records.append((index, args[0], output))
+
+    def __call__(
+        self,
+        losses: Tensor,
+        task_names: Sequence[str] | None,
+        separate_losses: Sequence[Tensor] | None,
+        agree: Callable[[Tensor], Tensor] | None = None,
+    ) -> Tensor:
+        records, self._records = self._records, []
+        # Forward passes whose outputs the losses do not come from (another batch, a
+        # validation pass with grad) are left out.
+        in_graph = {id(node) for node in graph_nodes(losses.grad_fn)}
+        records = [record for record in records if id(record[2].grad_fn) in in_graph]
+        recorded = {index for index, _, _ in records}
+        missing = [index for index in range(len(self.layers)) if index not in recorded]
+        if missing:
+            raise ValueError(
+                f"gram_by_layer: shared layer {missing[0]} ({self.layers[missing[0]]}) ran no "
+                "forward pass with grad since the last call; compute the losses from a forward "
+                "pass of the model in training"
+            )
+        self.output_gradients.parameter_names = [
+            f"the output of shared layer {index} (call {n})"
+            for n, (index, _, _) in enumerate(records)
+        ]
+        deltas = self.output_gradients(
+            losses, task_names, separate_losses, [output for _, _, output in records], agree
+        )
+        dtype = torch.float64 if self.layers[0].weight.dtype == torch.float64 else torch.float32
+        num_tasks = losses.shape[0]
+        gram = torch.zeros(num_tasks, num_tasks, dtype=dtype, device=losses.device)
+        for index in sorted(recorded):
+            layer = self.layers[index]
+            # The layer's per-task gradients, summed over its calls: the first call's product
+            # is the buffer (a zero buffer plus the product would be two layers' worth).
+            weight: Tensor | None = None
+            bias: Tensor | None = None
+            for (call_index, inputs, _), delta in zip(records, deltas, strict=True):
+                if call_index != index:
+                    continue
+                rows = delta.reshape(num_tasks, -1, layer.out_features).to(dtype)
+                columns = inputs.detach().reshape(-1, layer.in_features).to(dtype)
+                product = torch.einsum("kno,ni->koi", rows, columns)
+                weight = product if weight is None else weight.add_(product)
+                bias = rows.sum(1) if bias is None else bias.add_(rows.sum(1))
+                del product
+            flat = weight.reshape(num_tasks, -1)  # type: ignore[union-attr]
+            gram += flat @ flat.T
+            if layer.bias is not None:
+                gram += bias @ bias.T  # type: ignore[operator]
+            del weight, flat
+        return torch.triu(gram) + torch.triu(gram, diagonal=1).T
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
+def _call_alive(method: weakref.WeakMethod, *args: object) -> None:
+    # The hooks live on the user's modules: through a weak reference they neither keep the
+    # balancer alive nor fail once it is gone.
+    bound = method()
+    if bound is not None:
+        bound(*args)
+
+
+def linear_layers(shared: object) -> list[nn.Linear]:
+    """The ``nn.Linear`` layers that hold every shared parameter, for ``gram_by_layer``."""
+    if not isinstance(shared, nn.Module):
+        raise TypeError(
+            "gram_by_layer=True needs the shared layers as a module (e.g. model.trunk), whose "
+            f"parameters all belong to nn.Linear layers; got {type(shared).__name__}"
+        )
+    layers = []
+    for name, module in shared.named_modules():
+        own = list(module.parameters(recurse=False))
+        if not own:
+            continue
+        if not isinstance(module, nn.Linear):
+            raise ValueError(
+                f"gram_by_layer=True supports nn.Linear layers only; shared module {name!r} is "
+                f"a {type(module).__name__}"
+            )
+        layers.append(module)
+    return layers

@@ -48,9 +48,11 @@ from fused_mtl._losses import (
     task_label,
 )
 from fused_mtl._task_gradients import (
+    LinearLayerGram,
     SharedParameters,
     TaskGradients,
     graph_leaves,
+    linear_layers,
     shared_parameters,
     task_graph_roots,
 )
@@ -298,13 +300,22 @@ class GradientBalancer(Balancer):
         per_task_gradients: str,
         sync: bool = True,
         process_group: ProcessGroup | None = None,
+        gram_by_layer: bool = False,
     ) -> None:
         super().__init__(num_tasks, tasks, backend, sync, process_group)
         parameters, names = shared_parameters(shared) if shared is not None else ([], [])
+        self.gram_by_layer = bool(gram_by_layer)
+        self._layer_gram = (
+            LinearLayerGram(linear_layers(shared), per_task_gradients) if gram_by_layer else None
+        )
         self._shared = parameters
         # FSDP2 shards parameters into DTensors: their gradients are taken on the unsharded copy.
         self._sharded = any(is_sharded(parameter) for parameter in parameters)
-        self._task_gradients = TaskGradients(parameters, names, per_task_gradients)
+        if self._layer_gram is not None:
+            # The per-task gradients are those of the layers' outputs (gradient_mode reports them).
+            self._task_gradients = self._layer_gram.output_gradients
+        else:
+            self._task_gradients = TaskGradients(parameters, names, per_task_gradients)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -370,6 +381,16 @@ class GradientBalancer(Balancer):
         whose rows are this rank's own samples.
         """
         syncing = self._syncing()
+        layer_gram = getattr(self, "_layer_gram", None)
+        if layer_gram is not None and features is None:
+            if syncing:
+                raise NotImplementedError(
+                    f"{type(self).__name__}: gram_by_layer=True is not available under "
+                    "torch.distributed yet (the Gram of the global gradients needs them summed "
+                    "over ranks first); build it with gram_by_layer=False"
+                )
+            gram = layer_gram(losses, self.tasks, separate)
+            return (gram.diagonal().sqrt() if diagonal else gram), losses.detach()
         if features is not None:
             inputs: list[Tensor] | None = [features]
         else:

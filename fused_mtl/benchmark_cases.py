@@ -21,6 +21,15 @@ Groups (``Case.group``), each with the implementation it is compared against (``
   against the per-task loop of common implementations (K backward passes, then norms or a Gram).
 - ``method step K=..``: one training step with each balancing method, against the plain sum: the
   price of balancing.
+- ``mgda step K=.., per-head losses`` (the toy's network) and ``mgda trunk step K=..`` (a
+  4 x 1024 trunk, batch 128, heads 1024 -> 16): MGDA over the whole trunk with each task's loss
+  computed from its own head, against the plain sum; ``mgda.backward`` and the callable form,
+  and TorchJD's autojac and autogram with its MGDA where ``torchjd`` is installed
+  (``pip install fused-mtl[peers]``).
+
+Training steps also record their peak extra memory (``Case.peak_bytes``): what one step holds
+above what was allocated before it, from the CUDA allocator's peak, or on a CPU by counting the
+tensors that the step's operations create and free (``live_bytes_peak``).
 
 Example:
     >>> case = uncertainty_case("vectorized_eager", num_tasks=4, device="cpu")
@@ -31,16 +40,20 @@ Example:
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from fused_mtl import __version__, reference
 from fused_mtl.demo import make_balancer, task_losses, task_mse
@@ -61,8 +74,10 @@ __all__ = [
     "gradient_step_case",
     "gram_case",
     "launch_floor_case",
+    "live_bytes_peak",
     "method_step_case",
     "suite",
+    "trunk_step_case",
     "uncertainty_case",
     "uncertainty_group",
 ]
@@ -98,6 +113,18 @@ COMPILED_STEP_METHODS = STEP_METHODS
 COMPILED_STEP_IMPLEMENTATIONS = ("eager", "compiled")
 STEP_TASKS = 8
 BATCH = 256
+# The whole-trunk MGDA step against the plain sum and TorchJD, on the toy's network and on a
+# wider trunk (4 x 1024, batch 128, heads 1024 -> 16: 3.7 M shared parameters).
+TRUNK_STEP_IMPLEMENTATIONS = (
+    "plain_sum",
+    "fused_auto",
+    "fused_callable",
+    "fused_gram_by_layer",
+    "torchjd_autojac",
+    "torchjd_autogram",
+)
+TRUNK_NETWORKS = ("toy", "wide")
+WIDE_TRUNK = {"input_dim": 1024, "output_dim": 16, "hidden": 1024, "depth": 4, "batch": 128}
 
 
 class Unavailable(Exception):
@@ -122,6 +149,8 @@ class Case:
     compile_seconds: float | None = None  # torch.compile's first call, excluded from the timing
     # Entered around the timed calls: a compiled case fails on a recompile instead of timing it.
     timing_guard: Callable[[], AbstractContextManager[object]] = nullcontext
+    # Peak memory of one step above what was allocated before it (training steps only).
+    peak_bytes: int | None = None
 
 
 def _synchronizer(device: str) -> Callable[[], None]:
@@ -132,6 +161,61 @@ def _warmed(case: Case, calls: int = 3) -> Case:
     for _ in range(calls):
         case.step()
     return case
+
+
+class _LiveBytes(TorchDispatchMode):
+    """The bytes of the storages that operations create while the mode is on, live and at
+    their peak: each new storage counts once (views and in-place results share one) until it
+    is freed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._counted: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        result = func(*args, **(kwargs or {}))
+        # A view or an in-place result shares an input's storage: nothing new (a parameter's
+        # transpose in nn.Linear would otherwise count the parameter).
+        inputs = {
+            id(arg.untyped_storage())
+            for arg in tree_leaves((args, kwargs))
+            if isinstance(arg, Tensor)
+        }
+        for tensor in tree_leaves(result):
+            if isinstance(tensor, Tensor) and id(tensor.untyped_storage()) not in inputs:
+                self._count(tensor.untyped_storage())
+        return result
+
+    def _count(self, storage: torch.UntypedStorage) -> None:
+        key, size = id(storage), storage.nbytes()
+        if key in self._counted or size == 0:
+            return
+        self._counted.add(key)
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._release, key, size)
+
+    def _release(self, key: int, size: int) -> None:
+        self._counted.discard(key)
+        self.live -= size
+
+
+def live_bytes_peak(step: Callable[[], None], device: str) -> int:
+    """The peak memory that one call of ``step`` allocates above what was there before: the
+    CUDA allocator's peak, or on a CPU (whose allocator keeps no statistics) the peak of the
+    storages that its operations create, autograd's included."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        return torch.cuda.max_memory_allocated(device) - before
+    tracker = _LiveBytes()
+    with tracker:
+        step()
+    return tracker.peak
 
 
 def default_device() -> str:
@@ -389,7 +473,12 @@ def _training_step(
         run()
         synchronize()
 
-    return _warmed(Case(group, implementation, step, baseline), calls=5)
+    case = _warmed(Case(group, implementation, step, baseline), calls=5)
+    return replace(case, peak_bytes=live_bytes_peak(step, device_of(model)))
+
+
+def device_of(model: nn.Module) -> str:
+    return str(next(model.parameters()).device)
 
 
 def _shared_gradients(losses: Tensor, shared: list[Tensor]) -> list[Tensor]:
@@ -479,6 +568,94 @@ def method_step_case(method: str, num_tasks: int, device: str) -> Case:
     return _training_step(group, method, "equal", model, run)
 
 
+def trunk_step_group(network: str, num_tasks: int) -> str:
+    if network == "toy":
+        return f"mgda step K={num_tasks}, per-head losses"
+    return f"mgda trunk step K={num_tasks}, 4x1024"
+
+
+def _head_losses(model: MultiTaskMLP, inputs: Tensor, targets: Tensor) -> list[Tensor]:
+    """Each task's mean squared error from its own head: one graph per task above the trunk."""
+    features = model.trunk(inputs)
+    return [
+        (head(features) - target).square().mean()
+        for head, target in zip(model.heads, targets, strict=True)
+    ]
+
+
+def trunk_step_case(network: str, implementation: str, num_tasks: int, device: str) -> Case:
+    """A training step (no optimiser update) of MGDA over the whole trunk, every task's loss
+    from its own head, on the toy's network or the 4 x 1024 trunk (``network``): the plain sum,
+    ``mgda.backward`` (``fused_auto``), ``mgda(losses).backward()`` (``fused_callable``), or
+    TorchJD's ``mtl_backward`` + ``jac_to_grad`` (autojac) or ``autogram.Engine`` (autogram)
+    with its MGDA."""
+    if network not in TRUNK_NETWORKS or implementation not in TRUNK_STEP_IMPLEMENTATIONS:
+        raise ValueError(f"unknown case {network!r} / {implementation!r}")
+    group = trunk_step_group(network, num_tasks)
+    check_device(device, group, implementation)
+    if implementation.startswith("torchjd") and importlib.util.find_spec("torchjd") is None:
+        reason = "TorchJD is not installed (pip install fused-mtl[peers])"
+        raise Unavailable(group, implementation, reason)
+    torch.manual_seed(0)
+    if network == "toy":
+        model, data = _toy(num_tasks, device)
+        inputs, targets = data.inputs, data.targets
+    else:
+        sizes = {k: v for k, v in WIDE_TRUNK.items() if k != "batch"}
+        model = MultiTaskMLP(num_tasks, **sizes).to(device)
+        gen = torch.Generator().manual_seed(0)
+        inputs = torch.randn(WIDE_TRUNK["batch"], sizes["input_dim"], generator=gen).to(device)
+        shape = (num_tasks, WIDE_TRUNK["batch"], sizes["output_dim"])
+        targets = torch.randn(shape, generator=gen).to(device)
+    shared = list(model.trunk.parameters())
+    run = _trunk_step(implementation, model, shared, inputs, targets)
+    return _training_step(group, implementation, "plain_sum", model, run)
+
+
+def _trunk_step(
+    implementation: str, model: MultiTaskMLP, shared: list[Tensor], inputs: Tensor, targets: Tensor
+) -> Callable[[], None]:
+    num_tasks = len(model.heads)
+    if implementation == "plain_sum":
+        return lambda: sum(_head_losses(model, inputs, targets)).backward()  # type: ignore[union-attr]
+    if implementation == "fused_gram_by_layer":
+        by_layer = MGDA(model.trunk, num_tasks, gram_by_layer=True)
+        return lambda: by_layer.backward(_head_losses(model, inputs, targets))
+    if implementation in ("fused_auto", "fused_callable"):
+        mgda = MGDA(shared, num_tasks)
+        if implementation == "fused_auto":
+            return lambda: mgda.backward(_head_losses(model, inputs, targets))
+        return lambda: mgda(_head_losses(model, inputs, targets)).backward()
+    from torchjd.aggregation import MGDA as TorchJDMGDA
+    from torchjd.aggregation import MGDAWeighting
+
+    if implementation == "torchjd_autojac":
+        from torchjd.autojac import jac_to_grad, mtl_backward
+
+        aggregator = TorchJDMGDA()
+
+        def autojac() -> None:
+            features = model.trunk(inputs)
+            losses = [
+                (head(features) - target).square().mean()
+                for head, target in zip(model.heads, targets, strict=True)
+            ]
+            mtl_backward(losses, features)
+            jac_to_grad(shared, aggregator)
+
+        return autojac
+    from torchjd.autogram import Engine
+
+    engine = Engine(*[m for m in model.trunk if isinstance(m, nn.Linear)], batch_dim=None)
+    weighting = MGDAWeighting()
+
+    def autogram() -> None:
+        losses = torch.stack(_head_losses(model, inputs, targets))
+        losses.backward(weighting(engine.compute_gramian(losses)))
+
+    return autogram
+
+
 def compiled_step_case(method: str, implementation: str, num_tasks: int, device: str) -> Case:
     """One training step (forward, ``balancer(losses)``, backward) with ``method``'s balancer
     on the toy's network, eager or compiled whole with ``torch.compile`` (inductor). For
@@ -541,6 +718,9 @@ def suite(device: str, quick: bool = False) -> Iterator[Callable[[], Case]]:
             yield lambda m=method, i=implementation: gradient_step_case(m, i, STEP_TASKS, device)
     for method in STEP_METHODS:
         yield lambda m=method: method_step_case(m, STEP_TASKS, device)
+    for network in TRUNK_NETWORKS[:1] if quick else TRUNK_NETWORKS:
+        for implementation in TRUNK_STEP_IMPLEMENTATIONS:
+            yield lambda n=network, i=implementation: trunk_step_case(n, i, STEP_TASKS, device)
     if quick:  # compiling the steps with inductor takes minutes on a CPU
         return
     for method in COMPILED_STEP_METHODS:

@@ -45,6 +45,7 @@ COLUMNS = (
     "baseline / this",
     "torch.compile / this",
     "GB/s",
+    "peak memory",
 )
 
 # The GPU speed targets the fused ops are held to (checked on CUDA results only).
@@ -72,6 +73,7 @@ class Result:
     bytes_moved: int | None = None  # bytes read + written (each once): the GB/s column
     compile_seconds: float | None = None
     skipped: str | None = None
+    peak_bytes: int | None = None  # one step's peak allocation above what was there before
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -92,6 +94,7 @@ def measure(case: Case, min_run_time: float) -> Result:
         runs=measurement.number_per_run * len(measurement.times),
         bytes_moved=case.bytes_moved,
         compile_seconds=case.compile_seconds,
+        peak_bytes=case.peak_bytes,
     )
 
 
@@ -121,6 +124,9 @@ def table_rows(results: Sequence[Result]) -> list[dict[str, str]]:
                 "torch.compile / this": f"{compiled / result.median_s:.2f}×" if compiled else "",
                 "GB/s": f"{result.bytes_moved / result.median_s / 1e9:.1f}"
                 if result.bytes_moved
+                else "",
+                "peak memory": f"{result.peak_bytes / 2**20:.1f} MiB"
+                if result.peak_bytes is not None
                 else "",
             }
         )

@@ -76,6 +76,12 @@ class MGDA(GradientBalancer):
         sync: under ``torch.distributed``, solve with the Gram matrix of the per-task gradients
             over all ranks (``False``: of this rank's own).
         process_group: the group to sync over (``None``: the default group).
+        gram_by_layer: build the Gram matrix one ``nn.Linear`` layer at a time from the layer's
+            inputs and the per-task gradients of its outputs, never holding the K per-task
+            gradients of all shared parameters: peak extra memory K x (layer outputs + the
+            largest layer) instead of K x (every shared parameter). ``shared_parameters`` must
+            then be a module whose parameters all belong to ``nn.Linear`` layers; the update is
+            the ordinary backward of the total, and torch.distributed is not supported.
 
     Attributes:
         weights: the ``alpha`` of the last call (uniform before the first).
@@ -107,9 +113,17 @@ class MGDA(GradientBalancer):
         per_task_gradients: str = "auto",
         sync: bool = True,
         process_group: ProcessGroup | None = None,
+        gram_by_layer: bool = False,
     ) -> None:
         super().__init__(
-            shared_parameters, num_tasks, tasks, backend, per_task_gradients, sync, process_group
+            shared_parameters,
+            num_tasks,
+            tasks,
+            backend,
+            per_task_gradients,
+            sync,
+            process_group,
+            gram_by_layer,
         )
         if normalization not in reference.MGDA_NORMALIZATIONS:
             raise ValueError(

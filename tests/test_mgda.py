@@ -355,3 +355,94 @@ def test_frontiers_are_where_each_head_enters_the_trunk():
     # A shared parameter that only one task's own part reaches.
     with_head = [*shared, net.heads[0].weight]
     assert task_frontiers(task_root_edges(torch.stack(losses), losses), with_head) is None
+
+
+class ReusedLayerNet(nn.Module):
+    """A trunk whose second linear layer runs twice (a weight shared across depth), then heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.ModuleDict({"first": nn.Linear(6, 5), "second": nn.Linear(5, 5)})
+        self.heads = nn.ModuleList(nn.Linear(5, 1) for _ in TASKS)
+
+    def losses(self, inputs, targets):
+        hidden = torch.tanh(self.trunk["first"](inputs))
+        features = self.trunk["second"](torch.tanh(self.trunk["second"](hidden)))
+        return [
+            (head(features).squeeze(1) - target).square().mean()
+            for head, target in zip(self.heads, targets, strict=True)
+        ]
+
+
+@pytest.mark.parametrize("per_task_gradients", ["auto", "loop"])
+@pytest.mark.parametrize("stacked", [False, True])
+def test_gram_by_layer_is_the_gram_of_the_per_task_gradients(per_task_gradients, stacked):
+    """The Gram built layer by layer from the layers' inputs and output gradients is the Gram
+    of the per-task parameter gradients (float64, from torch.autograd.grad), with a layer
+    called twice, after a forward pass whose losses are not the ones given (ignored), and the
+    update that follows is the definition's."""
+    torch.manual_seed(5)
+    net = ReusedLayerNet().double()
+    gen = torch.Generator().manual_seed(6)
+    inputs = torch.randn(12, 6, generator=gen, dtype=torch.float64)
+    targets = [torch.randn(12, generator=gen, dtype=torch.float64) for _ in TASKS]
+    mgda = MGDA(net.trunk, tasks=TASKS, gram_by_layer=True, per_task_gradients=per_task_gradients)
+    shared = list(net.trunk.parameters())
+    for _ in range(2):
+        net.losses(inputs * 2, targets)  # another forward pass, with grad: not these losses
+        losses = net.losses(inputs, targets)
+        grads = torch.stack(
+            [
+                torch.cat(
+                    [g.flatten() for g in torch.autograd.grad(loss, shared, retain_graph=True)]
+                )
+                for loss in losses
+            ]
+        )
+        net.zero_grad()
+        mgda.backward(torch.stack(losses) if stacked else losses)
+        assert torch.allclose(mgda.gram, grads @ grads.T, rtol=1e-12, atol=1e-14)
+    _, alpha = min_norm_exact(grads @ grads.T)
+    assert torch.allclose(mgda.weights, alpha, atol=1e-9)
+    want = torch.autograd.grad(
+        sum(a * loss for a, loss in zip(alpha, net.losses(inputs, targets), strict=True)),
+        list(net.parameters()),
+    )
+    for got, expected in zip([p.grad for p in net.parameters()], want, strict=True):
+        assert torch.allclose(got, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_gram_by_layer_holds_one_layer_of_per_task_gradients_at_a_time():
+    """Peak memory of the call: a few times K x (one layer), whatever the depth (the einsum's
+    product and its layout copy), against K x (every shared parameter) for the per-task
+    gradients of all layers at once."""
+    from fused_mtl.benchmark_cases import live_bytes_peak
+
+    num_tasks, width = 4, 256
+    trunk = nn.Sequential(*[nn.Linear(width, width) for _ in range(8)])
+    heads = nn.ModuleList(nn.Linear(width, 1) for _ in range(num_tasks))
+    inputs = torch.randn(8, width)
+
+    def losses():
+        features = trunk(inputs)
+        return [head(features).square().mean() for head in heads]
+
+    by_layer = MGDA(trunk, num_tasks, gram_by_layer=True)
+    whole = MGDA(trunk.parameters(), num_tasks)
+    peaks = {}
+    for name, mgda in (("by_layer", by_layer), ("whole", whole)):
+        mgda(losses())  # the first call also compares the two gradient modes
+        peaks[name] = live_bytes_peak(lambda m=mgda: m(losses()), "cpu")
+    all_layers = num_tasks * sum(p.numel() for p in trunk.parameters()) * 4
+    one_layer = num_tasks * width * width * 4
+    assert peaks["whole"] >= all_layers
+    assert one_layer <= peaks["by_layer"] < 3 * one_layer < all_layers / 2, peaks
+
+
+def test_gram_by_layer_needs_linear_layers():
+    with pytest.raises(
+        ValueError, match=r"nn\.Linear layers only; shared module '1' is a LayerNorm"
+    ):
+        MGDA(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)), 2, gram_by_layer=True)
+    with pytest.raises(TypeError, match="needs the shared layers as a module"):
+        MGDA(nn.Linear(3, 3).parameters(), 2, gram_by_layer=True)
