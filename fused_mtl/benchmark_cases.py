@@ -463,6 +463,12 @@ def _toy(num_tasks: int, device: str) -> tuple[MultiTaskMLP, ToyRegression]:
     return MultiTaskMLP(num_tasks).to(device), data
 
 
+# Warm-up calls of a training step: past the first end of a DWA period (``period_steps=10`` in
+# these cases), where a compiled step compiles the period's end once more; timed under
+# fail_on_recompile, that compile would end the run.
+TRAINING_WARMUP_CALLS = 12
+
+
 def _training_step(
     group: str, implementation: str, baseline: str, model: MultiTaskMLP, run: Callable[[], None]
 ) -> Case:
@@ -473,7 +479,7 @@ def _training_step(
         run()
         synchronize()
 
-    case = _warmed(Case(group, implementation, step, baseline), calls=5)
+    case = _warmed(Case(group, implementation, step, baseline), calls=TRAINING_WARMUP_CALLS)
     return replace(case, peak_bytes=live_bytes_peak(step, device_of(model)))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -170,6 +171,19 @@ class DWA(LossWeighting):
             self._host_steps = host_steps + 1
             self.period_loss_sums, self.step_count, self.nonfinite_calls = sums, steps, nonfinite
             return
+        if "torch._dynamo" in sys.modules:
+            # A compiled training step runs this eager end of a period after a graph break (at
+            # backward), and dynamo would compile it anew at every period, whose state is new
+            # tensors. Without dynamo loaded nothing can compile it (and importing it here
+            # would cost every eager user its import).
+            torch.compiler.disable(self._close_period)(sums, steps, closing, nonfinite)
+        else:
+            self._close_period(sums, steps, closing, nonfinite)
+
+    def _close_period(
+        self, sums: Tensor, steps: Tensor, closing: Tensor, nonfinite: Tensor
+    ) -> None:
+        """The end of a period in eager mode: the host checks, then the new state."""
         # Divided by the host's count, as a period's means always were (on CUDA a division by a
         # host number rounds differently from one by a device tensor, by an ulp).
         means = sums / self.period_steps

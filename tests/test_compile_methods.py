@@ -298,3 +298,16 @@ def test_mgda_ub_error_blames_torch_compile_only_when_z_is_inside_the_graph():
     with pytest.raises(ValueError, match="task 1: its") as error:
         MGDA(num_tasks=3)(torch.stack([losses[0], unrelated, losses[2]]), features=features)
     assert "torch.compile" not in str(error.value)
+
+
+def test_a_compiled_step_with_dwa_compiles_nothing_more_at_each_period():
+    """The benchmark's compiled DWA step (inductor, a period of 10 calls) breaks its graph at
+    ``backward``; DWA's period then ends in eager code, whose state is new tensors at every
+    period. Dynamo must not compile that code anew each time: 25 timed calls under
+    ``fail_on_recompile`` cross two period ends."""
+    from fused_mtl.benchmark_cases import compiled_step_case
+
+    case = compiled_step_case("dwa", "compiled", 8, "cpu")
+    with case.timing_guard():
+        for _ in range(25):
+            case.step()

@@ -3,11 +3,15 @@
 The Triton backend runs the real kernels: compiled on CUDA, in the Triton interpreter on CPU.
 """
 
+import contextlib
+from unittest import mock
+
 import pytest
 import torch
 from checks import LaunchCounter, assert_close_to
 from formulas import Expected, dynamic_noise, liebel_koerner, log_variance
 
+from fused_mtl import reference
 from fused_mtl._uncertainty_op import uncertainty_weighting
 from fused_mtl.reference import Parametrization
 
@@ -58,10 +62,18 @@ def sample(parametrization, num_tasks, seed=0):
 
 
 def run_op(losses, params, parametrization, backend, loss_coefs=None, reg_coefs=None):
+    """``backend="torch_node"``: the torch path's autograd node with the bound's rule written
+    out, also where a CPU would take plain autograd over the formula (every parameter inside
+    its range)."""
     losses = losses.detach().requires_grad_()
     params = params.detach().requires_grad_()
-    total = uncertainty_weighting(losses, params, parametrization, loss_coefs, reg_coefs, backend)
-    total.backward(torch.tensor(UPSTREAM_GRAD, dtype=total.dtype, device=total.device))
+    node_only = mock.patch.object(reference, "_inside", lambda *args: False)
+    with node_only if backend == "torch_node" else contextlib.nullcontext():
+        op_backend = "torch" if backend == "torch_node" else backend
+        total = uncertainty_weighting(
+            losses, params, parametrization, loss_coefs, reg_coefs, op_backend
+        )
+        total.backward(torch.tensor(UPSTREAM_GRAD, dtype=total.dtype, device=total.device))
     return total, losses.grad, params.grad
 
 
@@ -92,7 +104,7 @@ def check_against(
 
 CASES = [
     pytest.param(backend, dtype, id=f"{backend}-{str(dtype).removeprefix('torch.')}")
-    for backend in ("triton", "torch")
+    for backend in ("triton", "torch", "torch_node")
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
     if not (backend == "triton" and dtype == torch.float64)
 ]
@@ -115,7 +127,7 @@ def test_matches_formulas(backend, dtype, parametrization, num_tasks, device):
 
 
 @pytest.mark.parametrize("num_tasks", [1, 5, 1000])
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "torch", "torch_node"])
 def test_task_type_coefficients(backend, num_tasks, device):
     """Per-task (a_i, b_i): Kendall et al.'s regression and classification terms, mixed."""
     losses, s = sample(Parametrization.LOG_VARIANCE, num_tasks, seed=1)
