@@ -226,7 +226,7 @@ def test_half_precision_is_upcast_in_chunks_and_summed_exactly(dtype, monkeypatc
     counted once, in float32, as with the whole matrix upcast at once."""
     from fused_mtl import reference
 
-    monkeypatch.setattr(reference, "UPCAST_CHUNK", 7)
+    monkeypatch.setattr(reference, "UPCAST_CHUNK_ELEMENTS", 21)  # 7 columns at K = 3
     gen = torch.Generator().manual_seed(5)
     grads = [
         torch.randn(3, 4, 5, generator=gen).to(dtype),
