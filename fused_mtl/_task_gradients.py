@@ -150,9 +150,10 @@ def task_frontiers(
     """For each task, the edges where its own part of the graph (the nodes that no other
     task's loss reaches: its head) enters the part that several tasks share.
 
-    ``None`` when a task has no own part, or when a shared parameter is reached from inside a
-    task's own part (a weight tied between the trunk and a head): the gradient at the edges
-    would then miss, or count twice, that parameter's share.
+    ``None`` when a task has no own part, when a shared parameter is reached from inside a
+    task's own part (a weight tied between the trunk and a head: the gradient at the edges
+    would then miss, or count twice, that parameter's share), or when one of a task's edges
+    lies below another (``_one_below_another``).
     """
     counts: dict[int, int] = {}
     for root in roots:
@@ -183,16 +184,23 @@ def task_frontiers(
                     return None
                 else:
                     stack.append(child)
+        if len(edges) > 1 and _one_below_another(list(edges.values())):
+            return None
         frontiers.append(list(edges.values()))
     return frontiers
 
 
-def graph_leaves(root: Tensor, excluded: Sequence[Tensor]) -> list[Tensor]:
-    """The leaf tensors that a backward of ``root`` accumulates gradients into, except the
-    ``excluded`` ones (each found once, through its accumulation node)."""
-    skipped = {id(t) for t in excluded}
-    variables = (getattr(node, "variable", None) for node in graph_nodes(root.grad_fn))
-    return [v for v in variables if v is not None and id(v) not in skipped]
+def _one_below_another(edges: Sequence[GradientEdge]) -> bool:
+    """Whether one edge's node lies in the graph below another's (a head that reads both a
+    trunk tensor and one computed from it, a skip connection): the gradient at the lower edge
+    then already holds the path through the upper one, and the second stage would cross that
+    path twice."""
+    nodes = {id(edge.node) for edge in edges}
+    for edge in edges:
+        below = {id(node) for node in graph_nodes(edge.node) if node is not edge.node}
+        if below & nodes:
+            return True
+    return False
 
 
 def shared_parameters(shared: SharedParameters) -> tuple[list[Tensor], list[str]]:
@@ -462,19 +470,24 @@ class LinearLayerGram:
 
     def __init__(self, layers: Sequence[nn.Linear], requested: str) -> None:
         self.layers = list(layers)
-        self._records: list[tuple[int, Tensor, Tensor]] = []
+        # (layer index, input, output, the output's version when recorded)
+        self._records: list[tuple[int, Tensor, Tensor, int]] = []
         self.output_gradients = TaskGradients([], [], requested)
-        recorder = weakref.WeakMethod(self._record)
         self._hooks = [
-            layer.register_forward_hook(
-                lambda module, args, output, index=index: _call_alive(recorder, index, args, output)
-            )
+            layer.register_forward_hook(_CallRecorder(self, index))
             for index, layer in enumerate(self.layers)
         ]
 
-    def _record(self, index: int, args: tuple[Tensor, ...], output: Tensor) -> None:
-        if torch.is_grad_enabled() and output.requires_grad:
-            self._records.append((index, args[0], output))
+    def _record(
+        self, index: int, module: nn.Module, args: tuple[Tensor, ...], output: Tensor
+    ) -> None:
+        # Training forward passes only: a validation pass in eval mode holds nothing.
+        if module.training and torch.is_grad_enabled() and output.requires_grad and args:
+            self._records.append((index, args[0], output, output._version))
+
+    def discard(self) -> None:
+        """Drop the recorded calls (a call of the balancer that does not use them)."""
+        self._records = []
 
     def __call__(
         self,
@@ -488,7 +501,15 @@ class LinearLayerGram:
         # validation pass with grad) are left out.
         in_graph = {id(node) for node in graph_nodes(losses.grad_fn)}
         records = [record for record in records if id(record[2].grad_fn) in in_graph]
-        recorded = {index for index, _, _ in records}
+        for index, _, output, version in records:
+            if output._version != version:
+                raise ValueError(
+                    f"gram_by_layer: the output of shared layer {index} ({self.layers[index]}) "
+                    "was changed in place after the layer (an in-place activation such as "
+                    "nn.ReLU(inplace=True)), so its gradient is no longer the layer's; use the "
+                    "activation with inplace=False"
+                )
+        recorded = {index for index, _, _, _ in records}
         missing = [index for index in range(len(self.layers)) if index not in recorded]
         if missing:
             raise ValueError(
@@ -498,10 +519,10 @@ class LinearLayerGram:
             )
         self.output_gradients.parameter_names = [
             f"the output of shared layer {index} (call {n})"
-            for n, (index, _, _) in enumerate(records)
+            for n, (index, _, _, _) in enumerate(records)
         ]
         deltas = self.output_gradients(
-            losses, task_names, separate_losses, [output for _, _, output in records], agree
+            losses, task_names, separate_losses, [output for _, _, output, _ in records], agree
         )
         dtype = torch.float64 if self.layers[0].weight.dtype == torch.float64 else torch.float32
         num_tasks = losses.shape[0]
@@ -512,19 +533,20 @@ class LinearLayerGram:
             # is the buffer (a zero buffer plus the product would be two layers' worth).
             weight: Tensor | None = None
             bias: Tensor | None = None
-            for (call_index, inputs, _), delta in zip(records, deltas, strict=True):
+            for (call_index, inputs, _, _), delta in zip(records, deltas, strict=True):
                 if call_index != index:
                     continue
                 rows = delta.reshape(num_tasks, -1, layer.out_features).to(dtype)
                 columns = inputs.detach().reshape(-1, layer.in_features).to(dtype)
                 product = torch.einsum("kno,ni->koi", rows, columns)
                 weight = product if weight is None else weight.add_(product)
-                bias = rows.sum(1) if bias is None else bias.add_(rows.sum(1))
+                if layer.bias is not None:
+                    bias = rows.sum(1) if bias is None else bias.add_(rows.sum(1))
                 del product
             flat = weight.reshape(num_tasks, -1)  # type: ignore[union-attr]
             gram += flat @ flat.T
-            if layer.bias is not None:
-                gram += bias @ bias.T  # type: ignore[operator]
+            if bias is not None:
+                gram += bias @ bias.T
             del weight, flat
         return torch.triu(gram) + torch.triu(gram, diagonal=1).T
 
@@ -533,12 +555,26 @@ class LinearLayerGram:
             hook.remove()
 
 
-def _call_alive(method: weakref.WeakMethod, *args: object) -> None:
-    # The hooks live on the user's modules: through a weak reference they neither keep the
-    # balancer alive nor fail once it is gone.
-    bound = method()
-    if bound is not None:
-        bound(*args)
+class _CallRecorder:
+    """A shared layer's forward hook. It lives on the user's module: it holds its
+    ``LinearLayerGram`` weakly (it keeps no balancer alive and does nothing once it is gone),
+    and a pickled or deep-copied model carries it inert, so the model saves and copies as
+    before."""
+
+    def __init__(self, owner: LinearLayerGram, index: int) -> None:
+        self.index = index
+        self._owner: weakref.ref[LinearLayerGram] | None = weakref.ref(owner)
+
+    def __call__(self, module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+        owner = self._owner() if self._owner is not None else None
+        if owner is not None:
+            owner._record(self.index, module, args, output)
+
+    def __getstate__(self) -> dict[str, int]:
+        return {"index": self.index}
+
+    def __setstate__(self, state: dict[str, int]) -> None:
+        self.index, self._owner = state["index"], None
 
 
 def linear_layers(shared: object) -> list[nn.Linear]:

@@ -51,7 +51,6 @@ from fused_mtl._task_gradients import (
     LinearLayerGram,
     SharedParameters,
     TaskGradients,
-    graph_leaves,
     linear_layers,
     shared_parameters,
     task_graph_roots,
@@ -337,6 +336,9 @@ class GradientBalancer(Balancer):
         grad disabled); ``None`` when it balances."""
         if self.training and torch.is_grad_enabled():
             return None
+        layer_gram = getattr(self, "_layer_gram", None)
+        if layer_gram is not None:
+            layer_gram.discard()
         stacked, _ = check_losses(
             losses, num_tasks=self.num_tasks, names=self.tasks, reduction=None, device=device
         )
@@ -391,14 +393,14 @@ class GradientBalancer(Balancer):
                 )
             gram = layer_gram(losses, self.tasks, separate)
             return (gram.diagonal().sqrt() if diagonal else gram), losses.detach()
+        if layer_gram is not None:
+            layer_gram.discard()  # features=z: the layers' calls are not used
         if features is not None:
             inputs: list[Tensor] | None = [features]
         else:
             inputs = unsharded_parameters(self._shared) if self._sharded else None
         agree = self._sync.smallest if syncing else None
         task_grads = gradients(losses, self.tasks, separate, inputs, agree)
-        if self._holding_gradients and features is None:
-            self._held_gradients = task_grads
         if not syncing:
             gram = task_gram_or_norms(task_grads, diagonal, self._requested_backend)
             return gram, losses.detach()
@@ -406,55 +408,6 @@ class GradientBalancer(Balancer):
             local = task_gram_or_norms(task_grads, diagonal, self._requested_backend)
             return self._sync.gram_of_samples(local, losses)
         return self._sync.gram(task_grads, losses, diagonal, self._requested_backend)
-
-    # --- backward from the per-task gradients ----------------------------------------------
-    # The per-task gradients g_i of the shared parameters are computed for the weights anyway,
-    # so backward() writes their update sum_i w_i g_i from them and back-propagates the total
-    # only into the other parameters: autograd then skips the shared part of the graph, the
-    # second pass through it that total.backward() pays (on the toy's network at K = 8 about a
-    # fifth of a step, see benchmarks). The callable contract, balancer(losses) and then any
-    # engine's backward of the total, cannot skip it.
-    _holding_gradients = False
-    _held_gradients: list[Tensor] | None = None
-
-    def _fills_shared_gradients(self) -> bool:
-        """Whether backward() may write the shared parameters' update itself: a plain process.
-        Under torch.distributed, DDP, FSDP2 and the Gram's sync expect the ordinary backward,
-        and torch.compile traces it."""
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        return not (distributed or self._sharded or torch.compiler.is_compiling())
-
-    def _weighted_backward(self, call: Any) -> Tensor:
-        """``total = call()`` and its backward, with the shared parameters' gradient
-        ``sum_i w_i g_i`` taken from the per-task gradients that the call computed; returns the
-        total, detached."""
-        if not self._fills_shared_gradients():
-            total = call()
-            total.backward()
-            return total.detach()
-        self._holding_gradients, self._held_gradients = True, None
-        try:
-            total = call()
-            task_grads = self._held_gradients
-        finally:
-            self._holding_gradients, self._held_gradients = False, None
-        if task_grads is None:  # the call only reported (eval mode), or differentiated features
-            total.backward()
-            return total.detach()
-        others = graph_leaves(total, self._shared)
-        if others:
-            torch.autograd.backward(total, inputs=others)
-        weights = self.weights.detach()
-        updates = []
-        for grad in task_grads:
-            # Summed in float32 at least, as autograd sums sum_i w_i L_i for half parameters.
-            dtype = torch.promote_types(grad.dtype, weights.dtype)
-            update = torch.tensordot(weights.to(dtype), grad.to(dtype), dims=1)
-            updates.append(update.to(grad.dtype))
-        # Through autograd (a view of each parameter), so that the parameters' hooks run as in
-        # an ordinary backward and the update adds to an existing .grad.
-        torch.autograd.backward([p.view_as(p) for p in self._shared], updates)
-        return total.detach()
 
 
 def with_parameter_gradient(total: Tensor, parameter: Tensor, gradient: Tensor) -> Tensor:

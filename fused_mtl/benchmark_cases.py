@@ -23,8 +23,8 @@ Groups (``Case.group``), each with the implementation it is compared against (``
   price of balancing.
 - ``mgda step K=.., per-head losses`` (the toy's network) and ``mgda trunk step K=..`` (a
   4 x 1024 trunk, batch 128, heads 1024 -> 16): MGDA over the whole trunk with each task's loss
-  computed from its own head, against the plain sum; ``mgda.backward`` and the callable form,
-  and TorchJD's autojac and autogram with its MGDA where ``torchjd`` is installed
+  computed from its own head, against the plain sum; ``mgda.backward``, with and without
+  ``gram_by_layer``, and TorchJD's autojac and autogram with its MGDA where ``torchjd`` is installed
   (``pip install fused-mtl[peers]``).
 
 Training steps also record their peak extra memory (``Case.peak_bytes``): what one step holds
@@ -118,7 +118,6 @@ BATCH = 256
 TRUNK_STEP_IMPLEMENTATIONS = (
     "plain_sum",
     "fused_auto",
-    "fused_callable",
     "fused_gram_by_layer",
     "torchjd_autojac",
     "torchjd_autogram",
@@ -592,9 +591,9 @@ def _head_losses(model: MultiTaskMLP, inputs: Tensor, targets: Tensor) -> list[T
 def trunk_step_case(network: str, implementation: str, num_tasks: int, device: str) -> Case:
     """A training step (no optimiser update) of MGDA over the whole trunk, every task's loss
     from its own head, on the toy's network or the 4 x 1024 trunk (``network``): the plain sum,
-    ``mgda.backward`` (``fused_auto``), ``mgda(losses).backward()`` (``fused_callable``), or
-    TorchJD's ``mtl_backward`` + ``jac_to_grad`` (autojac) or ``autogram.Engine`` (autogram)
-    with its MGDA."""
+    ``mgda.backward`` (``fused_auto``), the same with ``gram_by_layer=True``
+    (``fused_gram_by_layer``), or TorchJD's ``mtl_backward`` + ``jac_to_grad`` (autojac) or
+    ``autogram.Engine`` (autogram) with its MGDA."""
     if network not in TRUNK_NETWORKS or implementation not in TRUNK_STEP_IMPLEMENTATIONS:
         raise ValueError(f"unknown case {network!r} / {implementation!r}")
     group = trunk_step_group(network, num_tasks)
@@ -627,11 +626,9 @@ def _trunk_step(
     if implementation == "fused_gram_by_layer":
         by_layer = MGDA(model.trunk, num_tasks, gram_by_layer=True)
         return lambda: by_layer.backward(_head_losses(model, inputs, targets))
-    if implementation in ("fused_auto", "fused_callable"):
+    if implementation == "fused_auto":
         mgda = MGDA(shared, num_tasks)
-        if implementation == "fused_auto":
-            return lambda: mgda.backward(_head_losses(model, inputs, targets))
-        return lambda: mgda(_head_losses(model, inputs, targets)).backward()
+        return lambda: mgda.backward(_head_losses(model, inputs, targets))
     from torchjd.aggregation import MGDA as TorchJDMGDA
     from torchjd.aggregation import MGDAWeighting
 

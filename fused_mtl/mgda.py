@@ -43,13 +43,7 @@ class MGDA(GradientBalancer):
 
     ``total = mgda(losses)`` computes the per-task gradients (one extra batched backward pass,
     or one per task), solves for ``alpha`` and returns :math:`\sum_i \alpha_i L_i`; any engine
-    may run its backward. ``mgda.backward(losses)`` does the same in one process, faster: it
-    writes the shared parameters' gradient :math:`\sum_i \alpha_i g_i` from the per-task
-    gradients already computed (through autograd: their hooks run, an existing ``.grad`` is
-    added to) and back-propagates the total only into the other parameters, so the shared
-    layers are not crossed a second time. The two agree to float32 rounding (the sums are
-    ordered apart), not bit for bit. Under ``torch.distributed``, FSDP2 or ``torch.compile``
-    it is the call followed by ``total.backward()``.
+    may run its backward. ``mgda.backward(losses)`` is the call followed by ``total.backward()``.
     In eval mode or with grad disabled the call returns the total with the last ``alpha``.
     Under ``torch.distributed`` the Gram matrix is that of the global per-task gradients, so
     every rank solves the same problem (see ``docs/distributed.md``).
@@ -209,7 +203,9 @@ class MGDA(GradientBalancer):
         """``total = self(*losses, features=features)``, then ``total.backward()``; returns the
         total, detached."""
         check_grad_enabled(self)
-        return self._weighted_backward(lambda: self(*losses, features=features))
+        total = self(*losses, features=features)
+        total.backward()
+        return total.detach()
 
     def _check_features(self, features: object) -> torch.device:
         if not isinstance(features, Tensor) or not features.is_floating_point():

@@ -306,11 +306,10 @@ def float64_step(net, inputs, targets, shared_names, tied):
 
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("shared_names", [("second.weight", "second.bias"), "trunk"])
-def test_backward_writes_the_shared_update_from_the_per_task_gradients(tied, shared_names):
-    """``backward`` takes the shared parameters' gradient from the per-task gradients and
-    back-propagates only into the others; the result is the definition's, with a part of the
-    trunk outside the shared parameters, with a head that reads a shared weight itself, with
-    the parameters' hooks run once and the update added to a gradient already there."""
+def test_backward_is_the_definitions_step_for_trunks_and_heads_of_every_shape(tied, shared_names):
+    """Per-head losses (the two-stage batched backward): the step is the definition's with a
+    part of the trunk outside the shared parameters and with a head that reads a shared weight
+    itself; the parameters' hooks run once per step and a gradient already there is added to."""
     torch.manual_seed(3)
     net = TiedHeadNet()
     if shared_names == "trunk":
@@ -446,3 +445,60 @@ def test_gram_by_layer_needs_linear_layers():
         MGDA(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)), 2, gram_by_layer=True)
     with pytest.raises(TypeError, match="needs the shared layers as a module"):
         MGDA(nn.Linear(3, 3).parameters(), 2, gram_by_layer=True)
+
+
+def test_a_head_that_reads_two_trunk_tensors_one_below_the_other_keeps_exact_gradients():
+    """A head reading ``h + h1`` with ``h`` computed from ``h1`` (a skip connection): the
+    gradient at ``h1`` already holds the path through ``h``, so the two-stage backward is not
+    used, and the per-task gradients are the definition's."""
+    from fused_mtl._task_gradients import task_frontiers, task_root_edges
+
+    torch.manual_seed(7)
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    heads = nn.ModuleList(nn.Linear(4, 1) for _ in TASKS)
+    inputs = torch.randn(10, 4)
+
+    def losses():
+        h1 = torch.tanh(first(inputs))
+        h = second(h1)
+        return [head(h + h1).square().mean() for head in heads]
+
+    shared = list(first.parameters())
+    separate = losses()
+    assert task_frontiers(task_root_edges(torch.stack(separate), separate), shared) is None
+    mgda = MGDA(shared, tasks=TASKS, per_task_gradients="batched")
+    for _ in range(2):
+        separate = losses()
+        grads = torch.stack(
+            [
+                torch.cat(
+                    [g.flatten() for g in torch.autograd.grad(loss, shared, retain_graph=True)]
+                )
+                for loss in separate
+            ]
+        )
+        mgda(separate)
+        assert torch.allclose(mgda.gram, grads @ grads.T, rtol=1e-5, atol=1e-7)
+
+
+def test_gram_by_layer_refuses_an_in_place_activation_and_keeps_the_model_picklable():
+    """An in-place ReLU overwrites the recorded output, whose gradient would then be the
+    activation's: an error says so. The layers' hooks hold nothing a pickle or a deep copy of
+    the model cannot carry, and a validation pass in eval mode records nothing."""
+    import pickle
+
+    torch.manual_seed(8)
+    trunk = nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 3))
+    heads = nn.ModuleList(nn.Linear(3, 1) for _ in TASKS)
+    inputs = torch.randn(6, 4)
+    mgda = MGDA(trunk, tasks=TASKS, gram_by_layer=True)
+    features = trunk(inputs)
+    with pytest.raises(ValueError, match=r"shared layer 0 .* changed in place .* inplace=False"):
+        mgda([head(features).mean() for head in heads])
+    copied = pickle.loads(pickle.dumps(trunk))
+    assert torch.equal(copied(inputs), trunk(inputs))
+    copy.deepcopy(trunk)(inputs)
+    held = len(mgda._layer_gram._records)  # the training-mode calls above
+    trunk.eval()
+    trunk(inputs)
+    assert len(mgda._layer_gram._records) == held
