@@ -79,23 +79,52 @@ class Result:
         return asdict(self)
 
 
+#: Rounds over a group's cases: each round times every case of the group once, for
+#: ``min_run_time / ROUNDS`` seconds, and a case's time is the median of its rounds. Timed one
+#: after another, cases of one group drifted apart by 20-50% on a shared 2-core machine (the
+#: 4 x 1024 trunk step: 5.1x and 7.3x the plain sum in two runs); interleaved, a drift of the
+#: machine moves every case of the round alike and their ratio stays.
+ROUNDS = 5
+
+
 def measure(case: Case, min_run_time: float) -> Result:
-    """Time ``case.step`` with ``torch.utils.benchmark`` (blocks of calls for at least
-    ``min_run_time`` seconds; the median per call) on as many threads as torch uses."""
-    timer = Timer("step()", globals={"step": case.step}, num_threads=torch.get_num_threads())
-    with case.timing_guard():
-        measurement = timer.blocked_autorange(min_run_time=min_run_time)
-    return Result(
-        group=case.group,
-        implementation=case.implementation,
-        baseline=case.baseline,
-        median_s=measurement.median,
-        iqr_s=measurement.iqr,
-        runs=measurement.number_per_run * len(measurement.times),
-        bytes_moved=case.bytes_moved,
-        compile_seconds=case.compile_seconds,
-        peak_bytes=case.peak_bytes,
-    )
+    """Time one case alone (see ``measure_group``)."""
+    return measure_group([case], min_run_time)[0]
+
+
+def measure_group(cases: Sequence[Case], min_run_time: float) -> list[Result]:
+    """Time ``case.step`` of each case with ``torch.utils.benchmark`` in ``ROUNDS`` interleaved
+    rounds (blocks of calls for ``min_run_time / ROUNDS`` seconds per case and round, on as
+    many threads as torch uses); each case's time is the median of its rounds' medians, and its
+    spread the interquartile range of those."""
+    threads = torch.get_num_threads()
+    timers = [Timer("step()", globals={"step": case.step}, num_threads=threads) for case in cases]
+    medians: list[list[float]] = [[] for _ in cases]
+    runs = [0 for _ in cases]
+    for _ in range(ROUNDS):
+        for index, (case, timer) in enumerate(zip(cases, timers, strict=True)):
+            with case.timing_guard():
+                measurement = timer.blocked_autorange(min_run_time=min_run_time / ROUNDS)
+            medians[index].append(measurement.median)
+            runs[index] += measurement.number_per_run * len(measurement.times)
+    results = []
+    for case, times, count in zip(cases, medians, runs, strict=True):
+        rounds = torch.tensor(times, dtype=torch.float64)
+        spread = torch.quantile(rounds, 0.75) - torch.quantile(rounds, 0.25)
+        results.append(
+            Result(
+                group=case.group,
+                implementation=case.implementation,
+                baseline=case.baseline,
+                median_s=float(rounds.quantile(0.5)),
+                iqr_s=float(spread),
+                runs=count,
+                bytes_moved=case.bytes_moved,
+                compile_seconds=case.compile_seconds,
+                peak_bytes=case.peak_bytes,
+            )
+        )
+    return results
 
 
 def _time(seconds: float) -> str:
@@ -141,7 +170,8 @@ def markdown(results: Sequence[Result], environment: dict[str, object], command:
         f"Device: {environment.get('device_name')}{driver} ({threads} CPU threads), "
         f"torch {environment.get('torch')}, triton {environment.get('triton')}, "
         f"git {environment.get('git_revision')}, {environment.get('date', '')}. "
-        f"Command: `{command}`. Median time per call; a ratio above 1 means this row is faster "
+        f"Command: `{command}`. Median time per call over {ROUNDS} rounds that interleave "
+        "the cases of a group; a ratio above 1 means this row is faster "
         f"than the group's baseline (what users run today) or than `torch.compile` of the loop.",
         "",
         "| " + " | ".join(COLUMNS) + " |",

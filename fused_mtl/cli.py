@@ -295,9 +295,24 @@ def _bench(args: argparse.Namespace) -> int:
     markdown_path = _writable_file(args.markdown, "--markdown")
     factories = list(benchmark_cases.suite(args.device, quick=args.quick))
     min_run_time = 0.05 if args.quick else 0.5
-    results = []
+    results: list[benchmark_report.Result | None] = []
+    # The cases of one group (consecutive in the suite) are built, then timed together in
+    # interleaved rounds. A group's cases are known once the next group's first is built; no
+    # group starts with a compiled case, whose build resets dynamo.
+    group: list[tuple[int, benchmark_cases.Case]] = []
     with _progress(console) as progress:
         bar = progress.add_task("benchmark cases", total=len(factories))
+
+        def time_group() -> None:
+            progress.update(bar, description=f"{group[0][1].group}: timing")
+            cases = [case for _, case in group]
+            for (index, _), result in zip(
+                group, benchmark_report.measure_group(cases, min_run_time), strict=True
+            ):
+                results[index] = result
+            progress.advance(bar, len(group))
+            group.clear()
+
         for make in factories:
             try:
                 case = make()
@@ -307,10 +322,16 @@ def _bench(args: argparse.Namespace) -> int:
                         missing.group, missing.implementation, "", None, skipped=missing.reason
                     )
                 )
-            else:
-                progress.update(bar, description=f"{case.group}: {case.implementation}")
-                results.append(benchmark_report.measure(case, min_run_time))
-            progress.advance(bar)
+                progress.advance(bar)
+                continue
+            if group and group[0][1].group != case.group:
+                time_group()
+            progress.update(bar, description=f"{case.group}: {case.implementation}")
+            results.append(None)
+            group.append((len(results) - 1, case))
+        if group:
+            time_group()
+    results = [result for result in results if result is not None]  # every one is set by now
     environment = benchmark_cases.environment(args.device)
     environment["date"] = datetime.date.today().isoformat()
     command = "fused-mtl bench " + " ".join(args.argv)

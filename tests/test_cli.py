@@ -417,3 +417,18 @@ def test_python_dash_m_and_the_console_script():
     assert failed.stderr == (
         "fused-mtl demo: error: argument --steps: expected a positive integer, got 0\n"
     )
+
+
+def test_bench_times_the_cases_of_a_group_in_interleaved_rounds():
+    """Each round times every case of the group once: a drift of the machine moves them alike.
+    The order of the calls shows the rounds: a, b, a, b, ... never all of a first."""
+    from fused_mtl import benchmark_report
+    from fused_mtl.benchmark_cases import Case
+
+    calls = []
+    cases = [Case("g", name, lambda n=name: calls.append(n), "a") for name in ("a", "b")]
+    results = benchmark_report.measure_group(cases, min_run_time=0.001)
+    switches = sum(1 for first, second in itertools.pairwise(calls) if first != second)
+    assert switches >= 2 * benchmark_report.ROUNDS - 1
+    assert [r.implementation for r in results] == ["a", "b"]
+    assert all(r.median_s > 0 and r.runs > 0 for r in results)
