@@ -471,7 +471,8 @@ TRAINING_WARMUP_CALLS = 12
 def _training_step(
     group: str, implementation: str, baseline: str, model: MultiTaskMLP, run: Callable[[], None]
 ) -> Case:
-    synchronize = _synchronizer(next(model.parameters()).device.type)
+    device = str(next(model.parameters()).device)
+    synchronize = _synchronizer(device)
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
@@ -479,11 +480,7 @@ def _training_step(
         synchronize()
 
     case = _warmed(Case(group, implementation, step, baseline), calls=TRAINING_WARMUP_CALLS)
-    return replace(case, peak_bytes=live_bytes_peak(step, device_of(model)))
-
-
-def device_of(model: nn.Module) -> str:
-    return str(next(model.parameters()).device)
+    return replace(case, peak_bytes=live_bytes_peak(step, device))
 
 
 def _shared_gradients(losses: Tensor, shared: list[Tensor]) -> list[Tensor]:
@@ -581,7 +578,10 @@ def trunk_step_group(network: str, num_tasks: int) -> str:
 
 def _head_losses(model: MultiTaskMLP, inputs: Tensor, targets: Tensor) -> list[Tensor]:
     """Each task's mean squared error from its own head: one graph per task above the trunk."""
-    features = model.trunk(inputs)
+    return _losses_of_features(model, model.trunk(inputs), targets)
+
+
+def _losses_of_features(model: MultiTaskMLP, features: Tensor, targets: Tensor) -> list[Tensor]:
     return [
         (head(features) - target).square().mean()
         for head, target in zip(model.heads, targets, strict=True)
@@ -639,11 +639,7 @@ def _trunk_step(
 
         def autojac() -> None:
             features = model.trunk(inputs)
-            losses = [
-                (head(features) - target).square().mean()
-                for head, target in zip(model.heads, targets, strict=True)
-            ]
-            mtl_backward(losses, features)
+            mtl_backward(_losses_of_features(model, features, targets), features)
             jac_to_grad(shared, aggregator)
 
         return autojac

@@ -277,8 +277,7 @@ class _UncertaintyTotal(torch.autograd.Function):
         dtype = compute_dtype(result_dtype(losses, params))
         computed = _as(params, dtype)
         bounded = _bounded(computed, parametrization, lower, upper)
-        weights, regularisers = _formula(bounded, parametrization, loss_coefs, reg_coefs)
-        total = torch.addcmul(regularisers, weights, _as(losses, dtype)).sum()
+        total, weights = _summed_terms(losses, bounded, parametrization, loss_coefs, reg_coefs)
         ctx.save_for_backward(losses, params)
         ctx.bounded, ctx.weights, ctx.offsets = bounded, weights, computed - bounded
         ctx.config = config
@@ -407,10 +406,21 @@ def _formula_total(
     reg_coefs: Tensor | None,
 ) -> Tensor:
     """``sum_i w_i L_i + r_i`` over plain differentiable ops, the parameters unclamped."""
-    dtype = compute_dtype(result_dtype(losses, params))
-    weights, regularisers = _formula(_as(params, dtype), parametrization, loss_coefs, reg_coefs)
-    total = torch.addcmul(regularisers, weights, _as(losses, dtype)).sum()
+    computed = _as(params, compute_dtype(result_dtype(losses, params)))
+    total, _ = _summed_terms(losses, computed, parametrization, loss_coefs, reg_coefs)
     return _as(total, result_dtype(losses, params))
+
+
+def _summed_terms(
+    losses: Tensor,
+    params: Tensor,
+    parametrization: Parametrization,
+    loss_coefs: Tensor | None,
+    reg_coefs: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """``sum_i w_i L_i + r_i`` in the dtype of ``params`` (the compute dtype), and ``w``."""
+    weights, regularisers = _formula(params, parametrization, loss_coefs, reg_coefs)
+    return torch.addcmul(regularisers, weights, _as(losses, params.dtype)).sum(), weights
 
 
 def uncertainty_weights(
