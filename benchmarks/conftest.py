@@ -1,11 +1,11 @@
-"""pytest-benchmark glue: the cases come from ``fused_mtl.benchmark_cases``, the source that
+"""pytest-benchmark glue: the cases come from ``fused_mtl.app.benchmark_cases``, the source that
 ``fused-mtl bench`` times as well."""
 
 from collections.abc import Callable
 
 import pytest
 
-from fused_mtl.benchmark_cases import Case, Unavailable, default_device, environment
+from fused_mtl.app.benchmark_cases import Case, Unavailable, default_device, environment
 
 
 @pytest.fixture

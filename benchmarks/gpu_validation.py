@@ -191,7 +191,7 @@ def _targets(markdown: Path) -> list[str]:
 
 
 def _profiled_cases(device: str, quick: bool):
-    from fused_mtl import benchmark_cases as cases
+    from fused_mtl.app import benchmark_cases as cases
 
     width = 1 << 16 if quick else 1 << 24
     many = 64 if quick else 4096
@@ -237,7 +237,7 @@ def _ncu_worker(device: str) -> None:
     """A few launches of each kernel for Nsight Compute to measure, at sizes that fill the GPU."""
     import torch
 
-    from fused_mtl.benchmark_cases import gram_case, uncertainty_case
+    from fused_mtl.app.benchmark_cases import gram_case, uncertainty_case
 
     for case in (
         gram_case("norms", "fused_auto", 8, 1 << 24, device),

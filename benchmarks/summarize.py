@@ -1,5 +1,5 @@
 """Turn a pytest-benchmark JSON file into the markdown table that ``fused-mtl bench`` prints
-(the same columns and ratios, from ``fused_mtl.benchmark_report``).
+(the same columns and ratios, from ``fused_mtl.app.benchmark_report``).
 
 Usage: ``python benchmarks/summarize.py benchmarks/results/cpu.json > benchmarks/results/cpu.md``
 
@@ -10,7 +10,7 @@ pytest-benchmark keeps for every round (megabytes for the full suite); the stati
 import json
 import sys
 
-from fused_mtl.benchmark_report import Result, markdown
+from fused_mtl.app.benchmark_report import Result, markdown
 
 
 def compact(path: str) -> None:

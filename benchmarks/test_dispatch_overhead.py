@@ -3,14 +3,14 @@
 
 The body is the reference math at K = 2 (a few microseconds), so the difference between the two
 rows is the wrapper. This is why fused_mtl's eager Triton path uses an autograd.Function and
-keeps the registered op for torch.compile (see fused_mtl/_uncertainty_op.py).
+keeps the registered op for torch.compile (see fused_mtl/ops/uncertainty.py).
 """
 
 import pytest
 import torch
 from torch import Tensor
 
-from fused_mtl.benchmark_cases import environment
+from fused_mtl.app.benchmark_cases import environment
 
 
 def _forward(losses: Tensor, params: Tensor) -> Tensor:

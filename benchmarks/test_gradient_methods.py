@@ -9,7 +9,7 @@ bytes written, per second) in ``extra_info``.
 import pytest
 import torch
 
-from fused_mtl.benchmark_cases import (
+from fused_mtl.app.benchmark_cases import (
     COMPILED_STEP_IMPLEMENTATIONS,
     COMPILED_STEP_METHODS,
     GRADIENT_STEP_IMPLEMENTATIONS,

@@ -10,7 +10,7 @@ in ``extra_info["compile_seconds"]``.
 
 import pytest
 
-from fused_mtl.benchmark_cases import (
+from fused_mtl.app.benchmark_cases import (
     LAUNCH_FLOOR_IMPLEMENTATIONS,
     UNCERTAINTY_IMPLEMENTATIONS,
     UNCERTAINTY_INPUTS,

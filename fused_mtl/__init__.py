@@ -9,34 +9,63 @@ The public surface::
     fused_mtl.DTP                       # dynamic task prioritization (reported KPIs)
     fused_mtl.MGDA                      # min-norm point of the task gradients (and MGDA-UB)
     fused_mtl.EqualWeighting            # the plain sum, the baseline
+    fused_mtl.PCGrad, GradVac, CAGrad,  # the Gram family: an update from the Gram matrix of
+      IMTLG, AlignedMTL, UPGrad,        #   the per-task gradients (GramBalancer), and
+      DualProj, ConFIG, NashMTL,        #   GradDrop, per coordinate of the gradients
+      FairGrad, GradDrop
     fused_mtl.synthetic                 # the GradNorm paper's toy multi-task regression
     fused_mtl.functional                # the same math on tensors
     fused_mtl.compat                    # drop-ins: AutomaticWeightedLoss, MultiNoiseLoss
     fused_mtl.reference                 # the math in plain torch (fallback and test oracle)
 
-Not imported with the package: ``fused_mtl.demo`` (the experiment behind ``fused-mtl demo``),
-``fused_mtl.benchmark_cases`` and ``fused_mtl.benchmark_report`` (the cases and reports of
-``fused-mtl bench`` and ``pytest benchmarks/``), ``fused_mtl.cli`` (the ``fused-mtl`` command).
+Not imported with the package: ``fused_mtl.app.demo`` (the experiment behind ``fused-mtl demo``),
+``fused_mtl.app.benchmark_cases`` and ``fused_mtl.app.benchmark_report`` (the cases and reports of
+``fused-mtl bench`` and ``pytest benchmarks/``), ``fused_mtl.app.cli`` (the ``fused-mtl`` command).
 
 Triton is optional and imported only when a Triton kernel first runs.
 """
 
 from fused_mtl import compat, functional, reference, synthetic
-from fused_mtl.balancer import Balancer
-from fused_mtl.dtp import DTP
-from fused_mtl.dwa import DWA
-from fused_mtl.equal import EqualWeighting
-from fused_mtl.gradnorm import GradNorm
-from fused_mtl.mgda import MGDA
-from fused_mtl.uncertainty import UncertaintyWeighting
+from fused_mtl.balancer import Balancer, GramBalancer
+from fused_mtl.methods import (
+    DTP,
+    DWA,
+    IMTLG,
+    MGDA,
+    AlignedMTL,
+    CAGrad,
+    ConFIG,
+    DualProj,
+    EqualWeighting,
+    FairGrad,
+    GradDrop,
+    GradNorm,
+    GradVac,
+    NashMTL,
+    PCGrad,
+    UncertaintyWeighting,
+    UPGrad,
+)
 
 __all__ = [
     "DTP",
     "DWA",
+    "IMTLG",
     "MGDA",
+    "AlignedMTL",
     "Balancer",
+    "CAGrad",
+    "ConFIG",
+    "DualProj",
     "EqualWeighting",
+    "FairGrad",
+    "GradDrop",
     "GradNorm",
+    "GradVac",
+    "GramBalancer",
+    "NashMTL",
+    "PCGrad",
+    "UPGrad",
     "UncertaintyWeighting",
     "__version__",
     "compat",

@@ -1,6 +1,6 @@
 """``python -m fused_mtl``: the ``fused-mtl`` command."""
 
-from fused_mtl.cli import run
+from fused_mtl.app.cli import run
 
 if __name__ == "__main__":
     run()

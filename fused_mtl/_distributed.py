@@ -45,9 +45,9 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn import Module
 
-from fused_mtl._backend import Backend
-from fused_mtl._gram_op import task_gram_or_norms, task_matrices
 from fused_mtl._losses import listed
+from fused_mtl.ops.backend import Backend
+from fused_mtl.ops.gram import task_gram_or_norms, task_matrices
 
 ProcessGroup = Any  # torch.distributed.ProcessGroup, which exists only in builds with distributed
 
@@ -170,6 +170,14 @@ class TaskSync:
         """The smallest over ranks of ``values`` (a new tensor): one ``all_reduce``."""
         result = values.detach().clone()
         dist.all_reduce(result, op=dist.ReduceOp.MIN, group=self.process_group)
+        return result
+
+    def from_first_rank(self, values: Tensor) -> Tensor:
+        """The first rank's ``values`` on every rank (a new tensor): one ``broadcast``. For
+        random draws that every rank must share (PCGrad's task orders)."""
+        result = values.detach().clone()
+        source = dist.get_global_rank(self.process_group, 0) if self.process_group else 0
+        dist.broadcast(result, src=source, group=self.process_group)
         return result
 
     def gather(self, values: Tensor) -> Tensor:

@@ -36,9 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fused_mtl._backend import Backend, check_backend, requested_backend
 from fused_mtl._distributed import ProcessGroup, TaskSync, is_sharded, unsharded_parameters
-from fused_mtl._gram_op import task_gram_or_norms
 from fused_mtl._losses import (
     Reduction,
     check_losses,
@@ -47,7 +45,9 @@ from fused_mtl._losses import (
     resolve_tasks,
     task_label,
 )
-from fused_mtl._task_gradients import (
+from fused_mtl.ops.backend import Backend, check_backend, requested_backend
+from fused_mtl.ops.gram import task_gram_or_norms
+from fused_mtl.ops.task_gradients import (
     LinearLayerGram,
     SharedParameters,
     TaskGradients,
@@ -56,7 +56,7 @@ from fused_mtl._task_gradients import (
     task_graph_roots,
 )
 
-__all__ = ["Balancer", "GradientBalancer", "LossWeighting"]
+__all__ = ["Balancer", "GradientBalancer", "GramBalancer", "LossWeighting"]
 
 LossArgs = Tensor | Sequence[Tensor] | dict[str, Tensor]
 
@@ -408,6 +408,120 @@ class GradientBalancer(Balancer):
             local = task_gram_or_norms(task_grads, diagonal, self._requested_backend)
             return self._sync.gram_of_samples(local, losses)
         return self._sync.gram(task_grads, losses, diagonal, self._requested_backend)
+
+
+class GramBalancer(GradientBalancer):
+    """A method whose weights are a function of the Gram matrix of the per-task gradients.
+
+    The Gram-family methods (PCGrad, CAGrad, UPGrad, Nash-MTL, ...) aggregate the per-task
+    gradients ``g_i`` of the shared parameters into ``d = sum_i w_i g_i`` with weights that
+    depend on the gradients only through ``M = G G^T``. A method is then its weights: it
+    implements ``_gram_weights(gram)`` (usually a call into ``fused_mtl.reference.gram_weights``)
+    and this class does the rest. A training call computes the per-task gradients (one batched
+    backward, or the two-stage one through the heads; see ``TaskGradients``), their Gram matrix
+    (the fused ``task_gram``; the global one under ``torch.distributed``, so every rank gets the
+    same weights), the weights, and returns ``sum_i w_i L_i``: its ordinary backward puts ``d``
+    into the shared parameters' ``.grad`` and ``w_i grad L_i`` into each task-specific
+    parameter's. In eval mode or with grad disabled the call returns the total with the last
+    weights and changes nothing.
+
+    Subclasses whose update is a sum over the tasks (PCGrad) set ``_update_is_sum``: their
+    weights start at 1, the others' at ``1 / K``. Random draws go through ``_shared_random``,
+    which gives every rank the first rank's draw.
+
+    Args (every method of the family takes these; its own hyper-parameters come first):
+        shared_parameters: the parameters whose per-task gradients define the problem (the
+            trunk's, or a module).
+        num_tasks: K (may be omitted when ``tasks`` is given).
+        tasks: task names; enables calling with a dict and names tasks in errors.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``, for the Gram matrix.
+        per_task_gradients: ``"auto"``, ``"batched"`` or ``"loop"`` (see ``TaskGradients``).
+        sync: under ``torch.distributed``, use the Gram matrix of the gradients over all ranks.
+        process_group: the group to sync over (``None``: the default group).
+        gram_by_layer: build the Gram one ``nn.Linear`` layer at a time (see ``MGDA``).
+    """
+
+    weights: Tensor
+    #: Whether the method's update is a sum over the tasks (weights start at 1, else 1 / K).
+    _update_is_sum = False
+
+    def __init__(
+        self,
+        shared_parameters: SharedParameters | None = None,
+        num_tasks: int | None = None,
+        *,
+        tasks: Sequence[str] | None = None,
+        backend: Backend = "auto",
+        per_task_gradients: str = "auto",
+        sync: bool = True,
+        process_group: ProcessGroup | None = None,
+        gram_by_layer: bool = False,
+    ) -> None:
+        super().__init__(
+            shared_parameters,
+            num_tasks,
+            tasks,
+            backend,
+            per_task_gradients,
+            sync,
+            process_group,
+            gram_by_layer,
+        )
+        device = self._shared[0].device if self._shared else None
+        initial = 1.0 if self._update_is_sum else 1 / self.num_tasks
+        # The last weights: what the method computed, not state to resume from.
+        self.register_buffer(
+            "weights", torch.full((self.num_tasks,), initial, device=device), persistent=False
+        )
+        self.gram: Tensor | None = None
+
+    def _gram_weights(self, gram: Tensor) -> Tensor:
+        """The ``(K,)`` weights of this call, from the ``(K, K)`` Gram matrix (detached)."""
+        raise NotImplementedError
+
+    def _shared_random(self, draw: Tensor) -> Tensor:
+        """``draw`` (random numbers of this call), the same on every rank when syncing."""
+        return self._sync.from_first_rank(draw) if self._syncing() else draw
+
+    def forward(self, *losses: LossArgs) -> Tensor:
+        """One step: the per-task gradients, their Gram, the weights; ``sum_i w_i L_i``."""
+        reported = self._reported_total(losses, self.weights.device)
+        if reported is not None:
+            return reported
+        if not self._shared:
+            raise ValueError(
+                f"{type(self).__name__}: no shared parameters were given at construction; "
+                f"construct {type(self).__name__}(shared_parameters, ...)"
+            )
+        stacked, separate = self._graph_losses(losses, self._shared[0].device)
+        gram, _ = self._task_gram(self._task_gradients, stacked, separate, False)
+        gram = gram.detach()
+        weights = self._gram_weights(gram)
+        self.gram = gram
+        self.weights = weights
+        return weighted_sum(weights, stacked)
+
+
+def check_number(
+    owner: str,
+    name: str,
+    value: object,
+    *,
+    low: float,
+    high: float = float("inf"),
+    low_open: bool = False,
+) -> float:
+    """``value`` as a float, or a ValueError naming ``owner``'s hyper-parameter ``name`` and
+    the range ``[low, high]`` (``(low, high]`` when ``low_open``)."""
+    number = (
+        float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    )
+    if number is None or not (number > low if low_open else number >= low) or not number <= high:
+        bracket = "(" if low_open else "["
+        raise ValueError(
+            f"{owner}: {name} must be a number in {bracket}{low}, {high}], got {value!r}"
+        )
+    return number
 
 
 def with_parameter_gradient(total: Tensor, parameter: Tensor, gradient: Tensor) -> Tensor:

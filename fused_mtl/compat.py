@@ -29,10 +29,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fused_mtl._backend import Backend
 from fused_mtl._distributed import ProcessGroup
+from fused_mtl.methods.uncertainty import UncertaintyModule
+from fused_mtl.ops.backend import Backend
 from fused_mtl.reference import Parametrization
-from fused_mtl.uncertainty import UncertaintyModule
 
 __all__ = ["AutomaticWeightedLoss", "MultiNoiseLoss"]
 

@@ -8,10 +8,10 @@ import torch
 from torch import Tensor
 
 from fused_mtl import reference
-from fused_mtl._backend import Backend, check_backend, requested_backend
-from fused_mtl._gram_op import TaskGrads, task_gram_or_norms
 from fused_mtl._losses import resolve_task_types
-from fused_mtl._uncertainty_op import uncertainty_weighting as _uncertainty_op
+from fused_mtl.ops.backend import Backend, check_backend, requested_backend
+from fused_mtl.ops.gram import TaskGrads, task_gram_or_norms
+from fused_mtl.ops.uncertainty import uncertainty_weighting as _uncertainty_op
 from fused_mtl.reference import Parametrization, check_log_var_bounds
 
 __all__ = ["task_grad_norms", "task_gram", "uncertainty_weighting"]

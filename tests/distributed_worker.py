@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import fused_mtl
 from fused_mtl import DTP, DWA, MGDA, EqualWeighting, GradNorm, UncertaintyWeighting
 from fused_mtl.compat import AutomaticWeightedLoss, MultiNoiseLoss
 
@@ -32,7 +33,22 @@ NUM_TASKS = 3
 LOCAL_BATCH = 8
 STEPS = 6
 LR = 0.05
-METHODS = ["uw", "awl", "equal", "dwa", "dtp", "gradnorm", "mgda", "mgda_ub"]
+METHODS = ["uw", "awl", "equal", "dwa", "dtp", "gradnorm", "mgda", "mgda_ub", "pcgrad", "upgrad"]
+#: The Gram family by the names the tests use; the distributed tests run PCGrad (a random
+#: draw shared by the ranks) and UPGrad (a deterministic solver) of them: every Gram method
+#: shares their code path (GramBalancer).
+GRAM_METHODS = {
+    "pcgrad": "PCGrad",
+    "gradvac": "GradVac",
+    "cagrad": "CAGrad",
+    "imtl_g": "IMTLG",
+    "aligned_mtl": "AlignedMTL",
+    "upgrad": "UPGrad",
+    "dualproj": "DualProj",
+    "config": "ConFIG",
+    "nash_mtl": "NashMTL",
+    "fairgrad": "FairGrad",
+}
 
 
 class Net(nn.Module):
@@ -87,6 +103,10 @@ def make_balancer(method: str, net: Net, num_tasks: int = NUM_TASKS, **sync) -> 
         return MGDA(net.trunk.parameters(), num_tasks, **sync)
     if method == "mgda_ub":
         return MGDA(num_tasks=num_tasks, **sync)
+    if method in GRAM_METHODS:
+        return getattr(fused_mtl, GRAM_METHODS[method])(net.trunk.parameters(), num_tasks, **sync)
+    if method == "graddrop":
+        return fused_mtl.GradDrop(net.trunk.parameters(), num_tasks)
     raise ValueError(method)
 
 
@@ -246,6 +266,22 @@ def run_edge_cases(rank: int) -> dict[str, object]:
     mgda(losses).backward()
     results["zero_on_one_rank"] = mgda.weights.clone()
 
+    # PCGrad's random task orders with a different seed on each rank (as data augmentation
+    # often has): every rank uses rank 0's orders, so the weights agree. The tasks conflict
+    # (task 1's loss falls as task 0's rises), so that the order matters.
+    torch.manual_seed(0)
+    net = Net()
+    pcgrad = fused_mtl.PCGrad(net.trunk.parameters(), NUM_TASKS)
+    torch.manual_seed(200 + rank)
+    weights = []
+    for _ in range(4):
+        _, outputs = net(inputs[rows])
+        losses = task_losses(outputs, targets[rows])
+        conflicting = torch.stack([losses[0], losses[1] - 0.9 * losses[0], losses[2] - losses[1]])
+        pcgrad(conflicting).backward()
+        weights.append(pcgrad.weights.clone())
+    results["pcgrad_rank_seeds"] = torch.stack(weights)
+
     # Different starting state on each rank: unseeded parameters (MultiNoiseLoss draws them
     # with torch.rand), GradNorm's initial losses. The first sync gives every rank rank 0's.
     torch.manual_seed(100 + rank)
@@ -329,6 +365,7 @@ COUNTED = {
     "all_gather_into_tensor": "all_gather",
     "all_gather_object": "all_gather_object",
     "broadcast_object_list": "broadcast_object_list",
+    "broadcast": "broadcast",
 }
 
 

@@ -15,6 +15,8 @@ import torch
 from fused_mtl.compat import MultiNoiseLoss
 
 METHODS = [*worker.METHODS, "multi_noise"]
+#: Every other Gram method and GradDrop: the single-process contracts of this file.
+MORE_METHODS = [m for m in worker.GRAM_METHODS if m not in worker.METHODS] + ["graddrop"]
 SCALE = 1024.0
 
 
@@ -58,7 +60,7 @@ def gradients(net, balancer):
     return [p.grad.clone() for p in [*net.parameters(), *balancer.parameters()]]
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHODS + MORE_METHODS)
 def test_call_then_scaled_backward_equals_backward(method):
     inputs, targets = worker.global_batch(1)
     pairs = []
@@ -66,9 +68,10 @@ def test_call_then_scaled_backward_equals_backward(method):
         net, balancer = make(method)
         optimizer = torch.optim.SGD([*net.parameters(), *balancer.parameters()], lr=0.05)
         pairs.append((net, balancer, optimizer, call))
-    for _ in range(4):
+    for index in range(4):
         seen = []
         for net, balancer, optimizer, call in pairs:
+            torch.manual_seed(index)  # the randomised methods draw alike in both copies
             optimizer.zero_grad()
             total = step(net, balancer, method, inputs, targets, call)
             seen.append((total, gradients(net, balancer), balancer.weights.clone()))
@@ -80,7 +83,7 @@ def test_call_then_scaled_backward_equals_backward(method):
             assert torch.equal(grad_a, grad_b)
 
 
-@pytest.mark.parametrize("method", ["gradnorm", "mgda", "mgda_ub"])
+@pytest.mark.parametrize("method", ["gradnorm", "mgda", "mgda_ub", "gradvac", "graddrop"])
 def test_gradient_methods_report_in_eval_mode_and_under_no_grad(method):
     """Validation: the call returns sum_i w_i L_i with the current weights and changes nothing."""
     inputs, targets = worker.global_batch(1)
@@ -114,7 +117,7 @@ def test_gradnorm_weight_gradient_is_its_update_not_a_gradient_of_the_total():
     assert torch.allclose(balancer.weights.grad.abs(), balancer.grad_norms)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHODS + MORE_METHODS)
 def test_one_process_communicates_nothing(method, monkeypatch):
     """Without torch.distributed initialised, no balancer calls a collective."""
 
@@ -143,7 +146,7 @@ def test_gradnorm_total_is_the_weighted_sum_even_when_its_update_is_not_finite()
     assert torch.isfinite(total)
 
 
-@pytest.mark.parametrize("method", ["gradnorm", "mgda"])
+@pytest.mark.parametrize("method", ["gradnorm", "mgda", "upgrad"])
 def test_two_calls_then_one_backward(method):
     """Two balanced totals (two micro-batches, say) summed, then one backward: each total keeps
     the weights it was computed with, and the gradients add up."""

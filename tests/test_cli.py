@@ -16,9 +16,11 @@ from formulas import log_variance
 from PIL import Image
 
 import fused_mtl
-from fused_mtl import __version__, cli, demo
-from fused_mtl.benchmark_cases import per_task_loop, vectorized_eager
-from fused_mtl.benchmark_report import Result, markdown, table_rows, target_checks
+import fused_mtl.app
+from fused_mtl import __version__
+from fused_mtl.app import cli, demo
+from fused_mtl.app.benchmark_cases import per_task_loop, vectorized_eager
+from fused_mtl.app.benchmark_report import Result, markdown, table_rows, target_checks
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PLOTS = [
@@ -341,7 +343,7 @@ def test_unwritable_outputs(capsys, tmp_path):
 
 def test_an_output_that_cannot_be_written_fails_before_the_run(capsys, monkeypatch, tmp_path):
     """--json /dev/full used to run the whole benchmark, then die with a traceback."""
-    from fused_mtl import benchmark_cases
+    from fused_mtl.app import benchmark_cases
 
     def no_run(*args, **kwargs):
         raise AssertionError("the benchmark ran before its outputs were checked")
@@ -386,9 +388,9 @@ def test_an_output_that_cannot_be_written_fails_before_the_run(capsys, monkeypat
     [("rich", ["rich", "rich.console"]), ("matplotlib", ["matplotlib", "matplotlib.figure"])],
 )
 def test_missing_extra_names_it(capsys, monkeypatch, tmp_path, package, modules):
-    # fused_mtl._plots is imported afresh, so that it meets the missing package.
-    monkeypatch.delitem(sys.modules, "fused_mtl._plots", raising=False)
-    monkeypatch.delattr(fused_mtl, "_plots", raising=False)
+    # fused_mtl.app.plots is imported afresh, so that it meets the missing package.
+    monkeypatch.delitem(sys.modules, "fused_mtl.app.plots", raising=False)
+    monkeypatch.delattr(fused_mtl.app, "plots", raising=False)
     for module in modules:
         monkeypatch.setitem(sys.modules, module, None)  # importing it now raises ImportError
     status, _, err = run_cli(capsys, "demo", "--steps", "1", "--out", str(tmp_path))
@@ -422,8 +424,8 @@ def test_python_dash_m_and_the_console_script():
 def test_bench_times_the_cases_of_a_group_in_interleaved_rounds():
     """Each round times every case of the group once: a drift of the machine moves them alike.
     The order of the calls shows the rounds: a, b, a, b, ... never all of a first."""
-    from fused_mtl import benchmark_report
-    from fused_mtl.benchmark_cases import Case
+    from fused_mtl.app import benchmark_report
+    from fused_mtl.app.benchmark_cases import Case
 
     calls = []
     cases = [Case("g", name, lambda n=name: calls.append(n), "a") for name in ("a", "b")]

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from fused_mtl import UncertaintyWeighting
-from fused_mtl._gram_op import _task_gram_op
-from fused_mtl._uncertainty_op import _backward_op, _forward_op
 from fused_mtl.compat import AutomaticWeightedLoss
 from fused_mtl.functional import task_grad_norms, task_gram
+from fused_mtl.ops.gram import _task_gram_op
+from fused_mtl.ops.uncertainty import _backward_op, _forward_op
 from fused_mtl.reference import Parametrization, parameter_bounds
 
 

@@ -305,7 +305,7 @@ def test_a_compiled_step_with_dwa_compiles_nothing_more_at_each_period():
     ``backward``; DWA's period then ends in eager code, whose state is new tensors at every
     period. Dynamo must not compile that code anew each time: 25 timed calls under
     ``fail_on_recompile`` cross two period ends."""
-    from fused_mtl.benchmark_cases import compiled_step_case
+    from fused_mtl.app.benchmark_cases import compiled_step_case
 
     case = compiled_step_case("dwa", "compiled", 8, "cpu")
     with case.timing_guard():

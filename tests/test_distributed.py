@@ -195,6 +195,8 @@ def test_ranks_that_differ_in_data_or_state_still_agree(tmp_path):
     # Every rank ran every case (none raised, none hung) and agrees.
     for key in ("zero_on_one_rank", "multi_noise", "initial_losses", "gradnorm_grad"):
         assert torch.equal(zero[key], one[key]), key
+    # Rank 0's PCGrad orders won.
+    assert torch.equal(zero["pcgrad_rank_seeds"], one["pcgrad_rank_seeds"])
     for key in ("dwa_no_grad", "deepcopy_grad", "pickled_grad", "compiled_grad"):
         assert torch.equal(zero[key], one[key]), key
     # Rank 0's initial losses (1.0) and noise parameters won.
@@ -249,6 +251,13 @@ def test_communication_per_step(tmp_path):
         ],
         "mgda": [("reduce_scatter", num_tasks * 2 * -(-trunk // 2)), gram_and_losses],
         "mgda_ub": [gram_and_losses],
+        # PCGrad: the Gram of MGDA, and rank 0's task orders (K x (K - 1) indices).
+        "pcgrad": [
+            ("reduce_scatter", num_tasks * 2 * -(-trunk // 2)),
+            gram_and_losses,
+            ("broadcast", num_tasks * (num_tasks - 1)),
+        ],
+        "upgrad": [("reduce_scatter", num_tasks * 2 * -(-trunk // 2)), gram_and_losses],
     }
     for method, calls in expected.items():
         steps = ranks[0][method]["steps"]

@@ -8,7 +8,7 @@ from formulas import gradnorm_weight_grad
 from torch import nn
 
 from fused_mtl import GradNorm, UncertaintyWeighting
-from fused_mtl._task_gradients import TaskGradients
+from fused_mtl.ops.task_gradients import TaskGradients
 from fused_mtl.synthetic import MultiTaskMLP, gradnorm_toy
 
 TASKS = ["depth", "seg", "normals"]

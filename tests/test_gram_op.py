@@ -224,7 +224,7 @@ def test_half_precision_is_upcast_in_chunks_and_summed_exactly(dtype, monkeypatc
     """Half-precision gradients are upcast a chunk of columns at a time (here 7 columns, so
     that blocks end inside each parameter and a last short one remains): every column is
     counted once, in float32, as with the whole matrix upcast at once."""
-    from fused_mtl import reference
+    from fused_mtl.reference import gram as reference
 
     monkeypatch.setattr(reference, "UPCAST_CHUNK_ELEMENTS", 21)  # 7 columns at K = 3
     gen = torch.Generator().manual_seed(5)

@@ -7,7 +7,7 @@ import torch
 from formulas import dtp_history, dwa_history
 
 from fused_mtl import DTP, DWA, EqualWeighting
-from fused_mtl.dtp import KPI_FLOOR
+from fused_mtl.methods.dtp import KPI_FLOOR
 
 TASKS = ["depth", "seg", "normals"]
 

@@ -338,7 +338,7 @@ def test_backward_is_the_definitions_step_for_trunks_and_heads_of_every_shape(ti
 def test_frontiers_are_where_each_head_enters_the_trunk():
     """Per-head losses: each task's frontier is the one edge into the trunk's output; a head
     that reaches a shared parameter itself has none (its share would be counted twice)."""
-    from fused_mtl._task_gradients import task_frontiers, task_root_edges
+    from fused_mtl.ops.task_gradients import task_frontiers, task_root_edges
 
     net = TiedHeadNet()
     inputs, targets = torch.randn(4, 6), [torch.randn(4) for _ in TASKS]
@@ -415,7 +415,7 @@ def test_gram_by_layer_holds_one_layer_of_per_task_gradients_at_a_time():
     """Peak memory of the call: a few times K x (one layer), whatever the depth (the einsum's
     product and its layout copy), against K x (every shared parameter) for the per-task
     gradients of all layers at once."""
-    from fused_mtl.benchmark_cases import live_bytes_peak
+    from fused_mtl.app.benchmark_cases import live_bytes_peak
 
     num_tasks, width = 4, 256
     trunk = nn.Sequential(*[nn.Linear(width, width) for _ in range(8)])
@@ -451,7 +451,7 @@ def test_a_head_that_reads_two_trunk_tensors_one_below_the_other_keeps_exact_gra
     """A head reading ``h + h1`` with ``h`` computed from ``h1`` (a skip connection): the
     gradient at ``h1`` already holds the path through ``h``, so the two-stage backward is not
     used, and the per-task gradients are the definition's."""
-    from fused_mtl._task_gradients import task_frontiers, task_root_edges
+    from fused_mtl.ops.task_gradients import task_frontiers, task_root_edges
 
     torch.manual_seed(7)
     first, second = nn.Linear(4, 4), nn.Linear(4, 4)

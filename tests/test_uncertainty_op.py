@@ -11,9 +11,9 @@ import torch
 from checks import LaunchCounter, assert_close_to
 from formulas import Expected, dynamic_noise, liebel_koerner, log_variance
 
-from fused_mtl import reference
-from fused_mtl._uncertainty_op import uncertainty_weighting
+from fused_mtl.ops.uncertainty import uncertainty_weighting
 from fused_mtl.reference import Parametrization
+from fused_mtl.reference import uncertainty as reference
 
 # Error of one computed value relative to the magnitude of what it adds up (see formulas.py).
 # - float32: a few fp32 ulps (2^-24 = 6e-8) through exp / log and the products; on a GPU the

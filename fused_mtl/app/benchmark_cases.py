@@ -56,13 +56,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from fused_mtl import __version__, reference
-from fused_mtl.demo import make_balancer, task_losses, task_mse
-from fused_mtl.dtp import DTP
+from fused_mtl.app.demo import make_balancer, task_losses, task_mse
 from fused_mtl.functional import task_grad_norms, task_gram
-from fused_mtl.gradnorm import GradNorm
-from fused_mtl.mgda import MGDA, SOLVER_ITERATIONS
+from fused_mtl.methods.dtp import DTP
+from fused_mtl.methods.gradnorm import GradNorm
+from fused_mtl.methods.mgda import MGDA, SOLVER_ITERATIONS
+from fused_mtl.methods.uncertainty import UncertaintyWeighting
 from fused_mtl.synthetic import MultiTaskMLP, ToyRegression, gradnorm_toy
-from fused_mtl.uncertainty import UncertaintyWeighting
 
 __all__ = [
     "Case",

@@ -12,10 +12,10 @@ import torch
 from torch import Tensor
 
 from fused_mtl import reference
-from fused_mtl._backend import Backend
 from fused_mtl._distributed import ProcessGroup
 from fused_mtl._losses import Reduction, task_label
 from fused_mtl.balancer import LossWeighting
+from fused_mtl.ops.backend import Backend
 
 
 class DWA(LossWeighting):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from fused_mtl.demo import METHODS, MethodRun, Problem
+from fused_mtl.app.demo import METHODS, MethodRun, Problem
 
 QUANTITIES = {
     "weights": "weight each step used (as the method reports it; MGDA's sum to 1)",

@@ -9,11 +9,11 @@ import torch
 from torch import Tensor
 
 from fused_mtl import reference
-from fused_mtl._backend import Backend
 from fused_mtl._distributed import ProcessGroup
 from fused_mtl._losses import task_label
-from fused_mtl._task_gradients import SharedParameters, TaskGradients
 from fused_mtl.balancer import GradientBalancer, LossArgs, check_grad_enabled, weighted_sum
+from fused_mtl.ops.backend import Backend
+from fused_mtl.ops.task_gradients import SharedParameters, TaskGradients
 
 #: Interior-point iterations when K > ``reference.ENUMERATION_MAX_TASKS`` (smaller K are solved
 #: by enumeration); see ``reference.min_norm_weights`` for the precision they reach.

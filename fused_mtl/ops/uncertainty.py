@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from fused_mtl import reference
-from fused_mtl._backend import Backend, resolve_backend
+from fused_mtl.ops.backend import Backend, resolve_backend
 from fused_mtl.reference import Parametrization
 
 

@@ -6,7 +6,7 @@ A result's ratios are against its group's baseline (what users run today) and, i
 have one, against ``torch.compile`` of the loop: above 1 means this implementation is faster.
 
 Example:
-    >>> from fused_mtl.benchmark_cases import uncertainty_case
+    >>> from fused_mtl.app.benchmark_cases import uncertainty_case
     >>> result = measure(uncertainty_case("per_task_loop", 2, "cpu"), min_run_time=0.01)
     >>> result.implementation, result.median_s > 0
     ('per_task_loop', True)
@@ -23,7 +23,12 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.utils.benchmark import Timer
 
-from fused_mtl.benchmark_cases import LAUNCH_FLOOR, LAUNCH_FLOOR_IMPLEMENTATIONS, Case, copy_group
+from fused_mtl.app.benchmark_cases import (
+    LAUNCH_FLOOR,
+    LAUNCH_FLOOR_IMPLEMENTATIONS,
+    Case,
+    copy_group,
+)
 
 __all__ = [
     "COLUMNS",

@@ -9,16 +9,16 @@ import torch
 from torch import Tensor, nn
 
 from fused_mtl import reference
-from fused_mtl._backend import Backend
 from fused_mtl._distributed import ProcessGroup
 from fused_mtl._losses import task_label
-from fused_mtl._task_gradients import SharedParameters
 from fused_mtl.balancer import (
     GradientBalancer,
     LossArgs,
     weighted_sum,
     with_parameter_gradient,
 )
+from fused_mtl.ops.backend import Backend
+from fused_mtl.ops.task_gradients import SharedParameters
 
 # Renormalisation raises a weight that an optimiser step pushed to or below zero to this floor
 # before rescaling the sum to K: the weights stay positive and the rescaling finite.
@@ -70,7 +70,7 @@ class GradNorm(GradientBalancer):
         per_task_gradients: how they are computed: ``"auto"`` (one batched backward
             when the model allows it, checked against per-task backward passes on the first
             call, else the loop), ``"batched"`` (raise if it cannot be used) or ``"loop"`` (one
-            backward per task; on a CPU often as fast, see ``fused_mtl._task_gradients``).
+            backward per task; on a CPU often as fast, see ``fused_mtl.ops.task_gradients``).
         sync: under ``torch.distributed``, balance with the norms and losses over all ranks
             (``False``: with this rank's own).
         process_group: the group to sync over (``None``: the default group).

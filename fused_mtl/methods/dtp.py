@@ -10,10 +10,10 @@ import torch
 from torch import Tensor
 
 from fused_mtl import reference
-from fused_mtl._backend import Backend
 from fused_mtl._distributed import ProcessGroup
 from fused_mtl._losses import Reduction, check_names, task_label
 from fused_mtl.balancer import LossWeighting
+from fused_mtl.ops.backend import Backend
 
 #: A smoothed KPI is raised to this floor before its log: the weight stays finite, at most
 #: ``-log(1e-6) = 13.8``, and a task that has not started to perform is weighted up, not lost.

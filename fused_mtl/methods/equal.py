@@ -7,10 +7,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fused_mtl._backend import Backend
 from fused_mtl._distributed import ProcessGroup
 from fused_mtl._losses import Reduction
 from fused_mtl.balancer import LossWeighting
+from fused_mtl.ops.backend import Backend
 
 
 class EqualWeighting(LossWeighting):

@@ -9,7 +9,6 @@ import torch
 from torch import Tensor, nn
 
 from fused_mtl import reference
-from fused_mtl._backend import Backend
 from fused_mtl._distributed import ProcessGroup
 from fused_mtl._losses import (
     Reduction,
@@ -20,8 +19,9 @@ from fused_mtl._losses import (
     stack_losses,
     task_label,
 )
-from fused_mtl._uncertainty_op import checked_uncertainty_weighting
 from fused_mtl.balancer import Balancer, LossArgs
+from fused_mtl.ops.backend import Backend
+from fused_mtl.ops.uncertainty import checked_uncertainty_weighting
 from fused_mtl.reference import Parametrization, check_log_var_bounds
 
 

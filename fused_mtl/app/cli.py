@@ -1,8 +1,9 @@
 """The ``fused-mtl`` command (also ``python -m fused_mtl``): a thin shell over the package.
 
 - ``fused-mtl demo`` trains one network with each balancing method on two synthetic problems
-  (:mod:`fused_mtl.demo`) and shows what each did: a progress bar, a table per problem, PNG plots.
-- ``fused-mtl bench`` times the benchmark cases (:mod:`fused_mtl.benchmark_cases`, the ones
+  (:mod:`fused_mtl.app.demo`) and shows what each did: a progress bar, a table per problem, PNG
+  plots.
+- ``fused-mtl bench`` times the benchmark cases (:mod:`fused_mtl.app.benchmark_cases`, the ones
   ``pytest benchmarks/`` times) and prints them with their ratios; ``--json`` / ``--markdown``
   write them to files.
 
@@ -26,7 +27,7 @@ from typing import Any, NoReturn
 import torch
 
 from fused_mtl import __version__
-from fused_mtl.demo import METHODS
+from fused_mtl.app.demo import METHODS
 
 USAGE_ERROR = 2
 DEFAULT_STEPS = 2000
@@ -178,10 +179,10 @@ def _progress(console: Any) -> Any:
 def _demo(args: argparse.Namespace) -> int:
     console, table_class = _rich()
     try:
-        from fused_mtl import _plots
+        from fused_mtl.app import plots
     except ImportError:
         raise _missing_extra("matplotlib") from None
-    from fused_mtl import demo
+    from fused_mtl.app import demo
 
     out = _writable_directory(Path(args.out))
     methods = list(demo.METHODS) if args.method == "all" else [args.method]
@@ -208,9 +209,9 @@ def _demo(args: argparse.Namespace) -> int:
         if noise_table is not None:
             console.print(noise_table)
         summary["problems"][problem.name] = _demo_summary(problem, runs[problem.name])
-        for quantity in _plots.QUANTITIES:
+        for quantity in plots.QUANTITIES:
             path = out / f"{problem.name}_{quantity}.png"
-            _plots.plot(problem, runs[problem.name], quantity, path)
+            plots.plot(problem, runs[problem.name], quantity, path)
             console.print(f"wrote {path}")
     summary_path = out / "summary.json"
     summary_path.write_text(json.dumps(summary, indent=1) + "\n")
@@ -289,7 +290,7 @@ def _demo_summary(problem: Any, runs: Sequence[Any]) -> dict[str, Any]:
 
 def _bench(args: argparse.Namespace) -> int:
     console, table_class = _rich()
-    from fused_mtl import benchmark_cases, benchmark_report
+    from fused_mtl.app import benchmark_cases, benchmark_report
 
     json_path = _writable_file(args.json, "--json")
     markdown_path = _writable_file(args.markdown, "--markdown")

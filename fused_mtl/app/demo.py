@@ -15,7 +15,7 @@ is the fraction of its initial validation loss that training has removed,
 ``clamp(1 - L_val(t)/L_val(0), 0, 1)``, reported after each period; MGDA uses the ``"l2"``
 normalisation over the whole trunk; GradNorm (alpha = 1.5) balances the last shared layer.
 
-This module is torch only; the command line (:mod:`fused_mtl.cli`) draws the tables and plots.
+This module is torch only; the command line (:mod:`fused_mtl.app.cli`) draws the tables and plots.
 
 Example:
     >>> problem = make_problem("known_noise", seed=0)
@@ -38,13 +38,13 @@ import torch
 from torch import Tensor
 
 from fused_mtl.balancer import Balancer
-from fused_mtl.dtp import DTP
-from fused_mtl.dwa import DWA
-from fused_mtl.equal import EqualWeighting
-from fused_mtl.gradnorm import GradNorm
-from fused_mtl.mgda import MGDA
+from fused_mtl.methods.dtp import DTP
+from fused_mtl.methods.dwa import DWA
+from fused_mtl.methods.equal import EqualWeighting
+from fused_mtl.methods.gradnorm import GradNorm
+from fused_mtl.methods.mgda import MGDA
+from fused_mtl.methods.uncertainty import UncertaintyWeighting
 from fused_mtl.synthetic import MultiTaskMLP, ToyRegression, gradnorm_toy, noisy_regression
-from fused_mtl.uncertainty import UncertaintyWeighting
 
 __all__ = [
     "METHODS",
