@@ -331,6 +331,17 @@ class GradientBalancer(Balancer):
         """Why ``gradient_mode`` was chosen (the batched backward's failure, for example)."""
         return self._task_gradients.reason
 
+    def _shared_device(self, alternative: str = "") -> torch.device:
+        """The shared parameters' device; an error when none were given (``alternative``: what
+        else the method accepts, said first)."""
+        if not self._shared:
+            name = type(self).__name__
+            raise ValueError(
+                f"{name}: no shared parameters were given at construction; {alternative}"
+                f"construct {name}(shared_parameters, ...)"
+            )
+        return self._shared[0].device
+
     def _reported_total(self, losses: tuple[object, ...], device: torch.device) -> Tensor | None:
         """``sum_i w_i L_i`` with the current weights when the call only reports (eval mode or
         grad disabled); ``None`` when it balances."""
@@ -488,12 +499,7 @@ class GramBalancer(GradientBalancer):
         reported = self._reported_total(losses, self.weights.device)
         if reported is not None:
             return reported
-        if not self._shared:
-            raise ValueError(
-                f"{type(self).__name__}: no shared parameters were given at construction; "
-                f"construct {type(self).__name__}(shared_parameters, ...)"
-            )
-        stacked, separate = self._graph_losses(losses, self._shared[0].device)
+        stacked, separate = self._graph_losses(losses, self._shared_device())
         gram, _ = self._task_gram(self._task_gradients, stacked, separate, False)
         gram = gram.detach()
         weights = self._gram_weights(gram)

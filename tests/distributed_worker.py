@@ -27,6 +27,7 @@ from torch import nn
 
 import fused_mtl
 from fused_mtl import DTP, DWA, MGDA, EqualWeighting, GradNorm, UncertaintyWeighting
+from fused_mtl.app.demo import TRUNK_METHODS
 from fused_mtl.compat import AutomaticWeightedLoss, MultiNoiseLoss
 
 NUM_TASKS = 3
@@ -37,18 +38,7 @@ METHODS = ["uw", "awl", "equal", "dwa", "dtp", "gradnorm", "mgda", "mgda_ub", "p
 #: The Gram family by the names the tests use; the distributed tests run PCGrad (a random
 #: draw shared by the ranks) and UPGrad (a deterministic solver) of them: every Gram method
 #: shares their code path (GramBalancer).
-GRAM_METHODS = {
-    "pcgrad": "PCGrad",
-    "gradvac": "GradVac",
-    "cagrad": "CAGrad",
-    "imtl_g": "IMTLG",
-    "aligned_mtl": "AlignedMTL",
-    "upgrad": "UPGrad",
-    "dualproj": "DualProj",
-    "config": "ConFIG",
-    "nash_mtl": "NashMTL",
-    "fairgrad": "FairGrad",
-}
+GRAM_METHODS = {key: name for key, name in TRUNK_METHODS.items() if key != "graddrop"}
 
 
 class Net(nn.Module):

@@ -464,3 +464,22 @@ def test_every_method_is_exported_and_in_the_methods_table():
     for name in [*GRAM_METHODS, "GradDrop"]:
         assert name in fused_mtl.__all__
         assert f"`{name}`" in text, name
+
+
+@pytest.mark.parametrize("method", ["UPGrad", "CAGrad", "PCGrad"])
+def test_gram_by_layer_gives_the_same_step(method):
+    """The Gram built one layer at a time (``gram_by_layer=True``) is the same Gram: the same
+    weights and gradients, to rounding."""
+    grads = []
+    for by_layer in (False, True):
+        torch.manual_seed(0)
+        model = TwoHeads(3).double()
+        balancer = make_method(method, model.trunk, 3, gram_by_layer=by_layer)
+        inputs, targets = torch.randn(16, 5).double(), torch.randn(16, 3).double()
+        torch.manual_seed(1)
+        balancer.backward(model.losses(inputs, targets))
+        grads.append((balancer.weights.clone(), [p.grad.clone() for p in model.parameters()]))
+    (weights_a, grads_a), (weights_b, grads_b) = grads
+    assert torch.allclose(weights_a, weights_b, rtol=1e-10, atol=1e-12)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)

@@ -55,13 +55,16 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from fused_mtl import __version__, reference
+from fused_mtl import (
+    DTP,
+    MGDA,
+    GradNorm,
+    UncertaintyWeighting,
+    __version__,
+    reference,
+)
 from fused_mtl.app.demo import make_balancer, task_losses, task_mse
 from fused_mtl.functional import task_grad_norms, task_gram
-from fused_mtl.methods.dtp import DTP
-from fused_mtl.methods.gradnorm import GradNorm
-from fused_mtl.methods.mgda import MGDA, SOLVER_ITERATIONS
-from fused_mtl.methods.uncertainty import UncertaintyWeighting
 from fused_mtl.synthetic import MultiTaskMLP, ToyRegression, gradnorm_toy
 
 __all__ = [
@@ -108,8 +111,26 @@ GRADIENT_STEP_IMPLEMENTATIONS = {
     "gradnorm": ("fused_auto", "fused_loop", "torch_fallback", "per_task_loop"),
     "mgda": ("fused_auto", "fused_loop", "torch_fallback", "features_ub", "per_task_loop"),
 }
-STEP_METHODS = ("equal", "uw", "dwa", "dtp", "gradnorm", "mgda")
-COMPILED_STEP_METHODS = STEP_METHODS
+STEP_METHODS = (
+    "equal",
+    "uw",
+    "dwa",
+    "dtp",
+    "gradnorm",
+    "mgda",
+    "pcgrad",
+    "gradvac",
+    "cagrad",
+    "imtl_g",
+    "aligned_mtl",
+    "upgrad",
+    "dualproj",
+    "config",
+    "nash_mtl",
+    "fairgrad",
+    "graddrop",
+)
+COMPILED_STEP_METHODS = ("equal", "uw", "dwa", "dtp", "gradnorm", "mgda")
 COMPILED_STEP_IMPLEMENTATIONS = ("eager", "compiled")
 STEP_TASKS = 8
 BATCH = 256
@@ -548,7 +569,7 @@ def gradient_step_case(method: str, implementation: str, num_tasks: int, device:
         def run() -> None:
             losses = task_losses(model, data)
             grads = torch.stack(_shared_gradients(losses, shared))
-            alpha = reference.min_norm_weights(grads @ grads.T, SOLVER_ITERATIONS)
+            alpha = reference.min_norm_weights(grads @ grads.T, reference.INTERIOR_POINT_ITERATIONS)
             (alpha * losses).sum().backward()
 
     return _training_step(group, implementation, "per_task_loop", model, run)

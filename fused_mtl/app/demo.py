@@ -37,13 +37,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fused_mtl.balancer import Balancer
-from fused_mtl.methods.dtp import DTP
-from fused_mtl.methods.dwa import DWA
-from fused_mtl.methods.equal import EqualWeighting
-from fused_mtl.methods.gradnorm import GradNorm
-from fused_mtl.methods.mgda import MGDA
-from fused_mtl.methods.uncertainty import UncertaintyWeighting
+import fused_mtl
+from fused_mtl import DTP, DWA, MGDA, Balancer, EqualWeighting, GradNorm, UncertaintyWeighting
 from fused_mtl.synthetic import MultiTaskMLP, ToyRegression, gradnorm_toy, noisy_regression
 
 __all__ = [
@@ -62,6 +57,31 @@ METHODS: dict[str, str] = {
     "dtp": "DTP (gamma = 1)",
     "gradnorm": "GradNorm (alpha = 1.5)",
     "mgda": 'MGDA ("l2")',
+    "pcgrad": "PCGrad",
+    "gradvac": "GradVac (beta = 0.01)",
+    "cagrad": "CAGrad (c = 0.4)",
+    "imtl_g": "IMTL-G",
+    "aligned_mtl": "Aligned-MTL",
+    "upgrad": "UPGrad",
+    "dualproj": "DualProj",
+    "config": "ConFIG",
+    "nash_mtl": "Nash-MTL",
+    "fairgrad": "FairGrad (alpha = 1)",
+    "graddrop": "GradDrop",
+}
+#: The public class of each method of the Gram family (and GradDrop), built on the trunk.
+TRUNK_METHODS = {
+    "pcgrad": "PCGrad",
+    "gradvac": "GradVac",
+    "cagrad": "CAGrad",
+    "imtl_g": "IMTLG",
+    "aligned_mtl": "AlignedMTL",
+    "upgrad": "UPGrad",
+    "dualproj": "DualProj",
+    "config": "ConFIG",
+    "nash_mtl": "NashMTL",
+    "fairgrad": "FairGrad",
+    "graddrop": "GradDrop",
 }
 PROBLEMS = ("gradnorm_toy", "known_noise")
 BATCH = 128
@@ -149,6 +169,8 @@ def make_balancer(method: str, model: MultiTaskMLP, num_tasks: int, period_steps
         return GradNorm(model.last_shared_layer.parameters(), num_tasks)
     if method == "mgda":
         return MGDA(model.trunk.parameters(), num_tasks, normalization="l2")
+    if method in TRUNK_METHODS:
+        return getattr(fused_mtl, TRUNK_METHODS[method])(model.trunk.parameters(), num_tasks)
     raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
 
 

@@ -33,7 +33,8 @@ def plot(problem: Problem, runs: Sequence[MethodRun], quantity: str, path: Path)
             else:
                 label = f"task {task} (scale {float(problem.train.sigmas[task]):.3g})"
             ax.plot(steps, values[:, task].numpy(), label=label, linewidth=1.2)
-        ax.set_yscale("log")
+        # Some methods' weights are negative or zero (IMTL-G, PCGrad): no log scale there.
+        ax.set_yscale("log" if bool((values > 0).all()) else "linear")
         ax.set_title(METHODS[run.method], fontsize=10)
         ax.grid(True, which="major", alpha=0.3)
     for ax in axes.flat[len(runs) :]:

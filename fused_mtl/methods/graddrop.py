@@ -82,12 +82,7 @@ class GradDrop(GradientBalancer):
         reported = self._reported_total(losses, self.weights.device)
         if reported is not None:
             return reported
-        if not self._shared:
-            raise ValueError(
-                "GradDrop: no shared parameters were given at construction; construct "
-                "GradDrop(shared_parameters, ...)"
-            )
-        stacked, separate = self._graph_losses(losses, self._shared[0].device)
+        stacked, separate = self._graph_losses(losses, self._shared_device())
         task_grads = self._task_gradients(stacked, self.tasks, separate)
         total = weighted_sum(self.weights, stacked)
         for parameter, grads in zip(self._shared, task_grads, strict=True):

@@ -11,7 +11,7 @@ from torch import Tensor
 from fused_mtl import reference
 from fused_mtl._distributed import ProcessGroup
 from fused_mtl._losses import task_label
-from fused_mtl.balancer import GradientBalancer, LossArgs, check_grad_enabled, weighted_sum
+from fused_mtl.balancer import GramBalancer, LossArgs, check_grad_enabled, weighted_sum
 from fused_mtl.ops.backend import Backend
 from fused_mtl.ops.task_gradients import SharedParameters, TaskGradients
 
@@ -20,7 +20,7 @@ from fused_mtl.ops.task_gradients import SharedParameters, TaskGradients
 SOLVER_ITERATIONS = reference.INTERIOR_POINT_ITERATIONS
 
 
-class MGDA(GradientBalancer):
+class MGDA(GramBalancer):
     r"""Weight the tasks by the min-norm point of the convex hull of their gradients.
 
     With per-task gradients ``g_i`` of the shared parameters, each ``backward`` finds
@@ -112,12 +112,12 @@ class MGDA(GradientBalancer):
         super().__init__(
             shared_parameters,
             num_tasks,
-            tasks,
-            backend,
-            per_task_gradients,
-            sync,
-            process_group,
-            gram_by_layer,
+            tasks=tasks,
+            backend=backend,
+            per_task_gradients=per_task_gradients,
+            sync=sync,
+            process_group=process_group,
+            gram_by_layer=gram_by_layer,
         )
         if normalization not in reference.MGDA_NORMALIZATIONS:
             raise ValueError(
@@ -134,16 +134,8 @@ class MGDA(GradientBalancer):
             )
         self.normalization = normalization
         self.solver_iterations = solver_iterations
-        device = self._shared[0].device if self._shared else None
-        # The last alpha: what the method computed, not state to resume from.
-        self.register_buffer(
-            "weights",
-            torch.full((self.num_tasks,), 1 / self.num_tasks, device=device),
-            persistent=False,
-        )
         self._feature_gradients = TaskGradients([], ["features"], per_task_gradients)
         self._last_gradients = self._task_gradients
-        self.gram: Tensor | None = None
 
     @property
     def gradient_mode(self) -> str | None:
@@ -162,14 +154,9 @@ class MGDA(GradientBalancer):
         if features is not None:
             device = self._check_features(features)
             gradients = self._feature_gradients
-        elif self._shared:
-            device = self._shared[0].device
-            gradients = self._task_gradients
         else:
-            raise ValueError(
-                "MGDA: no shared parameters were given at construction; pass features=z "
-                "(MGDA-UB) or construct MGDA(shared_parameters, ...)"
-            )
+            device = self._shared_device("pass features=z (MGDA-UB) or ")
+            gradients = self._task_gradients
         stacked, separate = self._graph_losses(losses, device)
         by_loss = self.normalization in ("loss", "loss+")
         # Checked before the per-task gradients; under torch.distributed after the sync, on the
