@@ -73,6 +73,11 @@ class GradDrop(GradientBalancer):
         super().__init__(
             shared_parameters, num_tasks, tasks, backend, per_task_gradients, sync=False
         )
+        if self._sharded:
+            raise NotImplementedError(
+                "GradDrop: FSDP2-sharded shared parameters are not supported (its update is "
+                "per coordinate of the whole gradients); use DDP, or a Gram method"
+            )
         self.leak = rate
         device = self._shared[0].device if self._shared else None
         self.register_buffer("weights", torch.ones(self.num_tasks, device=device), persistent=False)

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fused_mtl._losses import task_label
 from fused_mtl.balancer import GramBalancer, check_number
 from fused_mtl.ops.task_gradients import SharedParameters
 from fused_mtl.reference import gram_weights
@@ -70,12 +71,17 @@ class GradVac(GramBalancer):
         return weights
 
     def _checkpoint_faults(self, tensors: dict[str, Any]) -> list[str]:
-        return self._value_faults(
-            "the target cosine",
-            tensors.get("targets"),
-            "a cosine is in [-1, 1]",
-            lambda value: -1.0 <= value <= 1.0,
-        )
+        targets = tensors.get("targets")
+        if not isinstance(targets, Tensor) or targets.shape != self.targets.shape:
+            return []  # missing or of another shape: torch's own report
+        values = targets.detach().double().cpu()
+        for i, j in zip(*torch.nonzero(~((values >= -1) & (values <= 1))).T.tolist(), strict=True):
+            first, second = task_label(i, self.tasks), task_label(j, self.tasks)
+            return [
+                f"the target cosine of tasks {first} and {second} is {float(values[i, j])}; "
+                "a cosine is in [-1, 1]"
+            ]
+        return []
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, beta={self.beta}"
