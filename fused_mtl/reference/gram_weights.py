@@ -539,8 +539,9 @@ def fair_weights(gram: Tensor, alpha: float) -> Tensor:
     With ``n`` the norms and ``C`` the cosines, ``v = n w`` solves ``C v = k v^{-1/alpha}``,
     ``k_i = n_i^{1/alpha - 1}``: the stationary point of the strictly convex
     ``f(v) = v^T C v / 2 - sum_i k_i h(v_i)``, ``h'(v) = v^{-1/alpha}`` (``h = log`` at
-    ``alpha = 1``). ``NEWTON_STEPS`` damped Newton steps find it, from the best multiple of the
-    diagonal problem's solution ``v_i = k_i^{alpha / (1 + alpha)}``; each step stays positive.
+    ``alpha = 1``). ``NEWTON_STEPS`` Newton steps find it, from the best multiple of the
+    diagonal problem's solution ``v_i = k_i^{alpha / (1 + alpha)}``, each with the best of a
+    batch of step lengths that keep ``v > 0``.
     Working on the cosines makes the problem independent of the gradients' scales (norms 100x
     apart leave the same conditioning). Linearly dependent gradients have no solution (f is
     unbounded below): a ridge of 1e-13 on the cosines' diagonal keeps the problem regular. A
@@ -559,6 +560,7 @@ def fair_weights(gram: Tensor, alpha: float) -> Tensor:
     fit = (pull * weights ** (1 + exponent)).sum() / (weights @ cosines @ weights)
     weights = weights * fit ** (alpha / (1 + alpha))
     halvings = 2.0 ** -torch.arange(20, dtype=gram.dtype, device=gram.device)
+    early_exit = gram.device.type == "cpu" and not torch.compiler.is_compiling()
     scale = gram.diagonal().max()
     for _ in range(NEWTON_STEPS):
         gradient = cosines @ weights - pull * weights**exponent
@@ -586,6 +588,11 @@ def fair_weights(gram: Tensor, alpha: float) -> Tensor:
             )
         )
         weights = torch.where(usable, new, weights)
+        # On a CPU a host read waits for nothing: stop once Newton's decrement is at rounding
+        # level (8 to 12 steps on well-conditioned problems; about 0.4 ms a step at K = 8).
+        # Elsewhere, and under torch.compile, the fixed count runs, without a synchronisation.
+        if early_exit and bool(decrement < 1e-9):
+            break
     return torch.where(present, weights * inverse, 0.0).to(dtype)
 
 
