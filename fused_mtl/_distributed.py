@@ -176,7 +176,8 @@ class TaskSync:
         """The first rank's ``values`` on every rank (a new tensor): one ``broadcast``. For
         random draws that every rank must share (PCGrad's task orders)."""
         result = values.detach().clone()
-        source = dist.get_global_rank(self.process_group, 0) if self.process_group else 0
+        group = self.process_group
+        source = dist.get_global_rank(group, 0) if group is not None else 0
         dist.broadcast(result, src=source, group=self.process_group)
         return result
 

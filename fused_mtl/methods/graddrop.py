@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -14,6 +14,7 @@ from fused_mtl.balancer import (
     weighted_sum,
     with_parameter_gradient,
 )
+from fused_mtl.ops.backend import Backend
 from fused_mtl.ops.task_gradients import SharedParameters
 from fused_mtl.reference import gram_weights
 
@@ -65,8 +66,8 @@ class GradDrop(GradientBalancer):
         num_tasks: int | None = None,
         *,
         leak: float = 0.0,
-        tasks: Any = None,
-        backend: Any = "auto",
+        tasks: Sequence[str] | None = None,
+        backend: Backend = "auto",
         per_task_gradients: str = "auto",
     ) -> None:
         rate = check_number("GradDrop", "leak", leak, low=0.0, high=1.0)
