@@ -587,3 +587,13 @@ def test_gradvac_targets_stay_finite_after_a_non_finite_step():
     assert torch.isfinite(targets).all()
     _, targets = gram_weights.gradvac_weights(J @ J.T, orders, targets, 0.5)
     assert torch.isfinite(targets).all() and targets.abs().sum() > 0
+
+
+def test_graddrop_refuses_fsdp2_sharded_parameters(monkeypatch):
+    """FSDP2 shards the shared parameters into DTensors (seen here through ``is_sharded``):
+    GradDrop's per-coordinate update needs the whole gradients, and says so at construction."""
+    import fused_mtl.balancer
+
+    monkeypatch.setattr(fused_mtl.balancer, "is_sharded", lambda tensor: True)
+    with pytest.raises(NotImplementedError, match="GradDrop: FSDP2-sharded shared parameters"):
+        fused_mtl.GradDrop(nn.Linear(2, 2).parameters(), 2)
