@@ -13,6 +13,10 @@ The public surface::
       IMTLG, AlignedMTL, UPGrad,        #   the per-task gradients (GramBalancer), and
       DualProj, ConFIG, NashMTL,        #   GradDrop, per coordinate of the gradients
       FairGrad, GradDrop
+    fused_mtl.FAMO, RandomWeighting,    # loss-level: weights from the loss values alone (FAMO,
+      GeometricMean, IMTLL, STCH        #   RLW, GLS, IMTL-L, smooth Tchebycheff)
+    fused_mtl.MoCo, SDMGrad, MoDo,      # stochastic gradient methods, with state across steps
+      ExcessMTL
     fused_mtl.synthetic                 # the GradNorm paper's toy multi-task regression
     fused_mtl.functional                # the same math on tensors
     fused_mtl.compat                    # drop-ins: AutomaticWeightedLoss, MultiNoiseLoss
@@ -30,19 +34,28 @@ from fused_mtl.balancer import Balancer, GramBalancer
 from fused_mtl.methods import (
     DTP,
     DWA,
+    FAMO,
     IMTLG,
+    IMTLL,
     MGDA,
+    STCH,
     AlignedMTL,
     CAGrad,
     ConFIG,
     DualProj,
     EqualWeighting,
+    ExcessMTL,
     FairGrad,
+    GeometricMean,
     GradDrop,
     GradNorm,
     GradVac,
+    MoCo,
+    MoDo,
     NashMTL,
     PCGrad,
+    RandomWeighting,
+    SDMGrad,
     UncertaintyWeighting,
     UPGrad,
 )
@@ -50,21 +63,30 @@ from fused_mtl.methods import (
 __all__ = [
     "DTP",
     "DWA",
+    "FAMO",
     "IMTLG",
+    "IMTLL",
     "MGDA",
+    "STCH",
     "AlignedMTL",
     "Balancer",
     "CAGrad",
     "ConFIG",
     "DualProj",
     "EqualWeighting",
+    "ExcessMTL",
     "FairGrad",
+    "GeometricMean",
     "GradDrop",
     "GradNorm",
     "GradVac",
     "GramBalancer",
+    "MoCo",
+    "MoDo",
     "NashMTL",
     "PCGrad",
+    "RandomWeighting",
+    "SDMGrad",
     "UPGrad",
     "UncertaintyWeighting",
     "__version__",

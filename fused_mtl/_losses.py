@@ -241,3 +241,20 @@ def raise_if_not_finite(losses: Tensor, names: Sequence[str] | None) -> None:
         f"task {task_label(index, names)} = {losses[index].item()}" for index in bad
     )
     raise FloatingPointError(f"non-finite task loss: {described}")
+
+
+def raise_if_below(
+    owner: str, losses: Tensor, floor: Tensor | float, names: Sequence[str] | None, need: str
+) -> None:
+    """``check_finite`` of the methods that take a logarithm of the losses: the non-finite
+    ones first, then a ``ValueError`` naming the first task whose loss is not above ``floor``
+    (``need`` says why it must be). One host read when the losses are usable."""
+    detached = losses.detach()
+    above = detached > floor
+    if bool(above.all()):  # False for NaN too
+        return
+    raise_if_not_finite(detached, names)
+    index = int((~above).nonzero()[0, 0])
+    raise ValueError(
+        f"{owner}: task {task_label(index, names)}: loss is {detached[index].item()}; {need}"
+    )

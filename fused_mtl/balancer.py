@@ -56,7 +56,14 @@ from fused_mtl.ops.task_gradients import (
     task_graph_roots,
 )
 
-__all__ = ["Balancer", "GradientBalancer", "GramBalancer", "LossWeighting"]
+__all__ = [
+    "Balancer",
+    "GradientBalancer",
+    "GramBalancer",
+    "LossObjective",
+    "LossWeighting",
+    "SampledGramBalancer",
+]
 
 LossArgs = Tensor | Sequence[Tensor] | dict[str, Tensor]
 
@@ -103,6 +110,10 @@ class Balancer(nn.Module):
     def _syncing(self) -> bool:
         """Whether a training call communicates (distributed, more than one rank, sync on)."""
         return self.training and torch.is_grad_enabled() and self._sync.active(self)
+
+    def _shared_random(self, draw: Tensor) -> Tensor:
+        """``draw`` (random numbers of this call), the same on every rank when syncing."""
+        return self._sync.from_first_rank(draw) if self._syncing() else draw
 
     def set_process_group(self, process_group: ProcessGroup | None) -> None:
         """Sync over ``process_group`` from now on (``None``: the default group); for example
@@ -277,6 +288,52 @@ class LossWeighting(Balancer):
         return f"{super().extra_repr()}, reduction={self.reduction!r}"
 
 
+class LossObjective(LossWeighting):
+    """A method whose total is a function ``f(L)`` of this call's losses (GLS, STCH, FAMO).
+
+    Subclasses implement ``_objective(losses) -> (value, weights)``: ``f`` and its gradient
+    ``w_i = df / dL_i`` at the detached losses. The call returns a total whose value is ``f``
+    and whose gradient is ``sum_i w_i grad L_i``, the gradient of ``f(L)`` itself. Under
+    ``torch.distributed`` (``sync=True``) the losses are first averaged over the ranks (one
+    ``all_reduce`` of K numbers): every rank then has the value and weights of the whole batch,
+    and DDP's average of the ranks' gradients is the gradient on the whole batch, which a
+    nonlinear ``f`` of each rank's own losses would not give. ``weights`` are those of the last
+    training call.
+    """
+
+    def _objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _call_losses(self, losses: tuple[object, ...]) -> tuple[Tensor, Tensor]:
+        """The ``(K,)`` losses of this call, and their detached values over all ranks."""
+        stacked, _ = check_losses(
+            losses,
+            num_tasks=self.num_tasks,
+            names=self.tasks,
+            reduction=self.reduction,
+            device=self._device(),
+        )
+        seen = stacked.detach()
+        # Every training call, with grad or without: a method's state (FAMO's) follows the
+        # losses, and every rank must see the same ones.
+        syncing = self.training and self._sync.active(self)
+        return stacked, self._sync.mean(seen) if syncing else seen
+
+    def forward(self, *losses: LossArgs) -> Tensor:
+        """The method's total (0-dim) of the task losses, in any calling convention."""
+        stacked, seen = self._call_losses(losses)
+        value, weights = self._objective(seen)
+        if self.training:
+            self.weights = weights
+        return objective_total(value, weights, stacked)
+
+
+def objective_total(value: Tensor, weights: Tensor, losses: Tensor) -> Tensor:
+    """A total equal to ``value`` whose gradient is ``sum_i w_i grad L_i`` (``weights``
+    detached): ``value + sum_i w_i (L_i - L_i)``, whose second term is exactly 0."""
+    return value.detach() + weighted_sum(weights.detach(), losses - losses.detach())
+
+
 class GradientBalancer(Balancer):
     """A method whose weights come from the per-task gradients of shared parameters.
 
@@ -386,12 +443,14 @@ class GradientBalancer(Balancer):
         separate: list[Tensor] | None,
         diagonal: bool,
         features: Tensor | None = None,
+        names: Sequence[str] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """The Gram matrix ``(K, K)`` (``diagonal``: the norms ``(K,)``) of the per-task
         gradients, and the detached losses: over all ranks when syncing, else this process's.
 
         ``features``: a tensor to differentiate instead of the shared parameters (MGDA-UB),
-        whose rows are this rank's own samples.
+        whose rows are this rank's own samples. ``names``: one per loss, when the losses are
+        not the K tasks' (several mini-batches of them); the task names by default.
         """
         syncing = self._syncing()
         layer_gram = getattr(self, "_layer_gram", None)
@@ -411,7 +470,8 @@ class GradientBalancer(Balancer):
         else:
             inputs = unsharded_parameters(self._shared) if self._sharded else None
         agree = self._sync.smallest if syncing else None
-        task_grads = gradients(losses, self.tasks, separate, inputs, agree)
+        names = names if names is not None else self.tasks
+        task_grads = gradients(losses, names, separate, inputs, agree)
         if not syncing:
             gram = task_gram_or_norms(task_grads, diagonal, self._requested_backend)
             return gram, losses.detach()
@@ -419,6 +479,20 @@ class GradientBalancer(Balancer):
             local = task_gram_or_norms(task_grads, diagonal, self._requested_backend)
             return self._sync.gram_of_samples(local, losses)
         return self._sync.gram(task_grads, losses, diagonal, self._requested_backend)
+
+    def _task_matrix(
+        self, losses: Tensor, separate: list[Tensor] | None
+    ) -> tuple[list[Tensor], Tensor]:
+        """The per-task gradients of the shared parameters (this rank's, one tensor per
+        parameter, for the backward's bookkeeping) and, detached, as one ``(K, P)`` matrix:
+        the mean over ranks when syncing (one ``all_reduce`` of K x P numbers), else this
+        process's. For the methods that need the gradients themselves, not their Gram."""
+        syncing = self._syncing()
+        agree = self._sync.smallest if syncing else None
+        inputs = unsharded_parameters(self._shared) if self._sharded else None
+        task_grads = self._task_gradients(losses, self.tasks, separate, inputs, agree)
+        matrix = torch.cat([grad.detach().reshape(self.num_tasks, -1) for grad in task_grads], 1)
+        return task_grads, self._sync.mean(matrix) if syncing else matrix
 
 
 class GramBalancer(GradientBalancer):
@@ -490,10 +564,6 @@ class GramBalancer(GradientBalancer):
         """The ``(K,)`` weights of this call, from the ``(K, K)`` Gram matrix (detached)."""
         raise NotImplementedError
 
-    def _shared_random(self, draw: Tensor) -> Tensor:
-        """``draw`` (random numbers of this call), the same on every rank when syncing."""
-        return self._sync.from_first_rank(draw) if self._syncing() else draw
-
     def forward(self, *losses: LossArgs) -> Tensor:
         """One step: the per-task gradients, their Gram, the weights; ``sum_i w_i L_i``."""
         reported = self._reported_total(losses, self.weights.device)
@@ -506,6 +576,67 @@ class GramBalancer(GradientBalancer):
         self.gram = gram
         self.weights = weights
         return weighted_sum(weights, stacked)
+
+
+class SampledGramBalancer(GramBalancer):
+    """A Gram method whose weights may come from two other mini-batches (double sampling).
+
+    SDMGrad and MoDo update their weights with the cross Gram matrix ``G_a G_b^T`` of the
+    per-task gradients of two independent mini-batches, and apply them to a third one's
+    gradients; their analysis needs the three to be independent. The call takes the update's
+    losses as usual and the two others as ``weight_losses=(losses_a, losses_b)``, each in any
+    calling convention: ``total = sdmgrad(losses, weight_losses=(losses_a, losses_b))``. The
+    total is ``sum_i w_i L_i`` of ``losses`` only, so the task-specific parameters get the
+    update batch's gradients. Without ``weight_losses`` the three are the same mini-batch and
+    the cross Gram is the Gram matrix. Subclasses implement ``_gram_weights(cross_gram)``.
+    """
+
+    def backward(
+        self, *losses: LossArgs, weight_losses: Sequence[LossArgs] | None = None
+    ) -> Tensor:
+        """``total = self(*losses, weight_losses=weight_losses)``, then ``total.backward()``;
+        returns the total, detached."""
+        check_grad_enabled(self)
+        total = self(*losses, weight_losses=weight_losses)
+        total.backward()
+        return total.detach()
+
+    def forward(self, *losses: LossArgs, weight_losses: Sequence[LossArgs] | None = None) -> Tensor:
+        """One step: the weights from ``weight_losses``' cross Gram (``losses``' Gram when
+        omitted), then ``sum_i w_i L_i`` of ``losses``."""
+        if weight_losses is None:
+            return super().forward(*losses)
+        name = type(self).__name__
+        if isinstance(weight_losses, (Tensor, dict)) or len(weight_losses) != 2:
+            raise ValueError(
+                f"{name}: weight_losses must be a pair (losses_a, losses_b): the task losses of "
+                "two more mini-batches, each like the call's losses"
+            )
+        reported = self._reported_total(losses, self.weights.device)
+        if reported is not None:
+            return reported
+        device = self._shared_device()
+        batches = [self._graph_losses(losses, device)]
+        batches += [self._graph_losses((batch,), device) for batch in weight_losses]
+        stacked = torch.cat([batch[0] for batch in batches])
+        separate_lists = [batch[1] for batch in batches]
+        separate = (
+            [loss for found in separate_lists for loss in found]  # type: ignore[union-attr]
+            if all(found is not None for found in separate_lists)
+            else None
+        )
+        names = [
+            f"{task_label(index, self.tasks)}{suffix}"
+            for suffix in ("", " (weight batch a)", " (weight batch b)")
+            for index in range(self.num_tasks)
+        ]
+        gram, _ = self._task_gram(self._task_gradients, stacked, separate, False, names=names)
+        num = self.num_tasks
+        cross = gram.detach()[num : 2 * num, 2 * num :]
+        weights = self._gram_weights(cross)
+        self.gram = cross
+        self.weights = weights
+        return weighted_sum(weights, batches[0][0])
 
 
 def check_number(

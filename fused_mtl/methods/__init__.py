@@ -10,33 +10,51 @@ from fused_mtl.methods.dtp import DTP
 from fused_mtl.methods.dualproj import DualProj
 from fused_mtl.methods.dwa import DWA
 from fused_mtl.methods.equal import EqualWeighting
+from fused_mtl.methods.excess_mtl import ExcessMTL
 from fused_mtl.methods.fairgrad import FairGrad
+from fused_mtl.methods.famo import FAMO
+from fused_mtl.methods.geometric_mean import GeometricMean
 from fused_mtl.methods.graddrop import GradDrop
 from fused_mtl.methods.gradnorm import GradNorm
 from fused_mtl.methods.gradvac import GradVac
 from fused_mtl.methods.imtl_g import IMTLG
+from fused_mtl.methods.imtl_l import IMTLL
 from fused_mtl.methods.mgda import MGDA
+from fused_mtl.methods.moco import MoCo
+from fused_mtl.methods.modo import MoDo
 from fused_mtl.methods.nash_mtl import NashMTL
 from fused_mtl.methods.pcgrad import PCGrad
+from fused_mtl.methods.random_weighting import RandomWeighting
+from fused_mtl.methods.sdmgrad import SDMGrad
+from fused_mtl.methods.stch import STCH
 from fused_mtl.methods.uncertainty import UncertaintyWeighting
 from fused_mtl.methods.upgrad import UPGrad
 
 __all__ = [
     "DTP",
     "DWA",
+    "FAMO",
     "IMTLG",
+    "IMTLL",
     "MGDA",
+    "STCH",
     "AlignedMTL",
     "CAGrad",
     "ConFIG",
     "DualProj",
     "EqualWeighting",
+    "ExcessMTL",
     "FairGrad",
+    "GeometricMean",
     "GradDrop",
     "GradNorm",
     "GradVac",
+    "MoCo",
+    "MoDo",
     "NashMTL",
     "PCGrad",
+    "RandomWeighting",
+    "SDMGrad",
     "UPGrad",
     "UncertaintyWeighting",
 ]

@@ -62,6 +62,10 @@ class UncertaintyModule(Balancer):
     def _task_parameter(self) -> Tensor:
         raise NotImplementedError
 
+    def _log_variances(self) -> Tensor:
+        """The parameter in the kernels' form (``s`` of ``e^-s L + s``); IMTL-L's is ``-s``."""
+        return self._task_parameter()
+
     def _checkpoint_faults(self, tensors: dict[str, object]) -> list[str]:
         name = next(
             name for name, value in self.named_parameters() if value is self._task_parameter()
@@ -72,7 +76,7 @@ class UncertaintyModule(Balancer):
 
     def forward(self, *losses: LossArgs) -> Tensor:
         """The balanced total (0-dim) of the task losses, in any calling convention."""
-        params = self._task_parameter()
+        params = self._log_variances()
         stacked = stack_losses(
             losses,
             num_tasks=self.num_tasks,
@@ -102,7 +106,7 @@ class UncertaintyModule(Balancer):
         """Effective weight of each task loss, ``d total / d L_i`` (detached, shape ``(K,)``)."""
         with torch.no_grad():
             return reference.uncertainty_weights(
-                self._task_parameter().detach(),
+                self._log_variances().detach(),
                 self._parametrization,
                 self.loss_coefs,
                 self.log_var_bounds,

@@ -11,7 +11,10 @@ Split by family:
   dynamic-noise form), their bounds and autograd rule;
 - ``gram``: the Gram matrix and norms of the per-task gradients;
 - ``statistics``: weights from loss and metric statistics (GradNorm's rule, DWA, DTP);
-- ``solvers``: the solvers on the Gram matrix (MGDA's min-norm point and the Gram family).
+- ``solvers``: MGDA's min-norm solver on the Gram matrix;
+- ``gram_weights``: the Gram family's weights (PCGrad, CAGrad, UPGrad, Nash-MTL, ...);
+- ``loss_weights``: the loss-level methods' totals and weights (FAMO, RLW, GLS, STCH);
+- ``stochastic``: the stochastic gradient methods' steps (MoCo, SDMGrad, MoDo, ExcessMTL).
 """
 
 from fused_mtl.reference.gram import task_grad_norms, task_gram

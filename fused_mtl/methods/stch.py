@@ -1,0 +1,119 @@
+"""``STCH``: smooth Tchebycheff scalarisation (Lin et al., ICML 2024)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fused_mtl._distributed import ProcessGroup
+from fused_mtl._losses import Reduction, task_label
+from fused_mtl.balancer import LossObjective, check_number
+from fused_mtl.ops.backend import Backend
+from fused_mtl.reference import loss_weights
+
+
+class STCH(LossObjective):
+    r"""A smooth maximum of the tasks' distances to their ideal values.
+
+    Tchebycheff scalarisation minimises the worst weighted distance to the ideal point
+    ``z*`` (each objective's lowest value), ``max_i lambda_i (L_i - z*_i)``: it reaches every
+    Pareto-optimal point, but is not smooth. STCH replaces the maximum by its smooth
+    approximation of temperature ``mu``:
+
+    .. math:: g_\mu(L) = \mu \log \sum_i \exp\Big(\frac{\lambda_i (L_i - z^*_i)}{\mu}\Big),
+              \qquad \frac{\partial g_\mu}{\partial L_i} = \lambda_i\,
+              \mathrm{softmax}\Big(\frac{\lambda (L - z^*)}{\mu}\Big)_i,
+
+    within ``mu log K`` of the maximum. The task furthest from its ideal value gets the
+    largest weight; as ``mu -> 0`` it gets all of it. ``weights`` are the gradient weights of
+    the last training call (they sum to 1 with the default preferences; ``1 / K`` before).
+
+    The ideal point is the paper's: each loss's minimum. A loss bounded below by 0 (a squared
+    error, a cross-entropy) has ``z*_i = 0``, the default; pass the known lowest values
+    otherwise (an NLL's constant). The value is ``logsumexp``, finite for every finite input.
+
+    Args:
+        num_tasks: number of tasks K (may be omitted when ``tasks`` is given).
+        tasks: task names; enables calling with a dict and names tasks in errors.
+        mu: the smoothing temperature, > 0 (default 1.0, LibMTL's default for the paper's
+            multi-task experiments).
+        ideal_point: ``z*``, one number or one per task (default 0).
+        preferences: ``lambda``, positive, one number or one per task (default 1).
+        reduction: ``None`` requires scalar losses; ``"mean"`` / ``"sum"`` reduce each loss.
+        backend: accepted so that every method is constructed alike (no kernel).
+        sync: under ``torch.distributed``, use the losses averaged over the ranks (one
+            ``all_reduce`` of K numbers): the whole batch's objective on every rank.
+        process_group: the group to sync over (``None``: the default group).
+
+    Example:
+        >>> import torch
+        >>> from fused_mtl import STCH
+        >>> stch = STCH(tasks=["depth", "seg"], mu=0.1)
+        >>> total = stch(torch.tensor([2.0, 0.5]))  # close to max(2.0, 0.5)
+        >>> round(total.item(), 4), stch.weights
+        (2.0, tensor([1.0000e+00, 3.0590e-07]))
+    """
+
+    weights: Tensor
+    ideal_point: Tensor
+    preferences: Tensor
+
+    def __init__(
+        self,
+        num_tasks: int | None = None,
+        *,
+        tasks: Sequence[str] | None = None,
+        mu: float = 1.0,
+        ideal_point: float | Sequence[float] = 0.0,
+        preferences: float | Sequence[float] = 1.0,
+        reduction: Reduction = None,
+        backend: Backend = "auto",
+        sync: bool = True,
+        process_group: ProcessGroup | None = None,
+    ) -> None:
+        temperature = check_number("STCH", "mu", mu, low=0.0, low_open=True)
+        super().__init__(num_tasks, tasks, reduction, backend, sync, process_group)
+        if not math.isfinite(temperature):
+            raise ValueError(f"STCH: mu must be a finite number > 0, got {mu!r}")
+        self.mu = temperature
+        # Configuration, not state: they follow .to(device) and are not in a checkpoint.
+        self.register_buffer(
+            "ideal_point", self._per_task("ideal_point", ideal_point, 0.0), persistent=False
+        )
+        self.register_buffer(
+            "preferences", self._per_task("preferences", preferences, None), persistent=False
+        )
+        self.register_buffer(
+            "weights", torch.full((self.num_tasks,), 1 / self.num_tasks), persistent=False
+        )
+
+    def _per_task(self, name: str, value: object, allows_zero: float | None) -> Tensor:
+        """``value`` as K float64 numbers: finite, and positive for the preferences."""
+        try:
+            values = torch.as_tensor(value, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(f"STCH: {name} must be one number or {self.num_tasks}") from error
+        if values.dim() == 0:
+            values = values.expand(self.num_tasks)
+        if values.shape != (self.num_tasks,):
+            raise ValueError(
+                f"STCH: {name} must be one number or {self.num_tasks} numbers, got shape "
+                f"{tuple(values.shape)}"
+            )
+        for index, number in enumerate(values.tolist()):
+            if not math.isfinite(number) or (allows_zero is None and number <= 0):
+                need = "finite" if allows_zero is not None else "finite and > 0"
+                raise ValueError(
+                    f"STCH: task {task_label(index, self.tasks)}: {name} is {number}; it must "
+                    f"be {need}"
+                )
+        return values.clone()
+
+    def _objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
+        return loss_weights.smooth_tchebycheff(losses, self.mu, self.ideal_point, self.preferences)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, mu={self.mu}"

@@ -1,0 +1,122 @@
+"""The loss-level methods' math: a total and weights from the loss values alone.
+
+These methods need no per-task gradient. Each call's total is a function ``f(L)`` of the
+``(K,)`` losses, and its gradient is ``sum_i w_i grad L_i`` with ``w_i = df / dL_i``; every
+function here returns the weights in closed form (``value, weights`` where a method has its own
+value). The methods then train ``f(L)`` through these weights (see ``LossObjective``), which
+lets the weights come from the losses averaged over ranks under ``torch.distributed``.
+
+Everything is computed in float32 at least (float64 stays float64) and vectorised over tasks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "FAMO_EPSILON",
+    "adam_step",
+    "famo_logit_gradient",
+    "famo_weights",
+    "geometric_mean",
+    "random_weights",
+    "smooth_tchebycheff",
+]
+
+#: Added to ``L_i - L_i*`` before FAMO's logarithm, as in the authors' code.
+FAMO_EPSILON = 1e-8
+
+
+def _computed(losses: Tensor) -> Tensor:
+    return losses.detach().to(torch.promote_types(losses.dtype, torch.float32))
+
+
+def random_weights(draw: Tensor) -> Tensor:
+    """RLW (Lin et al., 2022): ``softmax`` of a standard normal draw; the weights sum to 1."""
+    return torch.softmax(draw.to(torch.promote_types(draw.dtype, torch.float32)), dim=-1)
+
+
+def geometric_mean(losses: Tensor) -> tuple[Tensor, Tensor]:
+    r"""GLS (Chennupati et al., 2019): ``(prod_i L_i)^(1/K)`` and its weights
+    ``dG / dL_i = G / (K L_i)``.
+
+    Computed as ``exp(mean(log L))``: a product of many small losses underflows long before
+    its root does. A zero loss gives ``G = 0`` and weights 0 (the derivative there is
+    unbounded, for K > 1); a negative one gives NaN, as its root is not real.
+    """
+    values = _computed(losses)
+    num_tasks = values.shape[-1]
+    mean = torch.exp(torch.log(values).mean(dim=-1))
+    tiny = torch.finfo(values.dtype).tiny
+    return mean, mean.unsqueeze(-1) / (num_tasks * values.clamp_min(tiny))
+
+
+def smooth_tchebycheff(
+    losses: Tensor, mu: float, ideal_point: Tensor, preferences: Tensor
+) -> tuple[Tensor, Tensor]:
+    r"""STCH (Lin et al., ICML 2024), the smooth Tchebycheff scalarisation:
+
+    .. math:: g_\mu(L) = \mu \log \sum_i \exp\big(\lambda_i (L_i - z^*_i) / \mu\big),
+              \qquad \frac{\partial g_\mu}{\partial L_i} = \lambda_i\,
+              \mathrm{softmax}\big(\lambda (L - z^*) / \mu\big)_i .
+
+    ``logsumexp`` keeps it finite for every finite input, whatever ``mu``.
+    """
+    values = _computed(losses)
+    scaled = preferences.to(values) * (values - ideal_point.to(values)) / mu
+    return mu * torch.logsumexp(scaled, dim=-1), preferences.to(values) * torch.softmax(
+        scaled, dim=-1
+    )
+
+
+def famo_weights(logits: Tensor, losses: Tensor, min_losses: Tensor) -> Tensor:
+    r"""FAMO (Liu et al., NeurIPS 2023): the weights of the update
+    ``d = sum_i c z_i / (L_i - L_i^*) grad L_i``, ``z = softmax(xi)``,
+    ``c = (sum_i z_i / (L_i - L_i^*))^{-1}``, which is the gradient of
+    ``sum_i z_i log(L_i - L_i^*)`` scaled by ``c``; they sum to 1."""
+    values = _computed(losses)
+    shares = torch.softmax(logits.to(values), dim=-1)
+    inverse = shares / (values - min_losses.to(values) + FAMO_EPSILON)
+    return inverse / inverse.sum(dim=-1, keepdim=True)
+
+
+def famo_logit_gradient(
+    logits: Tensor, before: Tensor, after: Tensor, min_losses: Tensor
+) -> Tensor:
+    r"""FAMO's gradient of the logits, ``delta = J_z^T (log(L_t - L^*) - log(L_{t+1} - L^*))``
+    with ``J_z`` the Jacobian of ``z = softmax(xi)``, which is ``z * (delta - <z, delta>)``.
+
+    A descent step on it lowers the logit of the tasks whose log-loss fell the most: the
+    weights move toward the task that improves the least.
+    """
+    before, after = _computed(before), _computed(after)
+    floor = min_losses.to(before)
+    decrease = torch.log(before - floor + FAMO_EPSILON) - torch.log(after - floor + FAMO_EPSILON)
+    shares = torch.softmax(logits.to(before), dim=-1)
+    return shares * (decrease - (shares * decrease).sum(dim=-1, keepdim=True))
+
+
+def adam_step(
+    parameter: Tensor,
+    gradient: Tensor,
+    first_moment: Tensor,
+    second_moment: Tensor,
+    step: Tensor,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One step of Adam (Kingma & Ba) with L2 weight decay added to the gradient, as
+    ``torch.optim.Adam(weight_decay=...)``; ``step`` is the step's number (1 for the first),
+    a tensor so that a compiled caller does not specialise on it. Returns the new parameter
+    and moments."""
+    beta1, beta2 = betas
+    gradient = gradient + weight_decay * parameter
+    first = beta1 * first_moment + (1 - beta1) * gradient
+    second = beta2 * second_moment + (1 - beta2) * gradient.square()
+    step = step.to(parameter.dtype)
+    corrected_first = first / (1 - beta1**step)
+    corrected_second = second / (1 - beta2**step)
+    return parameter - lr * corrected_first / (corrected_second.sqrt() + eps), first, second
