@@ -301,6 +301,9 @@ class LossObjective(LossWeighting):
     training call.
     """
 
+    #: Whether the objective needs the losses over all ranks (not a linear one, RLW's).
+    _syncs_losses = True
+
     def _objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
@@ -316,7 +319,7 @@ class LossObjective(LossWeighting):
         seen = stacked.detach()
         # Every training call, with grad or without: a method's state (FAMO's) follows the
         # losses, and every rank must see the same ones.
-        syncing = self.training and self._sync.active(self)
+        syncing = self._syncs_losses and self.training and self._sync.active(self)
         return stacked, self._sync.mean(seen) if syncing else seen
 
     def forward(self, *losses: LossArgs) -> Tensor:
@@ -377,6 +380,13 @@ class GradientBalancer(Balancer):
         super().__setstate__(state)
         if "_sharded" not in self.__dict__:  # pickled whole before FSDP2 support
             self._sharded = any(is_sharded(parameter) for parameter in self._shared)
+
+    def _state_options(self) -> dict[str, Any]:
+        """The device and dtype of a method's state: the shared parameters' (a float64 model
+        keeps float64 state), the defaults when none were given."""
+        if not self._shared:
+            return {}
+        return {"device": self._shared[0].device, "dtype": self._shared[0].dtype}
 
     @property
     def gradient_mode(self) -> str | None:

@@ -27,6 +27,7 @@ from torch import nn
 
 import fused_mtl
 from fused_mtl import DTP, DWA, MGDA, EqualWeighting, GradNorm, UncertaintyWeighting
+from fused_mtl.app import demo
 from fused_mtl.app.demo import TRUNK_METHODS
 from fused_mtl.compat import AutomaticWeightedLoss, MultiNoiseLoss
 
@@ -34,11 +35,36 @@ NUM_TASKS = 3
 LOCAL_BATCH = 8
 STEPS = 6
 LR = 0.05
-METHODS = ["uw", "awl", "equal", "dwa", "dtp", "gradnorm", "mgda", "mgda_ub", "pcgrad", "upgrad"]
-#: The Gram family by the names the tests use; the distributed tests run PCGrad (a random
-#: draw shared by the ranks) and UPGrad (a deterministic solver) of them: every Gram method
-#: shares their code path (GramBalancer).
+METHODS = [
+    "uw",
+    "awl",
+    "equal",
+    "dwa",
+    "dtp",
+    "gradnorm",
+    "mgda",
+    "mgda_ub",
+    "pcgrad",
+    "upgrad",
+    "famo",
+    "rlw",
+    "gls",
+    "imtl_l",
+    "moco",
+    "sdmgrad",
+    "excess_mtl",
+]
+#: The methods built on the trunk by the names the tests use. Of the Gram family the
+#: distributed tests run PCGrad (a random draw shared by the ranks), UPGrad (a deterministic
+#: solver) and SDMGrad (state across steps): every Gram method shares their code path
+#: (GramBalancer; MoDo's is SDMGrad's). MoCo and ExcessMTL stand for the methods that need
+#: the K x P gradients themselves.
 GRAM_METHODS = {key: name for key, name in TRUNK_METHODS.items() if key != "graddrop"}
+#: The loss-level methods; FAMO, RLW, GLS (whose path STCH shares) and IMTL-L (UW's op) run
+#: in the distributed tests.
+LOSS_METHODS = dict(demo.LOSS_METHODS)
+#: Methods that refuse FSDP2-sharded shared parameters (tested on their own).
+NOT_SHARDED = ("moco",)
 
 
 class Net(nn.Module):
@@ -93,6 +119,8 @@ def make_balancer(method: str, net: Net, num_tasks: int = NUM_TASKS, **sync) -> 
         return MGDA(net.trunk.parameters(), num_tasks, **sync)
     if method == "mgda_ub":
         return MGDA(num_tasks=num_tasks, **sync)
+    if method in LOSS_METHODS:
+        return getattr(fused_mtl, LOSS_METHODS[method])(num_tasks, **sync)
     if method in GRAM_METHODS:
         return getattr(fused_mtl, GRAM_METHODS[method])(net.trunk.parameters(), num_tasks, **sync)
     if method == "graddrop":
@@ -416,6 +444,12 @@ def run_lightning(setup: str, method: str, rank: int, world: int) -> dict[str, o
             self.balancer = make_balancer(method, self.net)
             self.automatic_optimization = automatic
             self.weights: list[torch.Tensor] = []
+            # The single process draws its random weights (RLW, PCGrad) from here on; the
+            # trainer's data loader takes a seed from the same RNG first.
+            self.rng_state = torch.get_rng_state()
+
+        def on_train_start(self):
+            torch.set_rng_state(self.rng_state)
 
         def training_step(self, batch, batch_index):
             features, outputs = self.net(local_inputs)
@@ -481,6 +515,8 @@ def main() -> None:
                     results[method] = run_groups(method, rank)
             else:
                 for method in methods:
+                    if setup == "fsdp2" and method in NOT_SHARDED:
+                        continue
                     results[method] = train(setup, method, rank, world)
         finally:
             # Every rank done with every collective, and the wrapped models freed, before the

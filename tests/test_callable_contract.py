@@ -15,8 +15,13 @@ import torch
 from fused_mtl.compat import MultiNoiseLoss
 
 METHODS = [*worker.METHODS, "multi_noise"]
-#: Every other Gram method and GradDrop: the single-process contracts of this file.
-MORE_METHODS = [m for m in worker.GRAM_METHODS if m not in worker.METHODS] + ["graddrop"]
+#: Every other method built on the trunk, every other loss-level one and GradDrop: the
+#: single-process contracts of this file.
+MORE_METHODS = [
+    *(m for m in worker.GRAM_METHODS if m not in worker.METHODS),
+    *(m for m in worker.LOSS_METHODS if m not in worker.METHODS),
+    "graddrop",
+]
 SCALE = 1024.0
 
 

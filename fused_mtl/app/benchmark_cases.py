@@ -129,6 +129,15 @@ STEP_METHODS = (
     "nash_mtl",
     "fairgrad",
     "graddrop",
+    "famo",
+    "rlw",
+    "gls",
+    "imtl_l",
+    "stch",
+    "moco",
+    "sdmgrad",
+    "modo",
+    "excess_mtl",
 )
 COMPILED_STEP_METHODS = ("equal", "uw", "dwa", "dtp", "gradnorm", "mgda")
 COMPILED_STEP_IMPLEMENTATIONS = ("eager", "compiled")

@@ -42,6 +42,7 @@ from fused_mtl import DTP, DWA, MGDA, Balancer, EqualWeighting, GradNorm, Uncert
 from fused_mtl.synthetic import MultiTaskMLP, ToyRegression, gradnorm_toy, noisy_regression
 
 __all__ = [
+    "LOSS_METHODS",
     "METHODS",
     "PROBLEMS",
     "MethodRun",
@@ -68,8 +69,26 @@ METHODS: dict[str, str] = {
     "nash_mtl": "Nash-MTL",
     "fairgrad": "FairGrad (alpha = 1)",
     "graddrop": "GradDrop",
+    "famo": "FAMO",
+    "rlw": "RLW (random weights)",
+    "gls": "GLS (geometric mean)",
+    "imtl_l": "IMTL-L",
+    "stch": "STCH (mu = 1)",
+    "moco": "MoCo",
+    "sdmgrad": "SDMGrad (lambda = 0.3)",
+    "modo": "MoDo (gamma = 0.001)",
+    "excess_mtl": "ExcessMTL",
 }
-#: The public class of each method of the Gram family (and GradDrop), built on the trunk.
+#: The public class of each loss-level method (built from the number of tasks alone).
+LOSS_METHODS = {
+    "famo": "FAMO",
+    "rlw": "RandomWeighting",
+    "gls": "GeometricMean",
+    "imtl_l": "IMTLL",
+    "stch": "STCH",
+}
+#: The public class of each method built on the trunk's parameters: the Gram family, GradDrop
+#: and the stochastic gradient methods.
 TRUNK_METHODS = {
     "pcgrad": "PCGrad",
     "gradvac": "GradVac",
@@ -82,6 +101,10 @@ TRUNK_METHODS = {
     "nash_mtl": "NashMTL",
     "fairgrad": "FairGrad",
     "graddrop": "GradDrop",
+    "moco": "MoCo",
+    "sdmgrad": "SDMGrad",
+    "modo": "MoDo",
+    "excess_mtl": "ExcessMTL",
 }
 PROBLEMS = ("gradnorm_toy", "known_noise")
 BATCH = 128
@@ -169,6 +192,8 @@ def make_balancer(method: str, model: MultiTaskMLP, num_tasks: int, period_steps
         return GradNorm(model.last_shared_layer.parameters(), num_tasks)
     if method == "mgda":
         return MGDA(model.trunk.parameters(), num_tasks, normalization="l2")
+    if method in LOSS_METHODS:
+        return getattr(fused_mtl, LOSS_METHODS[method])(num_tasks)
     if method in TRUNK_METHODS:
         return getattr(fused_mtl, TRUNK_METHODS[method])(model.trunk.parameters(), num_tasks)
     raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")

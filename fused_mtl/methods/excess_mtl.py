@@ -79,15 +79,12 @@ class ExcessMTL(GradientBalancer):
         super().__init__(
             shared_parameters, num_tasks, tasks, backend, per_task_gradients, sync, process_group
         )
-        first = self._shared[0] if self._shared else torch.zeros(())
+        options = self._state_options()
         size = sum(parameter.numel() for parameter in self._shared)
         num = self.num_tasks
-        self.register_buffer(
-            "squared_gradient_sums",
-            torch.zeros(num, size, dtype=first.dtype, device=first.device),
-        )
-        self.register_buffer("initial_risks", torch.full((num,), math.nan, device=first.device))
-        self.register_buffer("weights", torch.ones(num, device=first.device))
+        self.register_buffer("squared_gradient_sums", torch.zeros(num, size, **options))
+        self.register_buffer("initial_risks", torch.full((num,), math.nan, **options))
+        self.register_buffer("weights", torch.ones(num, **options))
 
     def forward(self, *losses: LossArgs) -> Tensor:
         """``sum_i w_i L_i`` with this step's weights."""

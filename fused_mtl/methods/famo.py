@@ -100,7 +100,7 @@ class FAMO(LossObjective):
         self.lr, self.gamma = rate, decay
         self.check_finite = bool(check_finite)
         num = self.num_tasks
-        floor = torch.as_tensor(min_losses, dtype=torch.float32)
+        floor = torch.as_tensor(min_losses, dtype=torch.float64)
         if floor.dim() == 0:
             floor = floor.expand(num).clone()
         if floor.shape != (num,) or not bool(torch.isfinite(floor).all()):

@@ -99,14 +99,12 @@ class MoCo(GradientBalancer):
                 "MoCo: FSDP2-sharded shared parameters are not supported (it tracks the whole "
                 "K x P gradients); use DDP, or a Gram method"
             )
-        first = self._shared[0] if self._shared else torch.zeros(())
+        options = self._state_options()
         size = sum(parameter.numel() for parameter in self._shared)
         num = self.num_tasks
-        self.register_buffer(
-            "tracked_gradients", torch.zeros(num, size, dtype=first.dtype, device=first.device)
-        )
-        self.register_buffer("lambdas", torch.full((num,), 1 / num, device=first.device))
-        self.register_buffer("steps", torch.zeros((), device=first.device))
+        self.register_buffer("tracked_gradients", torch.zeros(num, size, **options))
+        self.register_buffer("lambdas", torch.full((num,), 1 / num, **options))
+        self.register_buffer("steps", torch.zeros((), **options))
         self.register_buffer("weights", self.lambdas.clone(), persistent=False)
 
     def forward(self, *losses: LossArgs) -> Tensor:

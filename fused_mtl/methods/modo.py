@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from fused_mtl.balancer import SampledGramBalancer, check_number
@@ -61,7 +62,9 @@ class MoDo(SampledGramBalancer):
         regulariser = check_number("MoDo", "rho", rho, low=0.0, high=1e6)
         super().__init__(shared_parameters, num_tasks, **options)
         self.gamma, self.rho = step, regulariser
-        self.register_buffer("lambdas", self.weights.clone())
+        self.register_buffer(
+            "lambdas", torch.full((self.num_tasks,), 1 / self.num_tasks, **self._state_options())
+        )
 
     def _gram_weights(self, gram: Tensor) -> Tensor:
         self.lambdas = stochastic.modo_lambdas(self.lambdas, gram, self.gamma, self.rho)

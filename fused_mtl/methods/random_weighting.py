@@ -47,6 +47,9 @@ class RandomWeighting(LossObjective):
     """
 
     weights: Tensor
+    # A weighted sum: each rank's own losses, and DDP's average of the gradients is the
+    # whole batch's; only the draw is shared.
+    _syncs_losses = False
 
     def __init__(
         self,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from fused_mtl.balancer import SampledGramBalancer, check_number
@@ -64,7 +65,10 @@ class SDMGrad(SampledGramBalancer):
             raise ValueError(f"SDMGrad: iterations must be an integer >= 1, got {iterations!r}")
         super().__init__(shared_parameters, num_tasks, **options)
         self.lam, self.iterations = regulariser, iterations
-        self.register_buffer("simplex_weights", self.weights.clone())
+        self.register_buffer(
+            "simplex_weights",
+            torch.full((self.num_tasks,), 1 / self.num_tasks, **self._state_options()),
+        )
 
     def _gram_weights(self, gram: Tensor) -> Tensor:
         self.simplex_weights = stochastic.sdmgrad_lambdas(

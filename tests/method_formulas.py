@@ -1,0 +1,167 @@
+"""float64 references of the loss-level and stochastic methods, from each paper's equations.
+
+Written from the papers' formulas with autograd, ``torch.optim`` and loops over tasks, and
+importing nothing from fused_mtl: the simplex projection is a bisection on the threshold (the
+package sorts), FAMO's logit step is ``torch.optim.Adam`` and SDMGrad's inner loop
+``torch.optim.SGD`` (the package writes both steps out).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+F64 = torch.float64
+
+
+def simplex_projection(v: Tensor) -> Tensor:
+    """argmin_{x in simplex} ||x - v||: x = max(v - theta, 0), theta found by bisection."""
+    v = v.to(F64)
+    low, high = v.min() - 1.0, v.max()
+    for _ in range(200):
+        middle = (low + high) / 2
+        if (v - middle).clamp_min(0).sum() > 1:
+            low = middle
+        else:
+            high = middle
+    return (v - (low + high) / 2).clamp_min(0)
+
+
+def value_and_gradient(objective: Callable[[Tensor], Tensor], losses: Tensor):
+    """``f(L)`` and ``df/dL`` by autograd in float64."""
+    point = losses.detach().to(F64).requires_grad_()
+    value = objective(point)
+    (gradient,) = torch.autograd.grad(value, point)
+    return value.detach(), gradient
+
+
+def geometric_mean(L: Tensor) -> Tensor:
+    """GLS: (prod_i L_i)^(1/K)."""
+    return torch.prod(L) ** (1.0 / L.numel())
+
+
+def smooth_tchebycheff(mu: float, ideal: Tensor, preferences: Tensor):
+    """STCH: mu log sum_i exp(lambda_i (L_i - z*_i) / mu)."""
+    return lambda L: mu * torch.log(torch.sum(torch.exp(preferences * (L - ideal) / mu)))
+
+
+def imtl_l(L: Tensor, s: Tensor) -> Tensor:
+    """IMTL-L: sum_i e^{s_i} L_i - s_i."""
+    return torch.sum(torch.exp(s) * L - s)
+
+
+def random_weights(draw: Tensor) -> Tensor:
+    """RLW: softmax of the normal draw."""
+    e = torch.exp(draw.to(F64))
+    return e / e.sum()
+
+
+def famo(
+    steps: Sequence[tuple[Tensor, Tensor]], lr: float, gamma: float, min_losses: Tensor
+) -> list[tuple[Tensor, Tensor]]:
+    """FAMO's loop (Algorithm 1, with the authors' Adam on the logits): for each step's
+    losses before and after the model's update, the weights the step trains with (the
+    gradient of sum_i z_i log(L_i - L*_i + 1e-8) / c, c = sum_i z_i / (L_i - L*_i + 1e-8),
+    at the losses before), then the logits after it, as (weights, softmax(logits))."""
+    K = min_losses.numel()
+    logits = torch.zeros(K, dtype=F64, requires_grad=True)
+    optimizer = torch.optim.Adam([logits], lr=lr, weight_decay=gamma)
+    record = []
+    for before, after in steps:
+        z = torch.softmax(logits, 0).detach()
+        before = before.to(F64)
+        c = (z / (before - min_losses + 1e-8)).sum()
+        weights = value_and_gradient(
+            lambda L, z=z, c=c: (z * torch.log(L - min_losses + 1e-8)).sum() / c, before
+        )[1]
+        delta = torch.log(before - min_losses + 1e-8) - torch.log(after.to(F64) - min_losses + 1e-8)
+        (gradient,) = torch.autograd.grad(torch.softmax(logits, 0), logits, grad_outputs=delta)
+        optimizer.zero_grad()
+        logits.grad = gradient
+        optimizer.step()
+        record.append((weights, torch.softmax(logits, 0).detach()))
+    return record
+
+
+def moco(
+    jacobians: Sequence[Tensor],
+    beta: float = 0.5,
+    beta_sigma: float = 0.5,
+    gamma: float = 0.1,
+    gamma_sigma: float = 0.5,
+    rho: float = 0.0,
+) -> list[tuple[Tensor, Tensor]]:
+    """MoCo (Fernando et al., Algorithm 1): per step t, with the step's K x P gradients J,
+    Y <- Y - beta_t (Y - J); lambda <- Proj(lambda - gamma_t (Y Y^T + rho I) lambda);
+    d = Y^T lambda. Returns (d, lambda) per step."""
+    K, P = jacobians[0].shape
+    Y = torch.zeros(K, P, dtype=F64)
+    lam = torch.full((K,), 1.0 / K, dtype=F64)
+    out = []
+    for t, J in enumerate(jacobians, start=1):
+        Y = Y - beta / t**beta_sigma * (Y - J.to(F64))
+        step = (Y @ Y.T + rho * torch.eye(K, dtype=F64)) @ lam
+        lam = simplex_projection(lam - gamma / t**gamma_sigma * step)
+        out.append((Y.T @ lam, lam))
+    return out
+
+
+def sdmgrad(
+    J_update: Tensor, J_a: Tensor, J_b: Tensor, w: Tensor, lam: float = 0.3, niter: int = 20
+) -> tuple[Tensor, Tensor, Tensor]:
+    """SDMGrad (Xiao et al.), as the authors' code runs it: ``niter`` SGD steps (lr 5,
+    momentum 0.5) on (1/2) w^T A w + lam <A 1/K, w>, A = J_a J_b^T / (mean_i ||g_i||)^2, each
+    followed by the simplex projection; d = (J^T w + lam mean_i g_i) / (1 + lam). Returns
+    (d, the weights of d on J's rows, w)."""
+    A = J_a.to(F64) @ J_b.to(F64).T
+    scale = A.diagonal().clamp_min(0).sqrt().mean()
+    A = A / (scale**2 + 1e-8)
+    K = A.shape[0]
+    weights = w.to(F64).clone().requires_grad_()
+    optimizer = torch.optim.SGD([weights], lr=5.0, momentum=0.5)
+    for _ in range(niter):
+        optimizer.zero_grad()
+        weights.grad = A @ weights.detach() + lam * A @ torch.full((K,), 1.0 / K, dtype=F64)
+        optimizer.step()
+        with torch.no_grad():
+            weights.copy_(simplex_projection(weights))
+    w = weights.detach()
+    J = J_update.to(F64)
+    d = (J.T @ w + lam * J.mean(0)) / (1 + lam)
+    return d, (w + lam / K) / (1 + lam), w
+
+
+def modo(
+    J_update: Tensor, J_a: Tensor, J_b: Tensor, lam: Tensor, gamma: float, rho: float
+) -> tuple[Tensor, Tensor]:
+    """MoDo (Chen et al.): lambda <- Proj(lambda - gamma (J_a J_b^T lambda + rho lambda));
+    d = J^T lambda. Returns (d, lambda)."""
+    lam = lam.to(F64)
+    lam = simplex_projection(lam - gamma * (J_a.to(F64) @ (J_b.to(F64).T @ lam) + rho * lam))
+    return J_update.to(F64).T @ lam, lam
+
+
+def excess_mtl(jacobians: Sequence[Tensor], step_size: float = 1e-2) -> list[Tensor]:
+    """ExcessMTL (He et al.): per task, S_i += g_i^2 (per coordinate), r_i = sum_p g_ip^2 /
+    sqrt(S_ip + 1e-7); the first step records r^0; afterwards w_i <- w_i exp(eta r_i /
+    r^0_i) and w <- K w / sum w. Returns the weights each step trains with."""
+    K, P = jacobians[0].shape
+    S = torch.zeros(K, P, dtype=F64)
+    w = torch.ones(K, dtype=F64)
+    first = None
+    out = []
+    for J in jacobians:
+        J = J.to(F64)
+        risks = torch.zeros(K, dtype=F64)
+        for i in range(K):
+            S[i] += J[i] ** 2
+            risks[i] = (J[i] ** 2 / torch.sqrt(S[i] + 1e-7)).sum()
+        if first is None:
+            first = risks.clone()
+        else:
+            w = w * torch.exp(step_size * risks / first)
+            w = K * w / w.sum()
+        out.append(w.clone())
+    return out
