@@ -87,6 +87,42 @@ def test_demo_runs_each_method(capsys, tmp_path, method):
     assert ("learned sigma^2" in out) == (method == "uw")
 
 
+HELP_OPTIONS = {
+    "demo": ("--method", "--steps", "--device", "--seed", "--out"),
+    "bench": ("--device", "--quick", "--json", "--markdown"),
+}
+
+
+@pytest.mark.parametrize("command", list(HELP_OPTIONS))
+def test_help_explains_every_option_with_its_default_and_examples(capsys, command):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "``" not in text and ":mod:" not in text  # no reStructuredText markup
+    assert "examples:" in text and f"fused-mtl {command} --" in text
+    options = text.split("options:")[1].split("examples:")[0]
+    for option in HELP_OPTIONS[command]:
+        # The option's line carries a description after its metavar.
+        line = next(line for line in options.splitlines() if line.strip().startswith(option))
+        assert len(line.split()) >= 3, line
+    if command == "demo":
+        for default in ("(default: all)", "(default: 2000)", "(default: 0)", "fused-mtl-demo)"):
+            assert default in text, default
+
+
+def test_demo_prints_a_line_every_n_steps_when_not_a_terminal(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "PROGRESS_LINE_STEPS", 4)
+    status, out, _ = run_cli(
+        capsys, "demo", "--method", "equal", "--steps", "10", "--out", str(tmp_path)
+    )
+    assert status == 0
+    lines = [line for line in out.splitlines() if line.startswith("gradnorm_toy: equal")]
+    assert lines[:2] == ["gradnorm_toy: equal: step 4/10", "gradnorm_toy: equal: step 8/10"]
+    assert lines[2].startswith("gradnorm_toy: equal: done, ") and lines[2].endswith(" ms/step")
+    assert "known_noise: equal: step 8/10" in out
+
+
 def test_demo_runs_all_methods_by_default(capsys, tmp_path):
     status, out, err = run_cli(capsys, "demo", "--steps", "2", "--out", str(tmp_path))
     assert status == 0, err

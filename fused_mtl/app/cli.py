@@ -1,8 +1,8 @@
 """The ``fused-mtl`` command (also ``python -m fused_mtl``): a thin shell over the package.
 
 - ``fused-mtl demo`` trains one network with each balancing method on two synthetic problems
-  (:mod:`fused_mtl.app.demo`) and shows what each did: a progress bar, a table per problem, PNG
-  plots.
+  (:mod:`fused_mtl.app.demo`) and shows what each did: a progress bar (a line every 500 steps
+  when the output is not a terminal), a table per problem, PNG plots.
 - ``fused-mtl bench`` times the benchmark cases (:mod:`fused_mtl.app.benchmark_cases`, the ones
   ``pytest benchmarks/`` times) and prints them with their ratios; ``--json`` / ``--markdown``
   write them to files.
@@ -20,6 +20,7 @@ import json
 import stat
 import sys
 import tempfile
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -192,15 +193,10 @@ def _demo(args: argparse.Namespace) -> int:
     )
     problems = [demo.make_problem(name, args.seed, args.device) for name in demo.PROBLEMS]
     runs: dict[str, list[demo.MethodRun]] = {}
-    with _progress(console) as progress:
-        for problem in problems:
-            bar = progress.add_task(problem.name, total=len(methods) * args.steps)
-            runs[problem.name] = []
-            advance = functools.partial(progress.advance, bar)
-            for method in methods:
-                progress.update(bar, description=f"{problem.name}: {method}")
-                run = demo.train(problem, method, args.steps, args.seed, on_step=advance)
-                runs[problem.name].append(run)
+    if not console.is_terminal:
+        _demo_runs_with_lines(console, problems, methods, args, runs)
+    else:
+        _demo_runs_with_bar(console, problems, methods, args, runs)
     summary: dict[str, Any] = {"steps": args.steps, "seed": args.seed, "device": args.device}
     summary["problems"] = {}
     for problem in problems:
@@ -217,6 +213,46 @@ def _demo(args: argparse.Namespace) -> int:
     summary_path.write_text(json.dumps(summary, indent=1) + "\n")
     console.print(f"wrote {summary_path}")
     return 0
+
+
+def _demo_runs_with_lines(
+    console: Any, problems: Sequence[Any], methods: Sequence[str], args: Any, runs: dict
+) -> None:
+    """Without a terminal: one line per ``PROGRESS_LINE_STEPS`` steps and per finished run."""
+    from fused_mtl.app import demo
+
+    for problem in problems:
+        runs[problem.name] = []
+        for method in methods:
+            done = [0]
+
+            def report(method: str = method, problem: Any = problem, done: list = done) -> None:
+                done[0] += 1
+                if done[0] % PROGRESS_LINE_STEPS == 0 and done[0] < args.steps:
+                    print(f"{problem.name}: {method}: step {done[0]}/{args.steps}", flush=True)
+
+            run = demo.train(problem, method, args.steps, args.seed, on_step=report)
+            print(
+                f"{problem.name}: {method}: done, {run.seconds_per_step * 1e3:.2f} ms/step",
+                flush=True,
+            )
+            runs[problem.name].append(run)
+
+
+def _demo_runs_with_bar(
+    console: Any, problems: Sequence[Any], methods: Sequence[str], args: Any, runs: dict
+) -> None:
+    from fused_mtl.app import demo
+
+    with _progress(console) as progress:
+        for problem in problems:
+            bar = progress.add_task(problem.name, total=len(methods) * args.steps)
+            runs[problem.name] = []
+            advance = functools.partial(progress.advance, bar)
+            for method in methods:
+                progress.update(bar, description=f"{problem.name}: {method}")
+                run = demo.train(problem, method, args.steps, args.seed, on_step=advance)
+                runs[problem.name].append(run)
 
 
 def _task_labels(problem: Any) -> list[str]:
@@ -372,35 +408,98 @@ def _bench(args: argparse.Namespace) -> int:
 # --- entry points ----------------------------------------------------------------------------
 
 
+DEMO_EXAMPLES = """examples:
+  fused-mtl demo                         every method, both problems, 2000 steps each
+  fused-mtl demo --method famo --steps 500
+  fused-mtl demo --device cuda --out runs/demo
+"""
+BENCH_EXAMPLES = """examples:
+  fused-mtl bench --quick                a few small cases, short timings
+  fused-mtl bench --json bench.json --markdown bench.md
+"""
+#: Without a terminal (a pipe, a file, CI) the demo prints a line every this many steps of a
+#: method instead of a progress bar, which only a terminal redraws.
+PROGRESS_LINE_STEPS = 500
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The examples' layout kept, and every option's default shown."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        default = action.default
+        shown = default is not None and default is not False and default != argparse.SUPPRESS
+        if shown and "%(default)" not in help_text:
+            help_text += " (default: %(default)s)"
+        return help_text
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fused-mtl", description=__doc__.splitlines()[0])
+    parser = _Parser(
+        prog="fused-mtl",
+        description="fused-mtl: train with each loss-balancing method (demo) or time the fused "
+        "ops (bench).",
+        epilog=DEMO_EXAMPLES + BENCH_EXAMPLES,
+        formatter_class=_HelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"fused-mtl {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench}")
 
     demo = commands.add_parser(
         "demo",
         help="train a multi-task network with each balancing method and compare them",
-        description="Train the same network with each balancing method on the GradNorm paper's "
-        "toy regression and on tasks with known noise; print a table per problem and write PNG "
-        "plots (weights and loss ratios over the steps) and summary.json to --out.",
+        description=textwrap.fill(
+            "Train the same network with each balancing method on the GradNorm paper's toy "
+            "regression and on tasks with known noise; print a table per problem and write PNG "
+            "plots (weights and loss ratios over the steps) and summary.json to --out.",
+            width=78,
+        ),
+        epilog=DEMO_EXAMPLES,
+        formatter_class=_HelpFormatter,
     )
-    demo.add_argument("--method", choices=(*METHODS, "all"), default="all")
-    demo.add_argument("--steps", type=_steps, default=DEFAULT_STEPS)
+    demo.add_argument(
+        "--method",
+        choices=(*METHODS, "all"),
+        default="all",
+        metavar="METHOD",
+        help=f"one method, or all of them: {', '.join(METHODS)}",
+    )
+    demo.add_argument(
+        "--steps",
+        type=_steps,
+        default=DEFAULT_STEPS,
+        help=f"training steps per method and problem, 1 to {MAX_STEPS:,}",
+    )
     demo.add_argument("--device", type=_device, default=None, help=DEVICE_HELP)
-    demo.add_argument("--seed", type=_seed, default=0)
-    demo.add_argument("--out", default="fused-mtl-demo", help="folder for the plots (created)")
+    demo.add_argument("--seed", type=_seed, default=0, help="seed of the data and the network")
+    demo.add_argument(
+        "--out", default="fused-mtl-demo", help="folder for the plots and summary.json (created)"
+    )
     demo.set_defaults(run=_demo)
 
     bench = commands.add_parser(
         "bench",
         help="time the fused ops against eager PyTorch and torch.compile",
-        description="Time the fused ops and the balancing methods against what users run today "
-        "(per-task loops, vectorised eager, torch.compile of the loop) on this machine.",
+        description=textwrap.fill(
+            "Time the fused ops and the balancing methods against what users run today "
+            "(per-task loops, vectorised eager, torch.compile of the loop) on this machine.",
+            width=78,
+        ),
+        epilog=BENCH_EXAMPLES,
+        formatter_class=_HelpFormatter,
     )
     bench.add_argument("--device", type=_device, default=None, help=DEVICE_HELP)
     bench.add_argument("--quick", action="store_true", help="a few small cases, short timings")
-    bench.add_argument("--json", type=Path, default=None, metavar="PATH")
-    bench.add_argument("--markdown", type=Path, default=None, metavar="PATH")
+    bench.add_argument(
+        "--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON"
+    )
+    bench.add_argument(
+        "--markdown",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="also write the results as a markdown table",
+    )
     bench.set_defaults(run=_bench)
     return parser
 
