@@ -24,8 +24,9 @@ class EqualWeighting(LossWeighting):
         tasks: task names; enables calling with a dict and names tasks in errors.
         reduction: ``None`` requires scalar losses; ``"mean"`` / ``"sum"`` reduce each loss.
         backend: accepted so that every method is constructed alike; a sum has no kernel.
-        sync, process_group: accepted so that every method is constructed alike; the weights
-            are constant and nothing is communicated.
+        sync: accepted so that every method is constructed alike; the weights are constant
+            and nothing is communicated.
+        process_group: accepted likewise.
 
     Example:
         >>> import torch

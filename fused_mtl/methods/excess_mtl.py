@@ -43,7 +43,11 @@ class ExcessMTL(GradientBalancer):
         shared_parameters: the parameters whose per-task gradients estimate the risks.
         num_tasks: K (may be omitted when ``tasks`` is given).
         step_size: ``eta`` > 0 (default 1e-2, LibMTL's ``robust_step_size``).
-        tasks, backend, per_task_gradients, sync, process_group: as for every gradient method.
+        tasks: task names; enables calling with a dict and names tasks in errors.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``, for the fused ops.
+        per_task_gradients: ``"auto"``, ``"batched"`` or ``"loop"`` (see ``TaskGradients``).
+        sync: under ``torch.distributed``, average the per-task gradients over the ranks.
+        process_group: the group to sync over (``None``: the default group).
 
     Example:
         >>> import torch

@@ -28,7 +28,7 @@ class GradDrop(GradientBalancer):
     the positive gradients are kept when ``P > U``, the negative ones when ``P < U``, and
 
     .. math:: d = \sum_i \big(\ell + (1 - \ell)\, m_i\big)\, g_i,
-              \qquad m_i = [P > U][g_i > 0] + [P < U][g_i < 0],
+              \qquad m_i = \mathbb{1}(P > U)\,\mathbb{1}(g_i > 0) + \mathbb{1}(P < U)\,\mathbb{1}(g_i < 0),
 
     with the leak ``ℓ`` (0: the paper's plain GradDrop). ``d`` is not a weighted sum of the task
     gradients, so it needs the gradients themselves, not their Gram matrix: the call holds the
@@ -45,7 +45,9 @@ class GradDrop(GradientBalancer):
         shared_parameters: the parameters whose per-task gradients are combined.
         num_tasks: K (may be omitted when ``tasks`` is given).
         leak: in [0, 1]; 1 keeps every gradient (the plain sum).
-        options: ``tasks``, ``backend``, ``per_task_gradients`` as for every gradient method.
+        tasks: task names; enables calling with a dict and names tasks in errors.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+        per_task_gradients: ``"auto"``, ``"batched"`` or ``"loop"`` (see ``TaskGradients``).
 
     Example:
         >>> import torch

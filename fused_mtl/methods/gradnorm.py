@@ -179,7 +179,8 @@ class GradNorm(GradientBalancer):
         self.weights.copy_(reference.renormalized_weights(self.weights, MIN_WEIGHT))
 
     def forward(self, *losses: LossArgs) -> Tensor:
-        """One GradNorm step (see the class docstring); returns ``sum_i w_i L_i``.
+        """One GradNorm step: renormalise the weights to sum to K, take the per-task gradient
+        norms of the shared parameters, and return ``sum_i w_i L_i`` (weights constant).
 
         Its backward gives the model the gradients of ``sum_i w_i L_i`` (weights constant) and
         ``weights.grad`` GradNorm's update, times the upstream gradient (1 for a plain

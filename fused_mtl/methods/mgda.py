@@ -63,7 +63,10 @@ class MGDA(GramBalancer):
         tasks: task names; enables calling with a dict and names tasks in errors.
         normalization: ``c_i``: ``"none"`` (1, default), ``"l2"`` (``||g_i||``), ``"loss"``
             (``L_i``) or ``"loss+"`` (``L_i ||g_i||``). The two loss normalisations read the
-            losses on the host at every call to check that they are positive.
+            losses on the host at every call to check that they are positive. With
+            ``"l2"`` and two tasks the weights are always 0.5 / 0.5: the min-norm point of two
+            unit vectors is their midpoint, whatever their angle (the update
+            (u_1 + u_2) / 2 still depends on it).
         solver_iterations: interior-point steps for K > 10 (see ``SOLVER_ITERATIONS``).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``, for the Gram matrix.
         per_task_gradients: ``"auto"``, ``"batched"`` or ``"loop"``, as for ``GradNorm``.

@@ -48,11 +48,17 @@ class MoCo(GradientBalancer):
     Args:
         shared_parameters: the parameters whose per-task gradients are tracked.
         num_tasks: K (may be omitted when ``tasks`` is given).
-        beta, beta_decay: the tracking rate and its decay (defaults 0.5 and 0.5).
-        gamma, gamma_decay: the weights' step size and its decay (defaults 0.1 and 0.5).
-        rho: the L2 regularisation of ``lambda`` (default 0). The defaults are LibMTL's,
-            after the authors' code.
-        tasks, backend, per_task_gradients, sync, process_group: as for every gradient method.
+        beta: the tracking rate, in (0, 1] (default 0.5; the defaults are LibMTL's, after the
+            authors' code).
+        beta_decay: the tracking rate's decay exponent (default 0.5).
+        gamma: the weights' step size (default 0.1).
+        gamma_decay: the step size's decay exponent (default 0.5).
+        rho: the L2 regularisation of ``lambda`` (default 0).
+        tasks: task names; enables calling with a dict and names tasks in errors.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``, for the fused ops.
+        per_task_gradients: ``"auto"``, ``"batched"`` or ``"loop"`` (see ``TaskGradients``).
+        sync: under ``torch.distributed``, average the per-task gradients over the ranks.
+        process_group: the group to sync over (``None``: the default group).
 
     Example:
         >>> import torch
