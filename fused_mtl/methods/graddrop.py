@@ -28,7 +28,8 @@ class GradDrop(GradientBalancer):
     the positive gradients are kept when ``P > U``, the negative ones when ``P < U``, and
 
     .. math:: d = \sum_i \big(\ell + (1 - \ell)\, m_i\big)\, g_i,
-              \qquad m_i = \mathbb{1}(P > U)\,\mathbb{1}(g_i > 0) + \mathbb{1}(P < U)\,\mathbb{1}(g_i < 0),
+              \qquad m_i = \mathbb{1}(P > U)\,\mathbb{1}(g_i > 0)
+              + \mathbb{1}(P < U)\,\mathbb{1}(g_i < 0),
 
     with the leak ``ℓ`` (0: the paper's plain GradDrop). ``d`` is not a weighted sum of the task
     gradients, so it needs the gradients themselves, not their Gram matrix: the call holds the

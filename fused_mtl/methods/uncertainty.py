@@ -163,8 +163,9 @@ class UncertaintyWeighting(UncertaintyModule):
             where Adam's normalised steps do not). Inside the range nothing changes. With
             float16 losses the weight ``e^-s`` must fit float16 for the losses' gradient to be
             finite (``s > -11``): pass ``log_var_bounds=(-11, 11)`` there.
-        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see docs/guide.md, Backends). The environment
-            variable ``FUSED_MTL_BACKEND`` overrides ``"auto"``; it is read here, at construction.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see docs/guide.md, Backends). The
+            environment variable ``FUSED_MTL_BACKEND`` overrides ``"auto"``; it is read here, at
+            construction.
         sync: under ``torch.distributed``, average the gradient of ``log_vars`` over the ranks,
             so that every rank learns the same ``log_vars`` as one process on the whole batch
             (``False``: each rank's own gradient).
