@@ -625,6 +625,12 @@ class SampledGramBalancer(GramBalancer):
         reported = self._reported_total(losses, self.weights.device)
         if reported is not None:
             return reported
+        if self._layer_gram is not None:
+            self._layer_gram.discard()
+            raise NotImplementedError(
+                f"{name}: weight_losses cannot be used with gram_by_layer=True (the layers' "
+                "recorded calls are those of one mini-batch); build it with gram_by_layer=False"
+            )
         device = self._shared_device()
         batches = [self._graph_losses(losses, device)]
         batches += [self._graph_losses((batch,), device) for batch in weight_losses]

@@ -452,3 +452,13 @@ def test_moco_refuses_fsdp2_sharded_parameters(monkeypatch):
     monkeypatch.setattr(fused_mtl.balancer, "is_sharded", lambda tensor: True)
     with pytest.raises(NotImplementedError, match="MoCo: FSDP2-sharded shared parameters"):
         fused_mtl.MoCo(nn.Linear(2, 2).parameters(), 2)
+
+
+def test_weight_losses_are_refused_with_the_gram_by_layer():
+    net = Net()
+    modo = fused_mtl.MoDo(net.trunk, NUM_TASKS, gram_by_layer=True)
+    losses = net.losses(batch(0))
+    with pytest.raises(NotImplementedError, match="MoDo: weight_losses cannot be used"):
+        modo(losses, weight_losses=(net.losses(batch(1)), net.losses(batch(2))))
+    modo(net.losses(batch(3))).backward()  # one mini-batch works
+    assert torch.isclose(modo.lambdas.sum(), torch.tensor(1.0, dtype=F64))
