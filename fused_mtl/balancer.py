@@ -205,8 +205,18 @@ class Balancer(nn.Module):
             ]
         return [f"its tasks are {listed(saved)}, this module's are {listed(self.tasks)}"]
 
+    def forward(self, *losses: LossArgs) -> Tensor:
+        """The balanced total (0-dim) of the task losses, given in any calling convention
+        (positional tensors, a list, one ``(K,)`` tensor, a dict by task name); its backward
+        trains the model and the balancer's own parameters by the method's rule."""
+        raise NotImplementedError(f"{type(self).__name__} does not define forward")
+
     def backward(self, *losses: LossArgs) -> Tensor:
-        """``total = self(*losses)``, then ``total.backward()``; returns the total, detached."""
+        """``total = self(*losses)``, then ``total.backward()``; returns the total, detached.
+
+        The one-line form of a training step's balancing: the call (which, for a gradient
+        method, computes the per-task gradients and the weights) and the total's backward.
+        Raises under ``torch.no_grad()``, where there is no graph to back-propagate."""
         check_grad_enabled(self)
         total = self(*losses)
         total.backward()
