@@ -299,7 +299,7 @@ class LossWeighting(Balancer):
 
 
 class LossObjective(LossWeighting):
-    """A method whose total is a function ``f(L)`` of this call's losses (GLS, STCH, FAMO).
+    """A method whose total is a function ``f(L)`` of this call's losses (GLS, STCH, FAMO, RLW).
 
     Subclasses implement ``_objective(losses) -> (value, weights)``: ``f`` and its gradient
     ``w_i = df / dL_i`` at the detached losses. The call returns a total whose value is ``f``
