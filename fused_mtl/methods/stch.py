@@ -34,6 +34,9 @@ class STCH(LossObjective):
     The ideal point is the paper's: each loss's minimum. A loss bounded below by 0 (a squared
     error, a cross-entropy) has ``z*_i = 0``, the default; pass the known lowest values
     otherwise (an NLL's constant). The value is ``logsumexp``, finite for every finite input.
+    STCH compares the losses' values: put them on comparable scales first (divide each by a
+    reference level, or pass their logarithms, as the paper's multi-task experiments do); on
+    raw losses of very different scales the largest takes all the weight.
 
     Args:
         num_tasks: number of tasks K (may be omitted when ``tasks`` is given).
