@@ -308,7 +308,9 @@ class LossObjective(LossWeighting):
     ``all_reduce`` of K numbers): every rank then has the value and weights of the whole batch,
     and DDP's average of the ranks' gradients is the gradient on the whole batch, which a
     nonlinear ``f`` of each rank's own losses would not give. ``weights`` are those of the last
-    training call.
+    training call with grad enabled; eval-mode calls and calls under ``torch.no_grad()`` (a
+    validation pass through a balancer that ``model.eval()`` does not reach) compute the total
+    and change nothing.
     """
 
     #: Whether the objective needs the losses over all ranks (not a linear one, RLW's).
@@ -327,16 +329,18 @@ class LossObjective(LossWeighting):
             device=self._device(),
         )
         seen = stacked.detach()
-        # Every training call, with grad or without: a method's state (FAMO's) follows the
-        # losses, and every rank must see the same ones.
-        syncing = self._syncs_losses and self.training and self._sync.active(self)
+        syncing = self._syncs_losses and self._updates() and self._sync.active(self)
         return stacked, self._sync.mean(seen) if syncing else seen
+
+    def _updates(self) -> bool:
+        """Whether this call may change the method's state: training mode, grad enabled."""
+        return self.training and torch.is_grad_enabled()
 
     def forward(self, *losses: LossArgs) -> Tensor:
         """The method's total (0-dim) of the task losses, in any calling convention."""
         stacked, seen = self._call_losses(losses)
         value, weights = self._objective(seen)
-        if self.training:
+        if self._updates():
             self.weights = weights
         return objective_total(value, weights, stacked)
 
@@ -392,11 +396,13 @@ class GradientBalancer(Balancer):
             self._sharded = any(is_sharded(parameter) for parameter in self._shared)
 
     def _state_options(self) -> dict[str, Any]:
-        """The device and dtype of a method's state: the shared parameters' (a float64 model
-        keeps float64 state), the defaults when none were given."""
+        """The device and dtype of a method's state: the shared parameters', at least float32
+        (a float64 model keeps float64 state; a bfloat16 one's sums of squared gradients
+        would lose their low bits), the defaults when none were given."""
         if not self._shared:
             return {}
-        return {"device": self._shared[0].device, "dtype": self._shared[0].dtype}
+        dtype = torch.promote_types(self._shared[0].dtype, torch.float32)
+        return {"device": self._shared[0].device, "dtype": dtype}
 
     @property
     def gradient_mode(self) -> str | None:
@@ -643,7 +649,12 @@ class SampledGramBalancer(GramBalancer):
             )
         device = self._shared_device()
         batches = [self._graph_losses(losses, device)]
-        batches += [self._graph_losses((batch,), device) for batch in weight_losses]
+        for position, batch in enumerate(weight_losses):
+            try:
+                batches.append(self._graph_losses((batch,), device))
+            except ValueError as error:
+                fault = str(error).removeprefix(f"{name}: ")
+                raise ValueError(f"{name}: weight_losses[{position}]: {fault}") from None
         stacked = torch.cat([batch[0] for batch in batches])
         separate_lists = [batch[1] for batch in batches]
         separate = (

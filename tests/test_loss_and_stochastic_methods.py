@@ -390,6 +390,9 @@ def test_state_dict_round_trip_continues_bit_for_bit(method):
     copy_net = copy.deepcopy(net)
     resumed = STATEFUL[method](copy_net)
     resumed.load_state_dict(balancer.state_dict())
+    # The weights an eval-mode total uses (a loaded buffer keeps its own dtype: FAMO's float32
+    # buffer holds the float64 weights of float64 losses rounded, as load_state_dict copies).
+    assert torch.equal(resumed.weights, balancer.weights.to(resumed.weights.dtype))
     original = train_steps(net, balancer, range(3, 6))
     continued = train_steps(copy_net, resumed, range(3, 6))
     for (weights_a, params_a), (weights_b, params_b) in zip(original, continued, strict=True):
@@ -441,8 +444,11 @@ def test_weight_losses_must_be_a_pair_of_task_losses():
     losses = net.losses(batch(0))
     with pytest.raises(ValueError, match="SDMGrad: weight_losses must be a pair"):
         sdmgrad(losses, weight_losses=(losses,))
-    with pytest.raises(ValueError, match="expected 3 task losses"):
+    with pytest.raises(ValueError, match=re.escape("SDMGrad: weight_losses[1]: expected 3")):
         sdmgrad(losses, weight_losses=(losses, losses[:2]))
+    detached = torch.stack([losses[0], losses[1].detach(), losses[2]])
+    with pytest.raises(ValueError, match=re.escape("SDMGrad: weight_losses[0]: task 'b'")):
+        sdmgrad(losses, weight_losses=(detached, losses))
     assert torch.equal(sdmgrad.simplex_weights, torch.full((3,), 1 / 3, dtype=F64))
 
 
@@ -462,3 +468,67 @@ def test_weight_losses_are_refused_with_the_gram_by_layer():
         modo(losses, weight_losses=(net.losses(batch(1)), net.losses(batch(2))))
     modo(net.losses(batch(3))).backward()  # one mini-batch works
     assert torch.isclose(modo.lambdas.sum(), torch.tensor(1.0, dtype=F64))
+
+
+def test_training_calls_without_grad_change_nothing():
+    """A validation pass under torch.no_grad() through a balancer in training mode (one that
+    model.eval() does not reach) neither updates FAMO nor draws RLW's weights."""
+    famo, rlw = fused_mtl.FAMO(2, lr=0.5), fused_mtl.RandomWeighting(2)
+    famo(torch.tensor([1.0, 2.0]))
+    famo.update(torch.tensor([0.5, 2.0]))
+    state = copy.deepcopy(famo.state_dict())
+    weights, rng = rlw.weights.clone(), torch.get_rng_state()
+    with torch.no_grad():
+        famo(torch.tensor([0.1, 3.0]))
+        rlw(torch.tensor([0.1, 3.0]))
+    for key, value in famo.state_dict().items():
+        same = torch.equal(state[key], value) if torch.is_tensor(value) else state[key] == value
+        assert same, key
+    assert torch.equal(rlw.weights, weights) and torch.equal(torch.get_rng_state(), rng)
+
+
+def test_stch_stays_finite_for_a_tiny_mu():
+    stch = fused_mtl.STCH(2, mu=1e-39)
+    losses = torch.tensor([2.0, 0.5], requires_grad=True)
+    total = stch(losses)
+    total.backward()
+    assert total.item() == pytest.approx(2.0)
+    assert stch.weights.tolist() == [1.0, 0.0] and torch.isfinite(losses.grad).all()
+
+
+def test_famo_check_accepts_a_loss_at_its_lower_bound():
+    famo = fused_mtl.FAMO(tasks=["a", "b"], check_finite=True)
+    famo(torch.tensor([0.0, 1.0]))  # a cross-entropy that reached 0: log(1e-8) is finite
+    assert torch.isfinite(famo.weights).all()
+
+
+def test_imtl_l_names_itself_for_a_negative_loss():
+    imtl = fused_mtl.IMTLL(tasks=["a", "b"], check_finite=True)
+    with pytest.raises(ValueError, match=re.escape("task 'b': loss is -0.5 < 0; IMTLL needs")):
+        imtl(torch.tensor([1.0, -0.5]))
+
+
+def test_moco_counts_its_steps_in_float64_on_a_bfloat16_model():
+    trunk, heads = nn.Linear(3, 4).bfloat16(), nn.Linear(4, 2).bfloat16()
+    moco = fused_mtl.MoCo(trunk.parameters(), 2)
+    assert moco.steps.dtype == torch.float64 and moco.tracked_gradients.dtype == torch.float32
+    moco.steps.fill_(256.0)  # bfloat16 would round 256 + 1 back to 256
+    out = heads(trunk(torch.randn(8, 3, dtype=torch.bfloat16)))
+    moco.backward([out[:, 0].float().square().mean(), out[:, 1].float().mean()])
+    assert moco.steps.item() == 257.0
+
+
+def test_excess_mtl_records_a_tasks_first_positive_risk():
+    """A task without gradient in the first batch (a masked loss) gets its first estimate
+    later, instead of a zero one that would silence it for good."""
+    net = Net()
+    excess = fused_mtl.ExcessMTL(net.trunk.parameters(), NUM_TASKS, step_size=0.5)
+    for step in range(6):
+        losses = net.losses(batch(step))
+        mask = torch.tensor([1.0, 0.0 if step == 0 else 1.0, 1.0], dtype=F64)
+        excess.backward(losses * mask)
+        if step == 0:
+            assert math.isnan(excess.initial_risks[1]) and excess.initial_risks[0] > 0
+        sgd_step(net)
+    assert excess.initial_risks[1] > 0
+    assert excess.weights[1] > 0.5  # a zero first estimate drove it to 0.18 in 5 steps

@@ -30,7 +30,9 @@ class ExcessMTL(GradientBalancer):
     .. math:: r_i = g_i^\top \mathrm{diag}(S_i + \epsilon)^{-1/2} g_i, \qquad
               w_i \leftarrow \frac{K\, w_i e^{\eta r_i / r^0_i}}{\sum_j w_j e^{\eta r_j / r^0_j}},
 
-    ``epsilon = 1e-7``. The first step only records ``r^0`` (the weights stay 1). The total is
+    ``epsilon = 1e-7``. The first step only records ``r^0`` (the weights stay 1); a task whose
+    gradient is zero there (a masked loss without labels in the batch) records its first
+    positive estimate instead, and keeps a relative risk of 0 until then. The total is
     ``sum_i w_i L_i`` (weights summing to K), whose ordinary backward trains everything.
 
     ``S`` (``squared_gradient_sums``, K x P), ``initial_risks`` (NaN before the first step) and
@@ -99,11 +101,16 @@ class ExcessMTL(GradientBalancer):
         _, matrix = self._task_matrix(stacked, separate)
         risks, sums = stochastic.excess_risks(matrix, self.squared_gradient_sums)
         risks = risks.to(self.initial_risks.dtype)
-        first = torch.isnan(self.initial_risks)
-        initial = torch.where(first, risks, self.initial_risks)
-        updated = stochastic.excess_mtl_weights(self.weights, risks, initial, self.step_size)
-        self.weights = torch.where(first, self.weights, updated)
-        self.squared_gradient_sums, self.initial_risks = sums, initial
+        # A task's first estimate is its first positive one (a masked loss can have no
+        # gradient in a batch); until then, and on the step that records it, its relative
+        # risk is 0. The weights move from the step after the first estimates.
+        pending = torch.isnan(self.initial_risks)
+        updated = stochastic.excess_mtl_weights(
+            self.weights, risks, self.initial_risks, self.step_size
+        )
+        self.weights = torch.where(pending.all(), self.weights, updated)
+        self.initial_risks = torch.where(pending & (risks > 0), risks, self.initial_risks)
+        self.squared_gradient_sums = sums
         return weighted_sum(self.weights, stacked)
 
     def _checkpoint_faults(self, tensors: dict[str, Any]) -> list[str]:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from fused_mtl._distributed import ProcessGroup
-from fused_mtl._losses import Reduction, raise_if_below
+from fused_mtl._losses import Reduction, check_losses, raise_if_below
 from fused_mtl.balancer import LossArgs, LossObjective, check_number, weighted_sum
 from fused_mtl.ops.backend import Backend
 from fused_mtl.reference import loss_weights
@@ -43,7 +43,8 @@ class FAMO(LossObjective):
 
     Without ``update`` (one forward less per step), the next training call compares with its
     own losses, which are those of the next mini-batch, before it weights them. ``weights``
-    are those of the last training call; eval-mode calls reuse them and change nothing.
+    are those of the last training call; eval-mode calls and calls under ``torch.no_grad()``
+    (validation) reuse them and change nothing.
 
     The logits, Adam's moments and step count, and the pending losses are buffers:
     ``load_state_dict(state_dict())`` continues bit-identically. No host synchronisation.
@@ -56,7 +57,7 @@ class FAMO(LossObjective):
             1e-2 by benchmark).
         min_losses: ``L*``, each loss's lower bound (one number or one per task; default 0).
         reduction: ``None`` requires scalar losses; ``"mean"`` / ``"sum"`` reduce each loss.
-        check_finite: raise naming the task on a NaN or infinite loss, or one not above its
+        check_finite: raise naming the task on a NaN or infinite loss, or one below its
             ``min_losses`` (a host read per call).
         backend: accepted so that every method is constructed alike (no kernel).
         sync: under ``torch.distributed``, use the losses averaged over the ranks in the
@@ -128,13 +129,13 @@ class FAMO(LossObjective):
             raise_if_below(
                 "FAMO",
                 losses,
-                self.min_losses.to(losses),
+                self.min_losses.to(losses) - loss_weights.FAMO_EPSILON,
                 self.tasks,
-                "FAMO takes log(L - min_losses), which needs losses above min_losses",
+                "FAMO takes log(L - min_losses + 1e-8), which needs losses of at least min_losses",
             )
 
     def _objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
-        if not self.training:
+        if not self._updates():
             return weighted_sum(self.weights, losses), self.weights
         self._check(losses)
         if self._pending:
@@ -154,7 +155,16 @@ class FAMO(LossObjective):
                 "FAMO.update: no training call awaits an update (call famo(losses) in training "
                 "mode first; each call is updated once, by update or by the next call)"
             )
-        _, seen = self._call_losses(losses)
+        stacked, _ = check_losses(
+            losses,
+            num_tasks=self.num_tasks,
+            names=self.tasks,
+            reduction=self.reduction,
+            device=self._device(),
+        )
+        seen = stacked.detach()
+        if self.training and self._sync.active(self):
+            seen = self._sync.mean(seen)
         self._check(seen)
         self._update_logits(seen)
 

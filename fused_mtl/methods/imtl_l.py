@@ -34,7 +34,10 @@ class IMTLL(UncertaintyModule):
         reduction: ``None`` requires scalar losses; ``"mean"`` / ``"sum"`` reduce each loss.
         check_finite: raise naming the task on a NaN, infinite or negative loss (a host read).
         log_var_bounds: the range that ``-s_i`` is kept in (-20 to 20 by default), as for
-            ``UncertaintyWeighting``: a zero loss drives ``s_i`` up without limit.
+            ``UncertaintyWeighting``: a zero loss drives ``s_i`` up without limit. With
+            float16 losses the weight ``e^s`` must fit float16 for the losses' gradient to be
+            finite (``s < 11``, and ``e^s L = 1`` reaches it for L < 1.7e-5): pass
+            ``log_var_bounds=(-11, 20)`` there.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
         sync: under ``torch.distributed``, average the gradient of ``loss_scale`` over the ranks.
         process_group: the group to sync over (``None``: the default group).
@@ -53,6 +56,11 @@ class IMTLL(UncertaintyModule):
 
     loss_scale: nn.Parameter
     _parametrization = reference.Parametrization.LOG_VARIANCE
+    _negative_loss_reason = (
+        "IMTLL needs losses >= 0 (e^s L - s has no minimum for L < 0, so its loss_scale would "
+        "only stop at the bound of log_var_bounds): add a constant that makes the loss "
+        "non-negative, or balance this task otherwise"
+    )
 
     def __init__(
         self,

@@ -48,8 +48,10 @@ class MoCo(GradientBalancer):
     Args:
         shared_parameters: the parameters whose per-task gradients are tracked.
         num_tasks: K (may be omitted when ``tasks`` is given).
-        beta: the tracking rate, in (0, 1] (default 0.5; the defaults are LibMTL's, after the
-            authors' code).
+        beta: the tracking rate, in (0, 1] (default 0.5; the defaults are LibMTL's, which
+            also rescales each gradient to ``L_i g_i / ||g_i||`` and replaces the projection by
+            a softmax; here the gradients are the raw ones, so ``gamma`` acts on the raw
+            ``Y Y^T``: scale it with the squared gradient norms of your model).
         beta_decay: the tracking rate's decay exponent (default 0.5).
         gamma: the weights' step size (default 0.1).
         gamma_decay: the step size's decay exponent (default 0.5).
@@ -110,7 +112,10 @@ class MoCo(GradientBalancer):
         num = self.num_tasks
         self.register_buffer("tracked_gradients", torch.zeros(num, size, **options))
         self.register_buffer("lambdas", torch.full((num,), 1 / num, **options))
-        self.register_buffer("steps", torch.zeros((), **options))
+        # float64: a float16 count stops at 2048, a bfloat16 one at 256.
+        self.register_buffer(
+            "steps", torch.zeros((), dtype=torch.float64, device=options.get("device"))
+        )
         self.register_buffer("weights", self.lambdas.clone(), persistent=False)
 
     def forward(self, *losses: LossArgs) -> Tensor:
@@ -123,7 +128,7 @@ class MoCo(GradientBalancer):
         task_grads, matrix = self._task_matrix(stacked, separate)
         steps = self.steps + 1
         tracked = stochastic.moco_tracking(
-            self.tracked_gradients, matrix, self.beta / steps**self.beta_decay
+            self.tracked_gradients, matrix, (self.beta / steps**self.beta_decay).to(matrix)
         )
         tracked_gram = task_gram_or_norms([tracked], False, self._requested_backend)
         lambdas = stochastic.moco_lambdas(
@@ -141,6 +146,10 @@ class MoCo(GradientBalancer):
         self.tracked_gradients, self.lambdas, self.steps = tracked, lambdas, steps
         self.weights = lambdas
         return total
+
+    def _set_extra_state(self, state: dict[str, Any]) -> None:
+        # After the buffers loaded: the weights of the resumed step, for eval-mode totals.
+        self.weights = self.lambdas.clone()
 
     def _checkpoint_faults(self, tensors: dict[str, Any]) -> list[str]:
         return self._value_faults(

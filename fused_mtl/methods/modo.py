@@ -70,6 +70,10 @@ class MoDo(SampledGramBalancer):
         self.lambdas = stochastic.modo_lambdas(self.lambdas, gram, self.gamma, self.rho)
         return self.lambdas
 
+    def _set_extra_state(self, state: dict[str, Any]) -> None:
+        # After the buffers loaded: the weights of the resumed step, for eval-mode totals.
+        self.weights = self.lambdas.clone()
+
     def _checkpoint_faults(self, tensors: dict[str, Any]) -> list[str]:
         return self._value_faults(
             "lambdas",

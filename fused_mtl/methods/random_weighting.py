@@ -24,9 +24,10 @@ class RandomWeighting(LossObjective):
     .. math:: \sum_i w_i L_i, \qquad w = \mathrm{softmax}(\lambda),
 
     weights that sum to 1. Lin et al. find this random baseline as good as many learned
-    weightings; it costs one draw of K numbers. Eval-mode calls (validation) reuse the last
-    weights (``1 / K`` before the first training call) and draw nothing, so that the training
-    run's stream of draws does not depend on how often it is validated.
+    weightings; it costs one draw of K numbers. Eval-mode calls and calls under
+    ``torch.no_grad()`` (validation) reuse the last weights (``1 / K`` before the first
+    training call) and draw nothing, so that the training run's stream of draws does not
+    depend on how often it is validated.
 
     Args:
         num_tasks: number of tasks K (may be omitted when ``tasks`` is given).
@@ -69,7 +70,7 @@ class RandomWeighting(LossObjective):
 
     def _objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
         weights = self.weights
-        if self.training:
+        if self._updates():
             draw = torch.randn(self.num_tasks, device=losses.device)
             weights = loss_weights.random_weights(self._shared_random(draw))
         return weighted_sum(weights, losses), weights

@@ -25,8 +25,9 @@ class SDMGrad(SampledGramBalancer):
     Each inner product ``<g_i, g_j>`` there is the cross Gram ``G_a G_b^T`` of two
     independent mini-batches, which makes the stochastic gradient of the problem unbiased
     (pass them as ``weight_losses``; see ``SampledGramBalancer``), and ``d`` uses a third.
-    The Gram is divided by the squared mean gradient norm, so the inner step size does not
-    depend on the gradients' scale. ``weights`` are ``d``'s: ``(w + lambda / K) / (1 + lambda)``,
+    The Gram is divided by the squared mean gradient norm plus 1e-8 (as in the authors'
+    code), so the inner step size does not depend on the gradients' scale while their mean
+    norm is well above 1e-4. ``weights`` are ``d``'s: ``(w + lambda / K) / (1 + lambda)``,
     summing to 1. ``simplex_weights`` (``w``) is a buffer, saved in ``state_dict``.
 
     Args:
@@ -75,6 +76,10 @@ class SDMGrad(SampledGramBalancer):
             self.simplex_weights, gram, self.lam, self.iterations
         )
         return stochastic.sdmgrad_weights(self.simplex_weights, self.lam)
+
+    def _set_extra_state(self, state: dict[str, Any]) -> None:
+        # After the buffers loaded: the weights of the resumed step, for eval-mode totals.
+        self.weights = stochastic.sdmgrad_weights(self.simplex_weights, self.lam)
 
     def _checkpoint_faults(self, tensors: dict[str, Any]) -> list[str]:
         return self._value_faults(

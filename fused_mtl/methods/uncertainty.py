@@ -24,6 +24,13 @@ from fused_mtl.ops.backend import Backend
 from fused_mtl.ops.uncertainty import checked_uncertainty_weighting
 from fused_mtl.reference import Parametrization, check_log_var_bounds
 
+#: Why uncertainty weighting refuses a negative loss (``check_finite``).
+NEGATIVE_LOSS_REASON = (
+    "uncertainty weighting needs losses >= 0 (a L e^-s + b s has no minimum for L < 0, so its "
+    "log-variance would only stop at the bound of log_var_bounds): add a constant that "
+    "makes the loss non-negative (an NLL's lowest value), or balance this task otherwise"
+)
+
 
 class UncertaintyModule(Balancer):
     """What every uncertainty-weighting module shares: task bookkeeping and the fused call.
@@ -33,6 +40,8 @@ class UncertaintyModule(Balancer):
     """
 
     _parametrization: Parametrization
+    #: What a negative loss is told under ``check_finite``.
+    _negative_loss_reason = NEGATIVE_LOSS_REASON
     loss_coefs: Tensor | None
     reg_coefs: Tensor | None
 
@@ -85,7 +94,7 @@ class UncertaintyModule(Balancer):
             device=params.device,
         )
         if self.check_finite:
-            raise_if_unusable(stacked, self.tasks)
+            raise_if_unusable(stacked, self.tasks, self._negative_loss_reason)
         if self._syncing():
             # The parameter's gradient, -a_i e^{-s_i} L_i + b_i, is linear in this rank's loss:
             # its mean over ranks is the gradient on the whole batch (one all_reduce of K
@@ -116,20 +125,19 @@ class UncertaintyModule(Balancer):
         return f"{super().extra_repr()}, reduction={self.reduction!r}"
 
 
-def raise_if_unusable(losses: Tensor, names: Sequence[str] | None) -> None:
+def raise_if_unusable(
+    losses: Tensor, names: Sequence[str] | None, reason: str = NEGATIVE_LOSS_REASON
+) -> None:
     """``check_finite``: ``FloatingPointError`` naming every task whose loss is NaN or
-    infinite, else ``ValueError`` naming the first negative one. One host read when the losses
-    are usable."""
+    infinite, else ``ValueError`` naming the first negative one, with ``reason``. One host
+    read when the losses are usable."""
     detached = losses.detach()
     if bool((detached >= 0).all()):  # False for NaN too
         return
     raise_if_not_finite(detached, names)
     index = int((detached < 0).nonzero()[0, 0])
     raise ValueError(
-        f"task {task_label(index, names)}: loss is {losses[index].item()} < 0; uncertainty "
-        "weighting needs losses >= 0 (a L e^-s + b s has no minimum for L < 0, so its "
-        "log-variance would only stop at the bound of log_var_bounds): add a constant that "
-        "makes the loss non-negative (an NLL's lowest value), or balance this task otherwise"
+        f"task {task_label(index, names)}: loss is {losses[index].item()} < 0; {reason}"
     )
 
 

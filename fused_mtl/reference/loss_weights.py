@@ -61,13 +61,15 @@ def smooth_tchebycheff(
               \qquad \frac{\partial g_\mu}{\partial L_i} = \lambda_i\,
               \mathrm{softmax}\big(\lambda (L - z^*) / \mu\big)_i .
 
-    ``logsumexp`` keeps it finite for every finite input, whatever ``mu``.
+    Shifted by the largest term before the division by ``mu``, it is finite for every finite
+    input, whatever ``mu`` (a tiny ``mu`` would overflow ``lambda (L - z*) / mu`` itself).
     """
     values = _computed(losses)
-    scaled = preferences.to(values) * (values - ideal_point.to(values)) / mu
-    return mu * torch.logsumexp(scaled, dim=-1), preferences.to(values) * torch.softmax(
-        scaled, dim=-1
-    )
+    terms = preferences.to(values) * (values - ideal_point.to(values))
+    largest = terms.max(dim=-1, keepdim=True).values
+    scaled = (terms - largest) / mu
+    value = largest.squeeze(-1) + mu * torch.logsumexp(scaled, dim=-1)
+    return value, preferences.to(values) * torch.softmax(scaled, dim=-1)
 
 
 def famo_weights(logits: Tensor, losses: Tensor, min_losses: Tensor) -> Tensor:

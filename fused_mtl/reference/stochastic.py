@@ -117,9 +117,10 @@ def excess_mtl_weights(
     weights: Tensor, risks: Tensor, initial_risks: Tensor, step_size: float
 ) -> Tensor:
     r"""ExcessMTL's exponentiated-gradient step on the weights, with each risk relative to its
-    first estimate: ``w_i <- w_i exp(eta r_i / r_i^0)``, rescaled to sum to K. A task whose
-    first estimate was 0 (no gradient) keeps a relative risk of 0."""
-    relative = torch.where(initial_risks > 0, risks / initial_risks, torch.zeros_like(risks))
+    first estimate: ``w_i <- w_i exp(eta r_i / r_i^0)``, rescaled to sum to K. A task without
+    a first estimate yet (NaN, or 0) keeps a relative risk of 0."""
+    known = initial_risks > 0  # False for NaN
+    relative = torch.where(known, risks / torch.where(known, initial_risks, 1.0), 0.0)
     # The exponent is shifted by its largest value: the rescaling removes any common factor,
     # and a large step size cannot overflow.
     exponent = torch.log(weights) + step_size * relative
