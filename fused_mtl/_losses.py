@@ -13,6 +13,7 @@ checks of shapes, dtypes and devices only, never a tensor value (no host synchro
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -258,3 +259,33 @@ def raise_if_below(
     raise ValueError(
         f"{owner}: task {task_label(index, names)}: loss is {detached[index].item()}; {need}"
     )
+
+
+def per_task_numbers(
+    owner: str,
+    name: str,
+    value: object,
+    num_tasks: int,
+    names: Sequence[str] | None,
+    positive: bool = False,
+) -> Tensor:
+    """``value`` (one number, or one per task) as ``(K,)`` float64 numbers, each finite (and
+    > 0 when ``positive``); otherwise an error naming ``owner``'s ``name`` and the task."""
+    try:
+        values = torch.as_tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"{owner}: {name} must be one number or {num_tasks}") from error
+    if values.dim() == 0:
+        values = values.expand(num_tasks)
+    if values.shape != (num_tasks,):
+        raise ValueError(
+            f"{owner}: {name} must be one number or {num_tasks} numbers, got shape "
+            f"{tuple(values.shape)}"
+        )
+    for index, number in enumerate(values.tolist()):
+        if not math.isfinite(number) or (positive and number <= 0):
+            need = "finite and > 0" if positive else "finite"
+            raise ValueError(
+                f"{owner}: task {task_label(index, names)}: {name} is {number}; it must be {need}"
+            )
+    return values.clone()

@@ -159,6 +159,15 @@ class Balancer(nn.Module):
                     return [f"{what} of task {label} is {value}; {allowed}"]
         return []
 
+    def _simplex_faults(self, name: str, tensors: dict[str, Any]) -> list[str]:
+        """``_value_faults`` for weights on the probability simplex (MoCo, SDMGrad, MoDo)."""
+        return self._value_faults(
+            name,
+            tensors.get(name),
+            f"{type(self).__name__}'s weights are on the simplex (in [0, 1])",
+            lambda value: 0 <= value <= 1,
+        )
+
     def get_extra_state(self) -> dict[str, Any]:
         tasks = list(self.tasks) if self.tasks is not None else None
         return {"tasks": tasks, **self._extra_state()}
@@ -274,8 +283,8 @@ class LossWeighting(Balancer):
     def _observe(self, losses: Tensor) -> None:
         """Called with the detached ``(K,)`` losses of each training-mode call."""
 
-    def forward(self, *losses: LossArgs) -> Tensor:
-        """The weighted total (0-dim) of the task losses, in any calling convention."""
+    def _stacked(self, losses: tuple[object, ...]) -> Tensor:
+        """The ``(K,)`` losses of a call, checked and reduced, on the module's device."""
         stacked, _ = check_losses(
             losses,
             num_tasks=self.num_tasks,
@@ -283,6 +292,11 @@ class LossWeighting(Balancer):
             reduction=self.reduction,
             device=self._device(),
         )
+        return stacked
+
+    def forward(self, *losses: LossArgs) -> Tensor:
+        """The weighted total (0-dim) of the task losses, in any calling convention."""
+        stacked = self._stacked(losses)
         if self.training and self._observes_losses:
             # Under torch.distributed the first sync loads rank 0's state into the buffers:
             # before the weights are used (nothing is communicated after the first call).
@@ -319,17 +333,12 @@ class LossObjective(LossWeighting):
     def _objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
-    def _call_losses(self, losses: tuple[object, ...]) -> tuple[Tensor, Tensor]:
-        """The ``(K,)`` losses of this call, and their detached values over all ranks."""
-        stacked, _ = check_losses(
-            losses,
-            num_tasks=self.num_tasks,
-            names=self.tasks,
-            reduction=self.reduction,
-            device=self._device(),
-        )
+    def _call_losses(self, losses: tuple[object, ...], updates: bool) -> tuple[Tensor, Tensor]:
+        """The ``(K,)`` losses of this call, and their detached values: over all ranks when
+        the call ``updates`` the method's state and syncs."""
+        stacked = self._stacked(losses)
         seen = stacked.detach()
-        syncing = self._syncs_losses and self._updates() and self._sync.active(self)
+        syncing = self._syncs_losses and updates and self._sync.active(self)
         return stacked, self._sync.mean(seen) if syncing else seen
 
     def _updates(self) -> bool:
@@ -338,7 +347,7 @@ class LossObjective(LossWeighting):
 
     def forward(self, *losses: LossArgs) -> Tensor:
         """The method's total (0-dim) of the task losses, in any calling convention."""
-        stacked, seen = self._call_losses(losses)
+        stacked, seen = self._call_losses(losses, self._updates())
         value, weights = self._objective(seen)
         if self._updates():
             self.weights = weights

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from fused_mtl._distributed import ProcessGroup
-from fused_mtl._losses import Reduction, check_losses, raise_if_below
+from fused_mtl._losses import Reduction, per_task_numbers, raise_if_below
 from fused_mtl.balancer import LossArgs, LossObjective, check_number, weighted_sum
 from fused_mtl.ops.backend import Backend
 from fused_mtl.reference import loss_weights
@@ -101,13 +101,7 @@ class FAMO(LossObjective):
         self.lr, self.gamma = rate, decay
         self.check_finite = bool(check_finite)
         num = self.num_tasks
-        floor = torch.as_tensor(min_losses, dtype=torch.float64)
-        if floor.dim() == 0:
-            floor = floor.expand(num).clone()
-        if floor.shape != (num,) or not bool(torch.isfinite(floor).all()):
-            raise ValueError(
-                f"FAMO: min_losses must be one finite number or {num}, got {min_losses!r}"
-            )
+        floor = per_task_numbers("FAMO", "min_losses", min_losses, num, self.tasks)
         self.register_buffer("min_losses", floor, persistent=False)
         self.register_buffer("logits", torch.zeros(num))
         self.register_buffer("logit_first_moment", torch.zeros(num))
@@ -155,16 +149,8 @@ class FAMO(LossObjective):
                 "FAMO.update: no training call awaits an update (call famo(losses) in training "
                 "mode first; each call is updated once, by update or by the next call)"
             )
-        stacked, _ = check_losses(
-            losses,
-            num_tasks=self.num_tasks,
-            names=self.tasks,
-            reduction=self.reduction,
-            device=self._device(),
-        )
-        seen = stacked.detach()
-        if self.training and self._sync.active(self):
-            seen = self._sync.mean(seen)
+        # It runs under no_grad: it updates whenever the module trains.
+        _, seen = self._call_losses(losses, self.training)
         self._check(seen)
         self._update_logits(seen)
 

@@ -152,12 +152,7 @@ class MoCo(GradientBalancer):
         self.weights = self.lambdas.clone()
 
     def _checkpoint_faults(self, tensors: dict[str, Any]) -> list[str]:
-        return self._value_faults(
-            "lambdas",
-            tensors.get("lambdas"),
-            "MoCo's weights are on the simplex (in [0, 1])",
-            lambda value: value >= 0 and value <= 1,
-        )
+        return self._simplex_faults("lambdas", tensors)
 
     def extra_repr(self) -> str:
         return (

@@ -75,12 +75,7 @@ class MoDo(SampledGramBalancer):
         self.weights = self.lambdas.clone()
 
     def _checkpoint_faults(self, tensors: dict[str, Any]) -> list[str]:
-        return self._value_faults(
-            "lambdas",
-            tensors.get("lambdas"),
-            "MoDo's weights are on the simplex (in [0, 1])",
-            lambda value: value >= 0 and value <= 1,
-        )
+        return self._simplex_faults("lambdas", tensors)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, gamma={self.gamma}, rho={self.rho}"

@@ -82,12 +82,7 @@ class SDMGrad(SampledGramBalancer):
         self.weights = stochastic.sdmgrad_weights(self.simplex_weights, self.lam)
 
     def _checkpoint_faults(self, tensors: dict[str, Any]) -> list[str]:
-        return self._value_faults(
-            "simplex_weights",
-            tensors.get("simplex_weights"),
-            "SDMGrad's weights are on the simplex (finite, >= 0)",
-            lambda value: value >= 0 and value <= 1,
-        )
+        return self._simplex_faults("simplex_weights", tensors)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, lam={self.lam}, iterations={self.iterations}"

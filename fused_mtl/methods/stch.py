@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from fused_mtl._distributed import ProcessGroup
-from fused_mtl._losses import Reduction, task_label
+from fused_mtl._losses import Reduction, per_task_numbers
 from fused_mtl.balancer import LossObjective, check_number
 from fused_mtl.ops.backend import Backend
 from fused_mtl.reference import loss_weights
@@ -84,36 +84,20 @@ class STCH(LossObjective):
         self.mu = temperature
         # Configuration, not state: they follow .to(device) and are not in a checkpoint.
         self.register_buffer(
-            "ideal_point", self._per_task("ideal_point", ideal_point, 0.0), persistent=False
+            "ideal_point",
+            per_task_numbers("STCH", "ideal_point", ideal_point, self.num_tasks, self.tasks),
+            persistent=False,
         )
         self.register_buffer(
-            "preferences", self._per_task("preferences", preferences, None), persistent=False
+            "preferences",
+            per_task_numbers(
+                "STCH", "preferences", preferences, self.num_tasks, self.tasks, positive=True
+            ),
+            persistent=False,
         )
         self.register_buffer(
             "weights", torch.full((self.num_tasks,), 1 / self.num_tasks), persistent=False
         )
-
-    def _per_task(self, name: str, value: object, allows_zero: float | None) -> Tensor:
-        """``value`` as K float64 numbers: finite, and positive for the preferences."""
-        try:
-            values = torch.as_tensor(value, dtype=torch.float64)
-        except (TypeError, ValueError, RuntimeError) as error:
-            raise TypeError(f"STCH: {name} must be one number or {self.num_tasks}") from error
-        if values.dim() == 0:
-            values = values.expand(self.num_tasks)
-        if values.shape != (self.num_tasks,):
-            raise ValueError(
-                f"STCH: {name} must be one number or {self.num_tasks} numbers, got shape "
-                f"{tuple(values.shape)}"
-            )
-        for index, number in enumerate(values.tolist()):
-            if not math.isfinite(number) or (allows_zero is None and number <= 0):
-                need = "finite" if allows_zero is not None else "finite and > 0"
-                raise ValueError(
-                    f"STCH: task {task_label(index, self.tasks)}: {name} is {number}; it must "
-                    f"be {need}"
-                )
-        return values.clone()
 
     def _objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
         return loss_weights.smooth_tchebycheff(losses, self.mu, self.ideal_point, self.preferences)

@@ -107,9 +107,9 @@ def excess_risks(task_grads: Tensor, squared_sums: Tensor) -> tuple[Tensor, Tens
     r"""ExcessMTL's excess-risk estimates (He et al., ICML 2024): with ``S_i`` the running sum
     of task i's squared gradients (AdaGrad's diagonal preconditioner ``H_i = sqrt(S_i)``),
     ``r_i = g_i^T H_i^{-1} g_i``; returns ``r`` and the updated ``S``."""
-    grads = task_grads.to(squared_sums.dtype)
-    sums = squared_sums + grads.square()
-    risks = (grads.square() / (sums + EXCESS_RISK_EPSILON).sqrt()).sum(dim=-1)
+    squared = task_grads.to(squared_sums.dtype).square()
+    sums = squared_sums + squared
+    risks = (squared / (sums + EXCESS_RISK_EPSILON).sqrt()).sum(dim=-1)
     return risks, sums
 
 
