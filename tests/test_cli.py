@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from fused_mtl.app import cli, demo
 from fused_mtl.app.benchmark_cases import per_task_loop, vectorized_eager
 from fused_mtl.app.benchmark_report import Result, markdown, table_rows, target_checks
 
+THREADS = torch.get_num_threads()
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PLOTS = [
     f"{problem}_{quantity}.png"
@@ -88,7 +90,7 @@ def test_demo_runs_each_method(capsys, tmp_path, method):
 
 
 HELP_OPTIONS = {
-    "demo": ("--method", "--steps", "--device", "--seed", "--out"),
+    "demo": ("--method", "--threads", "--steps", "--device", "--seed", "--out"),
     "bench": ("--device", "--quick", "--json", "--markdown"),
 }
 
@@ -107,35 +109,113 @@ def test_help_explains_every_option_with_its_default_and_examples(capsys, comman
         line = next(line for line in options.splitlines() if line.strip().startswith(option))
         assert len(line.split()) >= 3, line
     if command == "demo":
-        for default in ("(default: all)", "(default: 2000)", "(default: 0)", "fused-mtl-demo)"):
+        defaults = (
+            "(default: equal,uw,gradnorm,mgda,famo,moco)",
+            "(default: 1000)",
+            "(default: 0)",
+        )
+        for default in (*defaults, "fused-mtl-demo)", "(default: 1)"):
             assert default in text, default
 
 
 def test_demo_prints_a_line_every_n_steps_when_not_a_terminal(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "PROGRESS_LINE_STEPS", 4)
     status, out, _ = run_cli(
-        capsys, "demo", "--method", "equal", "--steps", "10", "--out", str(tmp_path)
+        capsys, "demo", "--method", "equal,uw", "--steps", "10", "--out", str(tmp_path)
     )
     assert status == 0
     lines = [line for line in out.splitlines() if line.startswith("gradnorm_toy: equal")]
     assert lines[:2] == ["gradnorm_toy: equal: step 4/10", "gradnorm_toy: equal: step 8/10"]
     assert lines[2].startswith("gradnorm_toy: equal: done, ") and lines[2].endswith(" ms/step")
     assert "known_noise: equal: step 8/10" in out
+    # One line per finished method, with the time left: the mean of the finished ones.
+    finished = [line for line in out.splitlines() if line.startswith("method ")]
+    assert len(finished) == 2, out
+    first = re.fullmatch(
+        r"method 1/2 equal: done in ([\d.]+) s; 1 left, about (\d+) s", finished[0]
+    )
+    assert first is not None, finished[0]
+    assert abs(float(first[2]) - float(first[1])) <= 0.5 + 1e-9
+    assert re.fullmatch(r"method 2/2 uw: done in [\d.]+ s; all done", finished[1]), finished[1]
 
 
-def test_demo_runs_all_methods_by_default(capsys, tmp_path):
+def test_demo_runs_one_method_of_each_family_by_default(capsys, tmp_path):
     status, out, err = run_cli(capsys, "demo", "--steps", "2", "--out", str(tmp_path))
+    assert status == 0, err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["methods"] == list(demo.DEFAULT_METHODS) and summary["complete"] is True
+    for problem in demo.PROBLEMS:
+        assert list(summary["problems"][problem]["methods"]) == list(demo.DEFAULT_METHODS)
+    for name in demo.DEFAULT_METHODS:
+        assert demo.METHODS[name] in out
+    for name in PLOTS:
+        assert_valid_png(tmp_path / name)
+    # What reproduces the run is recorded with it.
+    assert summary["command"] == f"fused-mtl demo --steps 2 --out {tmp_path}"
+    environment = summary["environment"]
+    assert environment["torch"] == torch.__version__ and environment["cpu_threads"] == 1
+    for key in ("git_revision", "date", "device_name", "triton"):
+        assert key in environment
+    assert summary["wall_seconds"] > 0
+    assert torch.get_num_threads() == THREADS  # the demo's one thread is not left behind
+
+
+def test_demo_runs_every_method_with_all(capsys, tmp_path):
+    status, out, err = run_cli(
+        capsys, "demo", "--method", "all", "--steps", "2", "--out", str(tmp_path)
+    )
     assert status == 0, err
     summary = json.loads((tmp_path / "summary.json").read_text())
     for problem in demo.PROBLEMS:
         assert list(summary["problems"][problem]["methods"]) == list(demo.METHODS)
     for name in demo.METHODS.values():
         assert name in out
+
+
+@pytest.mark.parametrize(
+    ("text", "keys"),
+    [
+        ("MGDA", ["mgda"]),
+        ("mgda,NashMTL, imtl-g", ["mgda", "nash_mtl", "imtl_g"]),
+        ("UncertaintyWeighting,RandomWeighting,GeometricMean", ["uw", "rlw", "gls"]),
+        ("Aligned-MTL,excessmtl,IMTLL", ["aligned_mtl", "excess_mtl", "imtl_l"]),
+        ("default", list(demo.DEFAULT_METHODS)),
+    ],
+)
+def test_methods_by_key_or_class_name(text, keys):
+    for option in ("--method", "--methods"):
+        assert cli._parser().parse_args(["demo", option, text]).method == keys
+
+
+def test_an_interrupted_demo_keeps_the_finished_methods(capsys, tmp_path, monkeypatch):
+    """Ctrl-C during the third run (the second method's first problem): the first method's two
+    runs are in summary.json, the tables and the plots; the exit status is the shell's 130."""
+    train, calls = demo.train, []
+
+    def interrupted_on_the_third_run(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(demo, "train", interrupted_on_the_third_run)
+    status, out, err = run_cli(
+        capsys, "demo", "--methods", "equal,uw,mgda", "--steps", "3", "--out", str(tmp_path)
+    )
+    assert status == 130 and "interrupted" in err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["complete"] is False and summary["methods"] == ["equal", "uw", "mgda"]
+    for problem in demo.PROBLEMS:
+        assert list(summary["problems"][problem]["methods"]) == ["equal"]
+    assert demo.METHODS["equal"] in out and demo.METHODS["uw"] not in out
     for name in PLOTS:
         assert_valid_png(tmp_path / name)
+    assert not list(tmp_path.glob("*.partial"))
 
 
 def _without_times(summary: dict) -> dict:
+    for key in ("command", "wall_seconds", "environment"):
+        summary.pop(key)
     for problem in summary["problems"].values():
         for record in problem["methods"].values():
             record.pop("ms_per_step")
@@ -328,7 +408,10 @@ def test_bench_baselines_compute_uncertainty_weighting(num_tasks):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["demo", "--method", "sgd"], "argument --method: invalid choice: 'sgd'"),
+        (["demo", "--method", "sgd"], "argument --method/--methods: unknown method 'sgd'"),
+        (["demo", "--methods", "mgda,MGDA"], "method 'MGDA' is named twice"),
+        (["demo", "--methods", "mgda,"], "unknown method ''"),
+        (["demo", "--threads", "0"], "argument --threads: expected a positive integer, got 0"),
         (["demo", "--steps", "0"], "argument --steps: expected a positive integer, got 0"),
         (["demo", "--steps", "-3"], "expected a positive integer, got -3"),
         (["demo", "--steps", "ten"], "expected a positive integer, got 'ten'"),

@@ -13,16 +13,26 @@ def run_python(code: str) -> subprocess.CompletedProcess:
     )
 
 
+# Triton hidden as an absent package is seen: every finder answers "not found" for it (a finder
+# that raised instead would break CUDA builds of torch, which look for triton while importing).
 HIDE_TRITON = """
-import importlib.abc, sys
+import importlib.abc, importlib.util, sys
 
 class HideTriton(importlib.abc.MetaPathFinder):
+    def __init__(self, finders):
+        self.finders = finders
+
     def find_spec(self, name, path=None, target=None):
         if name == "triton" or name.startswith("triton."):
-            raise ImportError(f"No module named {name!r} (hidden by the test)")
+            return None
+        for finder in self.finders:
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                return spec
         return None
 
-sys.meta_path.insert(0, HideTriton())
+sys.meta_path[:] = [HideTriton(list(sys.meta_path))]
+assert importlib.util.find_spec("triton") is None
 """
 
 

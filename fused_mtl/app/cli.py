@@ -17,23 +17,25 @@ import argparse
 import datetime
 import functools
 import json
+import os
 import stat
 import sys
 import tempfile
 import textwrap
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
 
 from fused_mtl import __version__
-from fused_mtl.app.demo import METHODS
+from fused_mtl.app.demo import DEFAULT_METHODS, METHODS, resolve_methods
 
 USAGE_ERROR = 2
-DEFAULT_STEPS = 2000
-# The demo trains every method on two problems and keeps each step's numbers for the plots: 2000
-# steps take about a minute on 2 CPU cores, so 100,000 are most of an hour.
+DEFAULT_STEPS = 1000
+# The demo keeps each step's numbers for the plots. Its default (6 methods x 2 problems x 1000
+# steps) takes about a minute on a 2-core CPU; every method at 100,000 steps would take hours.
 MAX_STEPS = 100_000
 DEVICE_HELP = "cpu, cuda or cuda:N (default: cuda when present, else cpu)"
 
@@ -61,6 +63,23 @@ def _steps(text: str) -> int:
             f"at most {MAX_STEPS} steps, got {value} (the demo keeps every step for its plots; "
             f"its default of {DEFAULT_STEPS} takes about a minute on a CPU)"
         )
+    return value
+
+
+def _methods(text: str) -> list[str]:
+    try:
+        return resolve_methods(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
 
 
@@ -163,13 +182,20 @@ def _rich() -> tuple[Any, Any]:
 
 
 def _progress(console: Any) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(
         "[progress.description]{task.description}",
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        TimeRemainingColumn(),
         console=console,
     )
 
@@ -183,47 +209,103 @@ def _demo(args: argparse.Namespace) -> int:
         from fused_mtl.app import plots
     except ImportError:
         raise _missing_extra("matplotlib") from None
-    from fused_mtl.app import demo
 
     out = _writable_directory(Path(args.out))
-    methods = list(demo.METHODS) if args.method == "all" else [args.method]
+    threads = torch.get_num_threads()
+    if torch.device(args.device).type == "cpu":
+        torch.set_num_threads(args.threads)
+    try:
+        return _demo_in(out, args, console, table_class, plots)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _demo_in(
+    out: Path, args: argparse.Namespace, console: Any, table_class: Any, plots: Any
+) -> int:
+    from fused_mtl.app import benchmark_cases, demo
+
+    methods = args.method
     console.print(
         f"fused-mtl demo: {len(methods)} method(s) x {len(demo.PROBLEMS)} problems, "
         f"{args.steps} steps each, device {args.device}, seed {args.seed}"
     )
     problems = [demo.make_problem(name, args.seed, args.device) for name in demo.PROBLEMS]
-    runs: dict[str, list[demo.MethodRun]] = {}
-    if not console.is_terminal:
-        _demo_runs_with_lines(console, problems, methods, args, runs)
-    else:
-        _demo_runs_with_bar(console, problems, methods, args, runs)
-    summary: dict[str, Any] = {"steps": args.steps, "seed": args.seed, "device": args.device}
-    summary["problems"] = {}
-    for problem in problems:
-        console.print(_demo_table(table_class, problem, runs[problem.name]))
-        noise_table = _noise_table(table_class, problem, runs[problem.name])
-        if noise_table is not None:
-            console.print(noise_table)
-        summary["problems"][problem.name] = _demo_summary(problem, runs[problem.name])
-        for quantity in plots.QUANTITIES:
-            path = out / f"{problem.name}_{quantity}.png"
-            plots.plot(problem, runs[problem.name], quantity, path)
-            console.print(f"wrote {path}")
+    runs: dict[str, list[demo.MethodRun]] = {problem.name: [] for problem in problems}
+    summary: dict[str, Any] = {
+        "command": "fused-mtl demo " + " ".join(args.argv),
+        "steps": args.steps,
+        "seed": args.seed,
+        "device": args.device,
+        "methods": methods,
+        "environment": benchmark_cases.environment(args.device),
+        "complete": False,
+    }
+    summary["environment"]["date"] = datetime.date.today().isoformat()
     summary_path = out / "summary.json"
-    summary_path.write_text(json.dumps(summary, indent=1) + "\n")
-    console.print(f"wrote {summary_path}")
+    started = time.perf_counter()
+
+    def record() -> None:
+        """summary.json with every finished run, rewritten after each method: an interrupt
+        keeps what is done."""
+        summary["wall_seconds"] = round(time.perf_counter() - started, 1)
+        summary["problems"] = {
+            problem.name: _demo_summary(problem, runs[problem.name]) for problem in problems
+        }
+        _write_atomically(summary_path, json.dumps(summary, indent=1) + "\n")
+
+    run_all = _demo_runs_with_bar if console.is_terminal else _demo_runs_with_lines
+    try:
+        run_all(console, problems, methods, args, runs, record)
+        summary["complete"] = True
+    finally:  # also on Ctrl-C: the tables, plots and summary of the finished runs
+        record()
+        for problem in problems:
+            if not runs[problem.name]:
+                continue
+            console.print(_demo_table(table_class, problem, runs[problem.name]))
+            noise_table = _noise_table(table_class, problem, runs[problem.name])
+            if noise_table is not None:
+                console.print(noise_table)
+            for quantity in plots.QUANTITIES:
+                path = out / f"{problem.name}_{quantity}.png"
+                plots.plot(problem, runs[problem.name], quantity, path)
+                console.print(f"wrote {path}")
+        console.print(f"wrote {summary_path} ({summary['wall_seconds']:.0f} s in all)")
     return 0
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    """``path`` holds either its old text or ``text``, never a part of it."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def _remaining(seconds_per_method: Sequence[float], left: int) -> str:
+    """The estimate of the time left: the mean time of the finished methods times those left."""
+    if not left:
+        return "all done"
+    estimate = sum(seconds_per_method) / len(seconds_per_method) * left
+    return f"{left} left, about {estimate:.0f} s"
+
+
 def _demo_runs_with_lines(
-    console: Any, problems: Sequence[Any], methods: Sequence[str], args: Any, runs: dict
+    console: Any,
+    problems: Sequence[Any],
+    methods: Sequence[str],
+    args: Any,
+    runs: dict,
+    record: Callable[[], None],
 ) -> None:
-    """Without a terminal: one line per ``PROGRESS_LINE_STEPS`` steps and per finished run."""
+    """Without a terminal: a line every ``PROGRESS_LINE_STEPS`` steps, one per finished run and
+    one per finished method, with an estimate of the time left."""
     from fused_mtl.app import demo
 
-    for problem in problems:
-        runs[problem.name] = []
-        for method in methods:
+    seconds_per_method: list[float] = []
+    for number, method in enumerate(methods, start=1):
+        started = time.perf_counter()
+        for problem in problems:
             done = [0]
 
             def report(method: str = method, problem: Any = problem, done: list = done) -> None:
@@ -237,22 +319,42 @@ def _demo_runs_with_lines(
                 flush=True,
             )
             runs[problem.name].append(run)
+        seconds_per_method.append(time.perf_counter() - started)
+        record()
+        left = _remaining(seconds_per_method, len(methods) - number)
+        print(
+            f"method {number}/{len(methods)} {method}: done in {seconds_per_method[-1]:.1f} s; "
+            f"{left}",
+            flush=True,
+        )
 
 
 def _demo_runs_with_bar(
-    console: Any, problems: Sequence[Any], methods: Sequence[str], args: Any, runs: dict
+    console: Any,
+    problems: Sequence[Any],
+    methods: Sequence[str],
+    args: Any,
+    runs: dict,
+    record: Callable[[], None],
 ) -> None:
+    """In a terminal: one bar over every step of every run, with the time left."""
     from fused_mtl.app import demo
 
     with _progress(console) as progress:
-        for problem in problems:
-            bar = progress.add_task(problem.name, total=len(methods) * args.steps)
-            runs[problem.name] = []
-            advance = functools.partial(progress.advance, bar)
-            for method in methods:
-                progress.update(bar, description=f"{problem.name}: {method}")
+        total = len(methods) * len(problems) * args.steps
+        bar = progress.add_task("demo", total=total)
+        advance = functools.partial(progress.advance, bar)
+        for number, method in enumerate(methods, start=1):
+            started = time.perf_counter()
+            for problem in problems:
+                progress.update(bar, description=f"{method}: {problem.name}")
                 run = demo.train(problem, method, args.steps, args.seed, on_step=advance)
                 runs[problem.name].append(run)
+            record()
+            console.print(
+                f"method {number}/{len(methods)} {method}: done in "
+                f"{time.perf_counter() - started:.1f} s"
+            )
 
 
 def _task_labels(problem: Any) -> list[str]:
@@ -408,12 +510,13 @@ def _bench(args: argparse.Namespace) -> int:
 # --- entry points ----------------------------------------------------------------------------
 
 
-DEMO_EXAMPLES = """examples:
-  fused-mtl demo                         every method, both problems, 2000 steps each
-  fused-mtl demo --method famo --steps 500
+DEMO_EXAMPLES = """\
+  fused-mtl demo                         one method of each family, both problems, ~1 min on CPU
+  fused-mtl demo --method all            all 26 methods
+  fused-mtl demo --methods mgda,NashMTL,famo --steps 500
   fused-mtl demo --device cuda --out runs/demo
 """
-BENCH_EXAMPLES = """examples:
+BENCH_EXAMPLES = """\
   fused-mtl bench --quick                a few small cases, short timings
   fused-mtl bench --json bench.json --markdown bench.md
 """
@@ -439,7 +542,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="fused-mtl",
         description="fused-mtl: train with each loss-balancing method (demo) or time the fused "
         "ops (bench).",
-        epilog=DEMO_EXAMPLES + BENCH_EXAMPLES,
+        epilog="examples:\n" + DEMO_EXAMPLES + BENCH_EXAMPLES,
         formatter_class=_HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"fused-mtl {__version__}")
@@ -454,15 +557,25 @@ def _parser() -> argparse.ArgumentParser:
             "plots (weights and loss ratios over the steps) and summary.json to --out.",
             width=78,
         ),
-        epilog=DEMO_EXAMPLES,
+        epilog="examples:\n" + DEMO_EXAMPLES,
         formatter_class=_HelpFormatter,
     )
     demo.add_argument(
         "--method",
-        choices=(*METHODS, "all"),
-        default="all",
-        metavar="METHOD",
-        help=f"one method, or all of them: {', '.join(METHODS)}",
+        "--methods",
+        dest="method",
+        type=_methods,
+        default=",".join(DEFAULT_METHODS),
+        metavar="METHODS",
+        help="comma-separated methods, by key or class name (MGDA, NashMTL), or all: "
+        f"{', '.join(METHODS)}",
+    )
+    demo.add_argument(
+        "--threads",
+        type=_threads,
+        default=1,
+        help="CPU threads for torch: the demo's small layers run fastest on one, and more "
+        "threads than free cores slow every step down many times over",
     )
     demo.add_argument(
         "--steps",
@@ -485,7 +598,7 @@ def _parser() -> argparse.ArgumentParser:
             "(per-task loops, vectorised eager, torch.compile of the loop) on this machine.",
             width=78,
         ),
-        epilog=BENCH_EXAMPLES,
+        epilog="examples:\n" + BENCH_EXAMPLES,
         formatter_class=_HelpFormatter,
     )
     bench.add_argument("--device", type=_device, default=None, help=DEVICE_HELP)

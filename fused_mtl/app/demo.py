@@ -42,12 +42,14 @@ from fused_mtl import DTP, DWA, MGDA, Balancer, EqualWeighting, GradNorm, Uncert
 from fused_mtl.synthetic import MultiTaskMLP, ToyRegression, gradnorm_toy, noisy_regression
 
 __all__ = [
+    "DEFAULT_METHODS",
     "LOSS_METHODS",
     "METHODS",
     "PROBLEMS",
     "MethodRun",
     "Problem",
     "make_problem",
+    "resolve_methods",
     "train",
 ]
 
@@ -106,6 +108,21 @@ TRUNK_METHODS = {
     "modo": "MoDo",
     "excess_mtl": "ExcessMTL",
 }
+#: The public class of each method: the names ``--method`` accepts besides the keys.
+METHOD_CLASSES = {
+    "equal": "EqualWeighting",
+    "uw": "UncertaintyWeighting",
+    "dwa": "DWA",
+    "dtp": "DTP",
+    "gradnorm": "GradNorm",
+    "mgda": "MGDA",
+    **LOSS_METHODS,
+    **TRUNK_METHODS,
+}
+#: What ``fused-mtl demo`` runs by default: the baseline and one method of each family (loss
+#: weighting, gradient-norm balancing, the Gram family, loss-level objectives, stochastic
+#: gradient methods), in about a minute on a 2-core CPU.
+DEFAULT_METHODS = ("equal", "uw", "gradnorm", "mgda", "famo", "moco")
 PROBLEMS = ("gradnorm_toy", "known_noise")
 BATCH = 128
 # The balancers' own parameters (UW's log-variances, GradNorm's weights) learn faster than the
@@ -176,6 +193,49 @@ def make_problem(name: str, seed: int = 0, device: torch.device | str = "cpu") -
     train_set, rest = data.split(4096)
     validation, test = rest.split(1024)
     return Problem(name, description, train_set, validation, test, hidden, depth, lr)
+
+
+def _spellings() -> dict[str, str]:
+    """Every accepted spelling of a method, lower case, to its key: the key (``imtl_g``, or
+    ``imtl-g``), its class name (``IMTLG``) and the name in :data:`METHODS` up to its first
+    space or parenthesis (``Nash-MTL``)."""
+    spellings: dict[str, str] = {}
+    for key, label in METHODS.items():
+        for name in (key, METHOD_CLASSES[key], label.split(" (")[0].split(" ")[0]):
+            spellings[name.lower()] = key
+            spellings[name.lower().replace("-", "_")] = key
+            spellings[name.lower().replace("-", "").replace("_", "")] = key
+    return spellings
+
+
+def resolve_methods(text: str) -> list[str]:
+    """The method keys named by ``text``: ``all``, ``default``, or comma-separated names, each a
+    key of :data:`METHODS` or its class name, in any case. Raises ``ValueError`` naming an
+    unknown or repeated name.
+
+    Example:
+        >>> resolve_methods("MGDA, uw,Nash-MTL")
+        ['mgda', 'uw', 'nash_mtl']
+        >>> resolve_methods("all") == list(METHODS)
+        True
+    """
+    names = [name.strip() for name in text.split(",")]
+    if names == ["all"]:
+        return list(METHODS)
+    if names == ["default"]:
+        return list(DEFAULT_METHODS)
+    spellings, keys = _spellings(), []
+    for name in names:
+        key = spellings.get(name.lower())
+        if key is None:
+            raise ValueError(
+                f"unknown method {name!r}; expected all, default, or comma-separated names "
+                f"among {', '.join(METHODS)} (or their class names)"
+            )
+        if key in keys:
+            raise ValueError(f"method {name!r} is named twice")
+        keys.append(key)
+    return keys
 
 
 def make_balancer(method: str, model: MultiTaskMLP, num_tasks: int, period_steps: int) -> Balancer:
