@@ -30,7 +30,8 @@ every rank; see ``fused_mtl._distributed`` and ``docs/distributed.md``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -71,6 +72,12 @@ LossArgs = Tensor | Sequence[Tensor] | dict[str, Tensor]
 EXTRA_STATE_KEY = "_extra_state"
 
 
+#: Training calls in a row after which learned weights that hold a gradient but never change
+#: are reported (``Balancer._check_optimized``): more micro-batches than gradient accumulation
+#: takes per optimiser step, few enough to be seen early in a run.
+UNSTEPPED_CALLS = 50
+
+
 class Balancer(nn.Module):
     """Base class of the balancing methods: task bookkeeping and the backend choice.
 
@@ -91,6 +98,15 @@ class Balancer(nn.Module):
         process_group: ProcessGroup | None = None,
     ) -> None:
         super().__init__()
+        if isinstance(num_tasks, (nn.Module, Tensor)) or (
+            isinstance(num_tasks, Iterable) and not isinstance(num_tasks, (str, bytes))
+        ):
+            name = type(self).__name__
+            raise TypeError(
+                f"{name} takes no shared parameters: it weights the losses alone. Build it as "
+                f"{name}(num_tasks) or {name}(tasks=[...]); got {type(num_tasks).__name__} "
+                "where the number of tasks goes"
+            )
         self.num_tasks, self.tasks = resolve_tasks(num_tasks, tasks)
         self.backend = check_backend(backend)
         # FUSED_MTL_BACKEND is applied here, once: see requested_backend.
@@ -106,6 +122,34 @@ class Balancer(nn.Module):
         """What every rank must have built alike: the method and its tasks."""
         tasks = tuple(self.tasks) if self.tasks is not None else None
         return type(self).__name__, self.num_tasks, tasks
+
+    def _check_optimized(self, parameter: Tensor, what: str) -> None:
+        """Warn once when ``parameter`` (the method's learned weights) has held a gradient and
+        not changed for ``UNSTEPPED_CALLS`` training calls in a row: no optimiser steps it, and
+        the method's weights stay where they started. Called at the start of a training call,
+        then ``_seen_at`` after the method's own in-place updates. Host-side reads only (the
+        parameter's version counter), and nothing while compiling."""
+        if torch.compiler.is_compiling() or getattr(self, "_warned_unstepped", False):
+            return
+        unchanged = parameter._version == getattr(self, "_seen_version", None)
+        if parameter.grad is not None and unchanged:
+            self._unstepped_calls = getattr(self, "_unstepped_calls", 0) + 1
+        else:
+            self._unstepped_calls = 0
+        if self._unstepped_calls >= UNSTEPPED_CALLS:
+            self._warned_unstepped = True
+            warnings.warn(
+                f"{type(self).__name__}: its {what} received gradients but have not changed in "
+                f"{UNSTEPPED_CALLS} training calls: no optimizer steps them. Give the optimizer "
+                "the balancer's parameters too, e.g. "
+                "torch.optim.Adam([*model.parameters(), *balancer.parameters()])",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def _seen_at(self, parameter: Tensor) -> None:
+        if not torch.compiler.is_compiling():
+            self._seen_version = parameter._version
 
     def _syncing(self) -> bool:
         """Whether a training call communicates (distributed, more than one rank, sync on)."""

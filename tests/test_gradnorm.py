@@ -91,7 +91,7 @@ def test_one_step_matches_the_algorithm(backend, device):
     assert not got.requires_grad
     torch.testing.assert_close(got.double().cpu(), total, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(
-        gradnorm.weights.grad.double().cpu(), weight_grad, rtol=1e-5, atol=1e-6
+        gradnorm.learned_weights.grad.double().cpu(), weight_grad, rtol=1e-5, atol=1e-6
     )
     for (name, parameter), expected in zip(net.named_parameters(), model_grads, strict=True):
         torch.testing.assert_close(
@@ -137,7 +137,7 @@ def test_a_slow_task_gains_weight(device):
     value = loss.item()
     gradnorm = GradNorm(layer.parameters(), 2, initial_losses=[value / 2, value * 2])
     gradnorm.backward(loss, loss)
-    assert gradnorm.weights.grad[0] < 0 < gradnorm.weights.grad[1]
+    assert gradnorm.learned_weights.grad[0] < 0 < gradnorm.learned_weights.grad[1]
     torch.optim.SGD(gradnorm.parameters(), lr=0.1).step()
     gradnorm.renormalize_()
     assert gradnorm.weights[0] > 1 > gradnorm.weights[1]
@@ -161,9 +161,9 @@ def test_gradients_accumulate(device):
     inputs, targets = make_batch(device)
     gradnorm = GradNorm(net.shared.parameters(), 3)
     gradnorm.backward(net.losses(inputs, targets))
-    once = [p.grad.clone() for p in [*net.parameters(), gradnorm.weights]]
+    once = [p.grad.clone() for p in [*net.parameters(), gradnorm.learned_weights]]
     gradnorm.backward(net.losses(inputs, targets))
-    for first, parameter in zip(once, [*net.parameters(), gradnorm.weights], strict=True):
+    for first, parameter in zip(once, [*net.parameters(), gradnorm.learned_weights], strict=True):
         torch.testing.assert_close(parameter.grad, 2 * first)
 
 
@@ -182,7 +182,7 @@ def test_calling_conventions_agree(device):
             total = gradnorm.backward(torch.stack(losses))
         else:
             total = gradnorm.backward(dict(zip(reversed(TASKS), reversed(losses), strict=True)))
-        results.append((total, gradnorm.weights.grad, net.heads[1].weight.grad))
+        results.append((total, gradnorm.learned_weights.grad, net.heads[1].weight.grad))
     for other in results[1:]:
         for got, expected in zip(other, results[0], strict=True):
             torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
@@ -233,14 +233,18 @@ def test_loop_mode_when_the_model_cannot_be_batched(device):
     gradnorm.backward(losses(_SquareIntoBuffer.apply))
     assert gradnorm.gradient_mode == "loop"
     assert "batched backward failed" in gradnorm.gradient_mode_reason
-    unbatchable = (gradnorm.grad_norms.clone(), gradnorm.weights.grad.clone(), layer.weight.grad)
+    unbatchable = (
+        gradnorm.grad_norms.clone(),
+        gradnorm.learned_weights.grad.clone(),
+        layer.weight.grad,
+    )
 
     layer.zero_grad()
     plain = GradNorm(layer.parameters(), 2)
     plain.backward(losses(torch.square))
     assert plain.gradient_mode == "batched"
     torch.testing.assert_close(unbatchable[0], plain.grad_norms)
-    torch.testing.assert_close(unbatchable[1], plain.weights.grad)
+    torch.testing.assert_close(unbatchable[1], plain.learned_weights.grad)
     torch.testing.assert_close(unbatchable[2], layer.weight.grad)
 
 
@@ -401,7 +405,7 @@ def test_calling_the_module_with_losses_without_a_graph_is_an_error():
     gradnorm = GradNorm(nn.Linear(2, 2).parameters(), 2)
     with pytest.raises(ValueError, match="GradNorm: no task loss requires grad"):
         gradnorm(torch.tensor(1.0), torch.tensor(2.0))
-    assert gradnorm.gradient_mode is None and gradnorm.weights.grad is None
+    assert gradnorm.gradient_mode is None and gradnorm.learned_weights.grad is None
 
 
 # --- the GradNorm paper's toy ---------------------------------------------------------------

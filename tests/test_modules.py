@@ -1,10 +1,12 @@
 """UncertaintyWeighting and the functional API: calling conventions, options, state, errors."""
 
 import math
+import warnings
 
 import pytest
 import torch
 from formulas import TASK_TYPE_COEFFICIENTS, log_variance
+from torch import nn
 
 import fused_mtl
 from fused_mtl import UncertaintyWeighting
@@ -390,3 +392,55 @@ def test_auto_uses_triton_only_on_cuda(device):
     uw = UncertaintyWeighting(2).to(device)
     total = uw(torch.tensor(1.0, device=device), torch.tensor(2.0, device=device))
     assert ran_triton(total) == (device.type == "cuda")
+
+
+@pytest.mark.parametrize(
+    "method", ["UncertaintyWeighting", "IMTLL", "AutomaticWeightedLoss", "GradNorm"]
+)
+def test_learned_weights_missing_from_the_optimizer_are_named_once(method):
+    """Weights that receive gradients but never change (the balancer's parameters left out of
+    the optimizer) are reported once, with the fix; given to the optimizer, with gradients
+    accumulated over 4 micro-batches per step, nothing is said."""
+    import fused_mtl.compat
+
+    for included in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+        if method == "GradNorm":
+            balancer = fused_mtl.GradNorm(model[0].parameters(), 2)
+        else:
+            balancer = getattr(fused_mtl, method, None) or getattr(fused_mtl.compat, method)
+            balancer = balancer(2)
+        learned = [*balancer.parameters()] if included else []
+        optimizer = torch.optim.Adam([*model.parameters(), *learned], lr=1e-2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for call in range(4 * 60):
+                losses = (model(torch.randn(8, 3)) - 1).square().mean(0)
+                balancer(*losses).backward()
+                if call % 4 == 3:
+                    optimizer.step()
+                    optimizer.zero_grad()
+        messages = [str(warning.message) for warning in caught]
+        if included:
+            assert messages == [], messages
+            assert not torch.equal(balancer.weights, torch.ones(2))
+        else:
+            assert len(messages) == 1, messages
+            assert messages[0].startswith(f"{type(balancer).__name__}: ")
+            assert "balancer.parameters()" in messages[0]
+
+
+@pytest.mark.parametrize("method", ["FAMO", "UncertaintyWeighting", "DWA", "GeometricMean"])
+def test_a_loss_method_given_shared_parameters_says_it_takes_none(method):
+    trunk = nn.Linear(2, 2)
+    for shared in (trunk.parameters(), list(trunk.parameters()), trunk):
+        with pytest.raises(TypeError, match=f"^{method} takes no shared parameters"):
+            getattr(fused_mtl, method)(shared, tasks=["a", "b"])
+
+
+def test_gradnorm_weights_read_as_a_tensor():
+    gradnorm = fused_mtl.GradNorm(nn.Linear(2, 2).parameters(), 2)
+    assert repr(gradnorm.weights) == "tensor([1., 1.])"
+    assert not gradnorm.weights.requires_grad and gradnorm.learned_weights.requires_grad
+    assert [name for name, _ in gradnorm.named_parameters()] == ["weights"]  # checkpoints

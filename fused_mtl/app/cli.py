@@ -177,8 +177,9 @@ def _rich() -> tuple[Any, Any]:
         from rich.table import Table
     except ImportError:
         raise _missing_extra("rich") from None
-    # Tables keep their columns when the output is a file or a pipe instead of a terminal.
-    return Console(width=None if sys.stdout.isatty() else 150), Table
+    # Tables keep their columns when the output is a file or a pipe instead of a terminal. No
+    # markup: what is printed is plain text, and "[peers]" in a note is not a style tag.
+    return Console(width=None if sys.stdout.isatty() else 150, markup=False), Table
 
 
 def _progress(console: Any) -> Any:

@@ -43,7 +43,7 @@ class GradNorm(GradientBalancer):
        model allows it; see ``gradient_mode``) and their norms in one fused launch;
     3. records ``initial_losses`` on the first call unless they were given;
     4. returns ``sum_i w_i L_i`` (weights held constant), whose backward gives the model its
-       gradients and ``weights.grad`` GradNorm's gradient, not a gradient of the total.
+       gradients and ``learned_weights.grad`` GradNorm's gradient, not a gradient of the total.
 
     ``total = gradnorm(losses)`` does all this, and any engine may run ``total.backward()``
     (a ``GradScaler``, Lightning, DDP with GradNorm inside the wrapped module, FSDP2);
@@ -95,7 +95,6 @@ class GradNorm(GradientBalancer):
         (torch.Size([2]), 'batched')
     """
 
-    weights: nn.Parameter
     initial_losses: Tensor
 
     def __init__(
@@ -120,7 +119,9 @@ class GradNorm(GradientBalancer):
             raise ValueError(f"alpha must be finite, got {alpha!r}")
         self.alpha = float(alpha)
         device = self._shared[0].device
-        self.weights = nn.Parameter(torch.ones(self.num_tasks, device=device))
+        # Registered as "weights" (the checkpoints' and named_parameters' name) while the
+        # attribute ``weights`` reads like every other method's: a plain tensor.
+        self._parameters["weights"] = nn.Parameter(torch.ones(self.num_tasks, device=device))
         # NaN marks "not recorded yet"; a buffer, so that a checkpoint keeps L_i(0).
         self.register_buffer(
             "initial_losses", torch.full((self.num_tasks,), math.nan, device=device)
@@ -130,6 +131,17 @@ class GradNorm(GradientBalancer):
             self._set_initial_losses(torch.as_tensor(initial_losses, dtype=torch.float32))
         self.grad_norms: Tensor | None = None
         self.register_load_state_dict_post_hook(GradNorm._after_load)
+
+    @property
+    def weights(self) -> Tensor:  # type: ignore[override]
+        """The current task weights (detached); the parameter is :attr:`learned_weights`."""
+        return self.learned_weights.detach()
+
+    @property
+    def learned_weights(self) -> nn.Parameter:
+        """The parameter GradNorm learns (``weights`` in ``named_parameters`` and checkpoints):
+        give it to the optimiser; after a backward its ``.grad`` is GradNorm's gradient."""
+        return self._parameters["weights"]  # type: ignore[return-value]
 
     def _set_initial_losses(self, values: Tensor) -> None:
         """Check ``L_i(0)`` on the host (a synchronisation: at construction or first call)."""
@@ -176,14 +188,14 @@ class GradNorm(GradientBalancer):
         ``backward`` calls it first; call it yourself only to log the renormalised weights
         between an optimiser step and the next ``backward``.
         """
-        self.weights.copy_(reference.renormalized_weights(self.weights, MIN_WEIGHT))
+        self.learned_weights.copy_(reference.renormalized_weights(self.weights, MIN_WEIGHT))
 
     def forward(self, *losses: LossArgs) -> Tensor:
         """One GradNorm step: renormalise the weights to sum to K, take the per-task gradient
         norms of the shared parameters, and return ``sum_i w_i L_i`` (weights constant).
 
         Its backward gives the model the gradients of ``sum_i w_i L_i`` (weights constant) and
-        ``weights.grad`` GradNorm's update, times the upstream gradient (1 for a plain
+        ``learned_weights.grad`` GradNorm's update, times the upstream gradient (1 for a plain
         ``total.backward()``, the loss scale under a ``GradScaler``).
         """
         reported = self._reported_total(losses, self.weights.device)
@@ -193,7 +205,9 @@ class GradNorm(GradientBalancer):
         # Under torch.distributed the first sync gives every rank rank 0's weights and L_i(0):
         # before they are used.
         self._syncing()
+        self._check_optimized(self.learned_weights, "weights")
         self.renormalize_()
+        self._seen_at(self.learned_weights)
         grad_norms, current = self._task_gram(self._task_gradients, stacked, separate, True)
         if not self._initial_recorded:
             self._set_initial_losses(current)
@@ -211,7 +225,7 @@ class GradNorm(GradientBalancer):
         # float32 (float64) whatever the losses' dtype: half-precision losses are not rounded
         # to their weights' precision, nor the weights to theirs.
         total = weighted_sum(weights, stacked)
-        return with_parameter_gradient(total, self.weights, weight_grad)
+        return with_parameter_gradient(total, self.learned_weights, weight_grad)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, alpha={self.alpha}"

@@ -85,6 +85,10 @@ class UncertaintyModule(Balancer):
 
     def forward(self, *losses: LossArgs) -> Tensor:
         """The balanced total (0-dim) of the task losses, in any calling convention."""
+        if self.training and torch.is_grad_enabled():
+            learned = self._task_parameter()
+            self._check_optimized(learned, "per-task parameters")
+            self._seen_at(learned)
         params = self._log_variances()
         stacked = stack_losses(
             losses,
