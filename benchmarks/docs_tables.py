@@ -128,7 +128,8 @@ def method_step_summary() -> str:
     times, record = _method_step_times()
     plain = times["equal"]
     lines = [
-        f"Against the plain sum ({''.join(_time(plain))}; {_provenance(record, 'cpu-method-steps.json')}):",
+        f"Against the plain sum ({''.join(_time(plain))}; "
+        f"{_provenance(record, 'cpu-method-steps.json')}):",
         "",
         "| methods | time | this / plain sum |",
         "|---|---|---|",
