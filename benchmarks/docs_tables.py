@@ -80,7 +80,8 @@ def _span(values: list[float], unit: Callable[[float], tuple[str, str]]) -> str:
 def _provenance(record: dict, source: str) -> str:
     where = record["environment"]
     threads = where["cpu_threads"]
-    device = where["device_name"] if where["device"] != "cpu" else f"CPU, {threads} thread(s)"
+    plural = "s" if threads > 1 else ""
+    device = where["device_name"] if where["device"] != "cpu" else f"CPU, {threads} thread{plural}"
     return (
         f"`{record['command']}` at {where['git_revision']}, {where['date']}; {device}, torch "
         f"{where['torch']}, triton {where['triton'] or 'absent'}; recorded in "
