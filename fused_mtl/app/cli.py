@@ -51,13 +51,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(USAGE_ERROR, f"{self.prog}: error: {message}\n")
 
 
-def _steps(text: str) -> int:
+def _positive(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _steps(text: str) -> int:
+    value = _positive(text)
     if value > MAX_STEPS:
         raise argparse.ArgumentTypeError(
             f"at most {MAX_STEPS} steps, got {value} (the demo keeps every step for its plots; "
@@ -71,16 +76,6 @@ def _methods(text: str) -> list[str]:
         return resolve_methods(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _threads(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _seed(text: str) -> int:
@@ -575,7 +570,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--threads",
-        type=_threads,
+        type=_positive,
         default=1,
         help="CPU threads for torch: the demo's small layers run fastest on one, and more "
         "threads than free cores slow every step down many times over",
