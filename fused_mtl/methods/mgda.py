@@ -238,12 +238,13 @@ def _inside_compiled_graph(features: Tensor, losses: Tensor) -> bool:
     if node is None or "CompiledFunction" not in type(node).__name__:
         return False
     entries: set[int] = set()
-    seen, stack = set(), [losses.grad_fn]
+    seen: dict[int, object] = {}  # the nodes themselves kept, so that their ids stay theirs
+    stack = [losses.grad_fn]
     while stack:
         current = stack.pop()
         if current is None or id(current) in seen:
             continue
-        seen.add(id(current))
+        seen[id(current)] = current
         for child, input_nr in current.next_functions:
             if child is node:
                 entries.add(input_nr)

@@ -106,13 +106,16 @@ def task_graph_roots(
 
 def graph_nodes(root: object | None) -> Iterator[object]:
     """Every node of the autograd graph below ``root`` (itself included), each once."""
-    seen: set[int] = set()
+    # The nodes are kept alive while their ids are used: on torch 2.10 and older (seen on 2.9.1
+    # and 2.10.0, not on 2.13) a node's Python wrapper dies with its last reference, and the
+    # next wrapper of the same node gets another id, or a dead node's id goes to another node.
+    seen: dict[int, object] = {}
     stack = [root]
     while stack:
         node = stack.pop()
         if node is None or id(node) in seen:
             continue
-        seen.add(id(node))
+        seen[id(node)] = node
         yield node
         stack.extend(child for child, _ in node.next_functions)  # type: ignore[attr-defined]
 
@@ -121,7 +124,8 @@ def reaches(root: object | None, targets: Sequence[Tensor]) -> bool:
     """Whether the graph below ``root`` reaches one of ``targets`` (leaf parameters through
     their accumulation node, other tensors through the node that made them)."""
     leaves = {id(t) for t in targets if t.grad_fn is None}
-    nodes = {id(t.grad_fn) for t in targets if t.grad_fn is not None}
+    alive = [t.grad_fn for t in targets if t.grad_fn is not None]
+    nodes = {id(node) for node in alive}
     return any(
         id(node) in nodes or id(getattr(node, "variable", None)) in leaves
         for node in graph_nodes(root)
@@ -156,8 +160,10 @@ def task_frontiers(
     lies below another (``_one_below_another``).
     """
     counts: dict[int, int] = {}
+    alive = []  # the nodes counted, kept alive so that their ids stay theirs (graph_nodes)
     for root in roots:
         for node in graph_nodes(root.node):
+            alive.append(node)
             counts[id(node)] = counts.get(id(node), 0) + 1
     shared_ids = {id(parameter) for parameter in shared}
     frontiers = []
@@ -499,8 +505,10 @@ class LinearLayerGram:
         records, self._records = self._records, []
         # Forward passes whose outputs the losses do not come from (another batch, a
         # validation pass with grad) are left out.
-        in_graph = {id(node) for node in graph_nodes(losses.grad_fn)}
+        graph = list(graph_nodes(losses.grad_fn))  # alive while their ids are compared
+        in_graph = {id(node) for node in graph}
         records = [record for record in records if id(record[2].grad_fn) in in_graph]
+        del graph
         for index, _, output, version in records:
             if output._version != version:
                 raise ValueError(
