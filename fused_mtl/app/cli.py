@@ -229,7 +229,7 @@ def _demo_in(
     problems = [demo.make_problem(name, args.seed, args.device) for name in demo.PROBLEMS]
     runs: dict[str, list[demo.MethodRun]] = {problem.name: [] for problem in problems}
     summary: dict[str, Any] = {
-        "command": "fused-mtl demo " + " ".join(args.argv),
+        "command": " ".join(["fused-mtl demo", *args.argv]),
         "steps": args.steps,
         "seed": args.seed,
         "device": args.device,
@@ -572,7 +572,7 @@ def _parser() -> argparse.ArgumentParser:
         "--threads",
         type=_positive,
         default=1,
-        help="CPU threads for torch: the demo's small layers run fastest on one, and more "
+        help="CPU threads for torch: the demo's small layers gain little from more, and more "
         "threads than free cores slow every step down many times over",
     )
     demo.add_argument(
