@@ -2,6 +2,7 @@
 line on stderr with exit status 2. Most tests call ``cli.main`` in-process (no torch start-up per
 run); the console script and ``python -m fused_mtl`` are run as processes."""
 
+import io
 import itertools
 import json
 import math
@@ -185,6 +186,21 @@ def test_demo_runs_every_method_with_all(capsys, tmp_path):
 def test_methods_by_key_or_class_name(text, keys):
     for option in ("--method", "--methods"):
         assert cli._parser().parse_args(["demo", option, text]).method == keys
+
+
+def test_in_a_terminal_one_bar_names_the_method_and_problem(tmp_path, monkeypatch):
+    from rich.console import Console
+    from rich.table import Table
+
+    screen = io.StringIO()
+    terminal = Console(file=screen, force_terminal=True, markup=False, width=150)
+    monkeypatch.setattr(cli, "_rich", lambda: (terminal, Table))
+    status = cli.main(["demo", "--methods", "equal", "--steps", "3", "--out", str(tmp_path)])
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", screen.getvalue())  # colours and cursor moves
+    assert status == 0
+    assert "equal: known_noise" in text and "6/6" in text, text
+    assert "[progress" not in text  # the column's style, not printed as text
+    assert "method 1/1 equal: done in " in text
 
 
 def test_an_interrupted_demo_keeps_the_finished_methods(capsys, tmp_path, monkeypatch):

@@ -182,12 +182,14 @@ def _progress(console: Any) -> Any:
         BarColumn,
         MofNCompleteColumn,
         Progress,
+        TextColumn,
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
 
     return Progress(
-        "[progress.description]{task.description}",
+        # The description as plain text, like everything this console prints (no markup).
+        TextColumn("{task.description}", style="progress.description", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
