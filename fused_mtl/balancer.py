@@ -31,7 +31,8 @@ every rank; see ``fused_mtl._distributed`` and ``docs/distributed.md``.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -118,6 +119,15 @@ class Balancer(nn.Module):
         if "_sync" not in self.__dict__:  # pickled whole before balancers could sync
             self._sync = TaskSync(self._configuration(), True, None)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # What ties the balancer to this process's objects stays behind: the last call's
+        # losses (weak references) and the optimizer that ends its steps (a copy is tied to
+        # none: call step_with on the new optimizer), with the open step's accumulators.
+        state = super().__getstate__()
+        for name in ("_last_call", "_step_window", "_steps_by_optimizer"):
+            state.pop(name, None)
+        return state
+
     def _configuration(self) -> tuple[str, int, tuple[str, ...] | None]:
         """What every rank must have built alike: the method and its tasks."""
         tasks = tuple(self.tasks) if self.tasks is not None else None
@@ -151,13 +161,140 @@ class Balancer(nn.Module):
         if not torch.compiler.is_compiling():
             self._seen_version = parameter._version
 
+    # --- dtype ------------------------------------------------------------------------------
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
+        """``nn.Module._apply`` (``.to()``, ``.half()``, ``.bfloat16()``, ...), except that the
+        balancer's floating-point state never goes below float32: ``model.to(torch.bfloat16)``
+        (Lightning's ``"bf16-true"``) moves it, and keeps its dtype. Counters, running means
+        and learned log-variances in bfloat16 stop at 256 steps and round weights to 3 digits;
+        ``weighted_sum`` promotes the total, so the model's half-precision losses still mix
+        with it."""
+
+        def keep_precision(tensor: Tensor) -> Tensor:
+            applied = fn(tensor)
+            if (
+                tensor.is_floating_point()
+                and applied.is_floating_point()
+                and torch.finfo(applied.dtype).bits < 32
+                and torch.finfo(tensor.dtype).bits >= 32
+            ):
+                return tensor.to(device=applied.device)
+            return applied
+
+        return super()._apply(keep_precision, recurse)
+
+    # --- which calls change the state -------------------------------------------------------
+    # A training call (training mode, grad enabled) is a step of the method: it may change its
+    # state. Two kinds of call are not a step of their own:
+    # - a call with the very loss tensors of the previous training call (logging the total
+    #   again): it returns that call's total, or the same total with the weights in force, and
+    #   changes nothing;
+    # - under ``step_with(optimizer)``, every call after the first between two optimizer steps
+    #   (gradient accumulation): the step is computed again from the state at the step's
+    #   start, with the mean of the step's losses (and, for the gradient methods, the sum of
+    #   its per-task gradients), so that the state advances once per optimizer step.
+
+    def _updates(self) -> bool:
+        """Whether this call may change the method's state: training mode, grad enabled, and
+        not a repeat of the previous call (see above)."""
+        return self.training and torch.is_grad_enabled() and not self.__dict__.get("_replaying")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling() or not (self.training and torch.is_grad_enabled()):
+            return super().__call__(*args, **kwargs)
+        tensors = _call_tensors(args, kwargs)
+        last = self.__dict__.get("_last_call")
+        if last is not None and _same_tensors(last[0], tensors):
+            total = last[1]()
+            if total is not None:
+                return total
+            self._replaying = True
+            try:
+                return super().__call__(*args, **kwargs)
+            finally:
+                self._replaying = False
+        total = super().__call__(*args, **kwargs)
+        if tensors and isinstance(total, Tensor):
+            self._last_call = ([weakref.ref(t) for t in tensors], weakref.ref(total))
+        return total
+
+    def step_with(self, optimizer: torch.optim.Optimizer) -> Any:
+        """Take one step of the method per ``optimizer.step()``: the training calls between two
+        optimizer steps are the micro-batches of one step (gradient accumulation).
+
+        Each call then weights its micro-batch with the weights of the step's micro-batches so
+        far: the mean of their losses, and, for the gradient methods, the sum of their per-task
+        gradients, whose update the call completes in the shared parameters' gradient (so that
+        after the last micro-batch it is the update of the whole batch). The method's state
+        (FAMO's logits, MoCo's tracked gradients, RLW's draw, ...) advances once per optimizer
+        step. Scale the total by the number of micro-batches, not the losses: ``(balancer(
+        losses) / accumulation).backward()``. Returns a handle whose ``remove()`` goes back to
+        one step per training call; ``end_step()`` ends a step by hand (an optimizer without
+        step hooks). A pickled or copied balancer is tied to no optimizer. See the guide's
+        gradient accumulation section.
+        """
+        owner = weakref.ref(self)
+
+        def end_step(*_: Any) -> None:
+            balancer = owner()
+            if balancer is not None:
+                balancer.end_step()
+
+        handle = StepHandle(self, optimizer.register_step_post_hook(end_step))
+        self._steps_by_optimizer = True
+        self.end_step()
+        return handle
+
+    def end_step(self) -> None:
+        """End the current step: the next training call starts a new one (see ``step_with``).
+        Called by the optimizer's step hook that ``step_with`` registers."""
+        self._step_window = None
+
+    def _step_call(self) -> StepWindow | None:
+        """This training call's place in the optimizer step under ``step_with`` (``None``
+        otherwise): at the step's first call, the state is recorded; at each later call it is
+        put back, so that the call computes the step again from its start."""
+        if not self.__dict__.get("_steps_by_optimizer") or not self._updates():
+            return None
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                f"{type(self).__name__}: step_with(optimizer) keeps the step's micro-batches on "
+                "the host, which torch.compile cannot trace; compile the model alone and call "
+                "the balancer outside the compiled function"
+            )
+        window = self.__dict__.get("_step_window")
+        if window is None:
+            window = self._step_window = StepWindow(self._step_state())
+        else:
+            for name, value in window.start.items():
+                setattr(self, name, value)
+        window.calls += 1
+        return window
+
+    #: Host-side attributes that are part of a method's state (besides its buffers).
+    _host_state: tuple[str, ...] = ()
+
+    def _step_state(self) -> dict[str, Any]:
+        """The state a step starts from: the buffers (replaced, never changed in place, by
+        every method's step) and the host-side attributes of ``_host_state``."""
+        state: dict[str, Any] = dict(self._buffers)
+        state.update({name: self.__dict__[name] for name in self._host_state})
+        return state
+
     def _syncing(self) -> bool:
         """Whether a training call communicates (distributed, more than one rank, sync on)."""
         return self.training and torch.is_grad_enabled() and self._sync.active(self)
 
     def _shared_random(self, draw: Tensor) -> Tensor:
-        """``draw`` (random numbers of this call), the same on every rank when syncing."""
-        return self._sync.from_first_rank(draw) if self._syncing() else draw
+        """``draw`` (random numbers of this call), the same on every rank when syncing; under
+        ``step_with``, the draw of the optimizer step's first call (one draw per step)."""
+        window = self.__dict__.get("_step_window")
+        if window is not None and window.draw is not None:
+            return window.draw
+        draw = self._sync.from_first_rank(draw) if self._syncing() else draw
+        if window is not None:
+            window.draw = draw
+        return draw
 
     def set_process_group(self, process_group: ProcessGroup | None) -> None:
         """Sync over ``process_group`` from now on (``None``: the default group); for example
@@ -280,6 +417,64 @@ class Balancer(nn.Module):
         return f"tasks={tasks}, backend={self.backend!r}"
 
 
+class StepHandle:
+    """What ``Balancer.step_with`` returns: ``remove()`` unties the balancer from the
+    optimizer (one step per training call again)."""
+
+    def __init__(self, balancer: Balancer, hook: Any) -> None:
+        self._balancer = weakref.ref(balancer)
+        self._hook = hook
+
+    def remove(self) -> None:
+        self._hook.remove()
+        balancer = self._balancer()
+        if balancer is not None:
+            balancer._steps_by_optimizer = False
+            balancer.end_step()
+
+
+class StepWindow:
+    """The micro-batches of one optimizer step so far (see ``Balancer.step_with``)."""
+
+    def __init__(self, start: dict[str, Any]) -> None:
+        self.start = start  # the method's state at the step's start
+        self.calls = 0
+        self.loss_sum: Tensor | None = None  # the sum of the calls' (K,) losses
+        # Gradient methods: the sum of the calls' (K, P) per-task gradients, and what the
+        # calls so far put into the shared parameters' gradient (a function of it).
+        self.gradient_sum: Tensor | None = None
+        self.deposited: Tensor | None = None
+        self.draw: Tensor | None = None  # the step's random draw (RLW, PCGrad's order, ...)
+
+    def mean_losses(self, losses: Tensor) -> Tensor:
+        """Add this call's detached losses; the mean of the step's losses so far."""
+        self.loss_sum = losses if self.loss_sum is None else self.loss_sum + losses
+        return self.loss_sum / self.calls
+
+
+def _call_tensors(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Tensor]:
+    """The tensors a call was given (its losses, in whatever convention, and keywords)."""
+    found: list[Tensor] = []
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor):
+            found.append(value)
+        elif isinstance(value, dict):
+            found.extend(_call_tensors(tuple(value.values()), {}))
+        elif isinstance(value, (list, tuple)):
+            found.extend(_call_tensors(tuple(value), {}))
+    return found
+
+
+def _same_tensors(references: list[weakref.ref[Tensor]], tensors: list[Tensor]) -> bool:
+    """Whether ``tensors`` are the very tensors of ``references``, one of them with a graph
+    (the losses of one forward pass; constants given again are new calls)."""
+    return (
+        len(references) == len(tensors) > 0
+        and any(tensor.requires_grad for tensor in tensors)
+        and all(reference() is tensor for reference, tensor in zip(references, tensors, strict=True))
+    )
+
+
 def check_grad_enabled(balancer: Balancer) -> None:
     if not torch.is_grad_enabled():
         raise RuntimeError(
@@ -341,15 +536,21 @@ class LossWeighting(Balancer):
     def forward(self, *losses: LossArgs) -> Tensor:
         """The weighted total (0-dim) of the task losses, in any calling convention."""
         stacked = self._stacked(losses)
-        if self.training and self._observes_losses:
+        updates = self._updates()
+        if updates and self._observes_losses:
             # Under torch.distributed the first sync loads rank 0's state into the buffers:
             # before the weights are used (nothing is communicated after the first call).
             self._sync.active(self)
+        window = self._step_call()
         # The weights in force for this call: a call that ends a period (DWA) is still one of
         # its calls, and the next period's weights start with the next call.
         total = weighted_sum(self.weights, stacked)
-        if self.training:
-            self._observe(stacked.detach())
+        # Only steps are seen: not a validation pass under torch.no_grad() through a balancer
+        # that model.eval() does not reach, nor a repeated call. A step of several
+        # micro-batches is seen once, with their mean losses.
+        if updates:
+            seen = stacked.detach()
+            self._observe(window.mean_losses(seen) if window is not None else seen)
         return total
 
     def extra_repr(self) -> str:
@@ -385,15 +586,16 @@ class LossObjective(LossWeighting):
         syncing = self._syncs_losses and updates and self._sync.active(self)
         return stacked, self._sync.mean(seen) if syncing else seen
 
-    def _updates(self) -> bool:
-        """Whether this call may change the method's state: training mode, grad enabled."""
-        return self.training and torch.is_grad_enabled()
-
     def forward(self, *losses: LossArgs) -> Tensor:
         """The method's total (0-dim) of the task losses, in any calling convention."""
-        stacked, seen = self._call_losses(losses, self._updates())
+        updates = self._updates()
+        stacked, seen = self._call_losses(losses, updates)
+        window = self._step_call()
+        if window is not None:
+            # A micro-batch: the objective at the mean losses of the step's micro-batches.
+            seen = window.mean_losses(seen)
         value, weights = self._objective(seen)
-        if self._updates():
+        if updates:
             self.weights = weights
         return objective_total(value, weights, stacked)
 
@@ -481,7 +683,7 @@ class GradientBalancer(Balancer):
     def _reported_total(self, losses: tuple[object, ...], device: torch.device) -> Tensor | None:
         """``sum_i w_i L_i`` with the current weights when the call only reports (eval mode or
         grad disabled); ``None`` when it balances."""
-        if self.training and torch.is_grad_enabled():
+        if self._updates():
             return None
         layer_gram = getattr(self, "_layer_gram", None)
         if layer_gram is not None:
@@ -558,6 +760,86 @@ class GradientBalancer(Balancer):
             local = task_gram_or_norms(task_grads, diagonal, self._requested_backend)
             return self._sync.gram_of_samples(local, losses)
         return self._sync.gram(task_grads, losses, diagonal, self._requested_backend)
+
+    def _step_gradients(
+        self, window: StepWindow, losses: Tensor, separate: list[Tensor] | None
+    ) -> tuple[list[Tensor], Tensor, Tensor]:
+        """A micro-batch's per-task gradients (this rank's, per parameter) added to its step's
+        (``step_with``); returns them, the mean ``(K, P)`` per-task gradients of the step's
+        micro-batches so far (over all ranks when syncing), and their mean losses. The step
+        holds the sum: K x P numbers in the state's dtype (as much as one call's gradients)."""
+        name = type(self).__name__
+        if self._layer_gram is not None:
+            self._layer_gram.discard()
+            raise NotImplementedError(
+                f"{name}: step_with(optimizer) cannot be used with gram_by_layer=True (a step "
+                "of several micro-batches needs their per-task gradients summed); build it with "
+                "gram_by_layer=False"
+            )
+        if self._sharded:
+            raise NotImplementedError(
+                f"{name}: step_with(optimizer) does not support FSDP2-sharded shared parameters "
+                "(a step of several micro-batches holds their K x P per-task gradients); use DDP"
+            )
+        task_grads, matrix = self._task_matrix(losses, separate)
+        seen = losses.detach()
+        mean_losses = window.mean_losses(self._sync.mean(seen) if self._syncing() else seen)
+        matrix = matrix.to(self._state_options().get("dtype", matrix.dtype))
+        window.gradient_sum = (
+            matrix if window.gradient_sum is None else window.gradient_sum + matrix
+        )
+        return task_grads, window.gradient_sum / window.calls, mean_losses
+
+    def _complete_step(
+        self,
+        total: Tensor,
+        window: StepWindow,
+        task_grads: list[Tensor],
+        weights: Tensor,
+        update: Tensor,
+    ) -> Tensor:
+        """``total`` (``sum_i w_i L_i`` of this micro-batch, ``weights`` its ``w``), whose
+        backward completes the shared parameters' gradient to ``calls x update``: ``update``
+        (``(P,)``) is the method's update for the mean gradients of the step's micro-batches
+        so far. After the step's last micro-batch (each total scaled by 1 / calls, as
+        accumulation does) the gradient is the update of the whole batch."""
+        target = update * window.calls
+        deposited = window.deposited
+        window.deposited = target
+        start = 0
+        for parameter, grads in zip(self._shared, task_grads, strict=True):
+            end = start + parameter.numel()
+            # What this micro-batch's own total puts there: w . its per-task gradients.
+            own = weights.to(grads.dtype) @ grads.detach().reshape(self.num_tasks, -1)
+            correction = target[start:end].to(grads.dtype) - own
+            if deposited is not None:
+                correction = correction - deposited[start:end].to(grads.dtype)
+            total = with_parameter_gradient(total, parameter, correction.reshape(parameter.shape))
+            start = end
+        return total
+
+    def _accumulated_step(
+        self,
+        window: StepWindow,
+        losses: Tensor,
+        separate: list[Tensor] | None,
+        weights_of: Callable[[Tensor, Tensor], Tensor],
+    ) -> Tensor:
+        """A Gram method's micro-batch under ``step_with``: the weights ``weights_of(gram,
+        mean_losses)`` of the Gram of the step's mean per-task gradients so far, and a total
+        whose backward completes the shared gradient to their update (``_complete_step``)."""
+        task_grads, mean_gradients, mean_losses = self._step_gradients(window, losses, separate)
+        gram = task_gram_or_norms([mean_gradients], False, self._requested_backend)
+        self.gram = gram
+        weights = weights_of(gram, mean_losses)
+        total = weighted_sum(weights, losses)
+        if window.calls > 1:
+            update = weights.to(mean_gradients.dtype) @ mean_gradients
+            total = self._complete_step(total, window, task_grads, weights, update)
+        else:
+            window.deposited = weights.to(mean_gradients.dtype) @ mean_gradients
+        self.weights = weights
+        return total
 
     def _task_matrix(
         self, losses: Tensor, separate: list[Tensor] | None
@@ -649,6 +931,11 @@ class GramBalancer(GradientBalancer):
         if reported is not None:
             return reported
         stacked, separate = self._graph_losses(losses, self._shared_device())
+        window = self._step_call()
+        if window is not None:
+            return self._accumulated_step(
+                window, stacked, separate, lambda gram, _: self._gram_weights(gram)
+            )
         gram, _ = self._task_gram(self._task_gradients, stacked, separate, False)
         gram = gram.detach()
         weights = self._gram_weights(gram)
@@ -694,6 +981,9 @@ class SampledGramBalancer(GramBalancer):
         reported = self._reported_total(losses, self.weights.device)
         if reported is not None:
             return reported
+        # Under step_with, each micro-batch computes the step again from its start: the state
+        # advances once per optimizer step, with the last micro-batch's cross Gram.
+        self._step_call()
         if self._layer_gram is not None:
             self._layer_gram.discard()
             raise NotImplementedError(

@@ -78,6 +78,7 @@ class DWA(LossWeighting):
     period_loss_sums: Tensor
     period_means: Tensor
     _observes_losses = True
+    _host_state = ("_host_steps",)
 
     def __init__(
         self,
@@ -134,8 +135,8 @@ class DWA(LossWeighting):
         return int(self.period_count)
 
     def _observe(self, losses: Tensor) -> None:
-        # Every training-mode call counts, with grad or without: under torch.distributed each
-        # must be made on every rank.
+        # Every training call with grad counts (LossWeighting.forward): under
+        # torch.distributed each must be made on every rank.
         if self._sync.active(self):
             # Every step, not once a period: DDP broadcasts rank 0's buffers at each forward
             # when DWA sits inside the wrapped module, which would overwrite local sums.

@@ -98,7 +98,12 @@ class ExcessMTL(GradientBalancer):
         if reported is not None:
             return reported
         stacked, separate = self._graph_losses(losses, self._shared_device())
-        _, matrix = self._task_matrix(stacked, separate)
+        window = self._step_call()
+        if window is not None:
+            # A micro-batch of an optimizer step (step_with): the step's mean gradients so far.
+            task_grads, matrix, _ = self._step_gradients(window, stacked, separate)
+        else:
+            _, matrix = self._task_matrix(stacked, separate)
         risks, sums = stochastic.excess_risks(matrix, self.squared_gradient_sums)
         risks = risks.to(self.initial_risks.dtype)
         # A task's first estimate is its first positive one (a masked loss can have no
@@ -111,7 +116,14 @@ class ExcessMTL(GradientBalancer):
         self.weights = torch.where(pending.all(), self.weights, updated)
         self.initial_risks = torch.where(pending & (risks > 0), risks, self.initial_risks)
         self.squared_gradient_sums = sums
-        return weighted_sum(self.weights, stacked)
+        total = weighted_sum(self.weights, stacked)
+        if window is None:
+            return total
+        update = self.weights.to(matrix.dtype) @ matrix
+        if window.calls == 1:
+            window.deposited = update
+            return total
+        return self._complete_step(total, window, task_grads, self.weights, update)
 
     def _checkpoint_faults(self, tensors: dict[str, Any]) -> list[str]:
         faults = self._value_faults(

@@ -78,6 +78,7 @@ class FAMO(LossObjective):
     weights: Tensor
     logits: Tensor
     min_losses: Tensor
+    _host_state = ("_pending",)
 
     def __init__(
         self,

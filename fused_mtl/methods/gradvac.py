@@ -67,7 +67,8 @@ class GradVac(GramBalancer):
         weights, targets = gram_weights.gradvac_weights(
             gram, self._shared_random(orders), self.targets, self.beta
         )
-        self.targets.copy_(targets)
+        # Replaced, not changed in place: under step_with a step keeps its start state.
+        self.targets = targets
         return weights
 
     def _checkpoint_faults(self, tensors: dict[str, Any]) -> list[str]:

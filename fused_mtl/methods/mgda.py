@@ -161,6 +161,10 @@ class MGDA(GramBalancer):
             device = self._shared_device("pass features=z (MGDA-UB) or ")
             gradients = self._task_gradients
         stacked, separate = self._graph_losses(losses, device)
+        window = self._step_call() if features is None else None
+        if window is not None:
+            self._last_gradients = gradients
+            return self._accumulated_step(window, stacked, separate, self._normalized_weights)
         by_loss = self.normalization in ("loss", "loss+")
         # Checked before the per-task gradients; under torch.distributed after the sync, on the
         # global losses, so that every rank raises alike and none waits in a collective.
@@ -182,12 +186,17 @@ class MGDA(GramBalancer):
             raise
         if by_loss and syncing:
             self._check_positive(current)
-        scales = reference.gradient_scales(gram, current, self.normalization)
-        gram = gram / (scales[:, None] * scales[None, :])
-        alpha = reference.min_norm_weights(gram, self.solver_iterations)
-        self.gram = gram
+        alpha = self._normalized_weights(gram, current)
         self.weights = alpha
         return weighted_sum(alpha, stacked)
+
+    def _normalized_weights(self, gram: Tensor, losses: Tensor) -> Tensor:
+        """``alpha`` of the Gram of the normalised gradients (``self.gram`` keeps it)."""
+        if self.normalization in ("loss", "loss+"):
+            self._check_positive(losses)
+        scales = reference.gradient_scales(gram, losses, self.normalization)
+        self.gram = gram / (scales[:, None] * scales[None, :])
+        return reference.min_norm_weights(self.gram, self.solver_iterations)
 
     def backward(self, *losses: LossArgs, features: Tensor | None = None) -> Tensor:
         """``total = self(*losses, features=features)``, then ``total.backward()``; returns the

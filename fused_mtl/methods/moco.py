@@ -125,7 +125,12 @@ class MoCo(GradientBalancer):
         if reported is not None:
             return reported
         stacked, separate = self._graph_losses(losses, self._shared_device())
-        task_grads, matrix = self._task_matrix(stacked, separate)
+        window = self._step_call()
+        if window is not None:
+            # A micro-batch of an optimizer step (step_with): the step's mean gradients so far.
+            task_grads, matrix, _ = self._step_gradients(window, stacked, separate)
+        else:
+            task_grads, matrix = self._task_matrix(stacked, separate)
         steps = self.steps + 1
         tracked = stochastic.moco_tracking(
             self.tracked_gradients, matrix, (self.beta / steps**self.beta_decay).to(matrix)
@@ -136,6 +141,10 @@ class MoCo(GradientBalancer):
         )
         update = lambdas.to(tracked.dtype) @ tracked
         total = weighted_sum(lambdas, stacked)
+        self.tracked_gradients, self.lambdas, self.steps = tracked, lambdas, steps
+        self.weights = lambdas
+        if window is not None:
+            return self._complete_step(total, window, task_grads, lambdas, update)
         start = 0
         for parameter, grads in zip(self._shared, task_grads, strict=True):
             local = lambdas.to(grads.dtype) @ grads.detach().reshape(self.num_tasks, -1)
@@ -143,8 +152,6 @@ class MoCo(GradientBalancer):
             correction = (update[start:end].to(grads.dtype) - local).reshape(parameter.shape)
             total = with_parameter_gradient(total, parameter, correction)
             start = end
-        self.tracked_gradients, self.lambdas, self.steps = tracked, lambdas, steps
-        self.weights = lambdas
         return total
 
     def _set_extra_state(self, state: dict[str, Any]) -> None:

@@ -71,6 +71,7 @@ class RandomWeighting(LossObjective):
     def _objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
         weights = self.weights
         if self._updates():
+            # Under step_with, _shared_random gives every micro-batch the step's first draw.
             draw = torch.randn(self.num_tasks, device=losses.device)
             weights = loss_weights.random_weights(self._shared_random(draw))
         return weighted_sum(weights, losses), weights
