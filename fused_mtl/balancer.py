@@ -263,11 +263,16 @@ class Balancer(nn.Module):
                 "the balancer outside the compiled function"
             )
         window = self.__dict__.get("_step_window")
-        if window is None:
-            window = self._step_window = StepWindow(self._step_state())
-        else:
+        if window is not None:
             for name, value in window.start.items():
                 setattr(self, name, value)
+            if any(parameter.grad is None for parameter in getattr(self, "_shared", ())):
+                # The gradients were set to None since the step's last micro-batch without an
+                # optimizer step (a GradScaler skipped it, then zero_grad): that step is
+                # dropped, and this call starts a new one from the same state.
+                window = None
+        if window is None:
+            window = self._step_window = StepWindow(self._step_state())
         window.calls += 1
         return window
 

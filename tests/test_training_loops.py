@@ -270,6 +270,27 @@ def test_step_with_ends_with_its_handle_and_is_not_copied():
     assert float(moco.steps) == 3
 
 
+def test_a_skipped_optimizer_step_is_dropped_by_the_gradient_methods():
+    """A GradScaler that skips a step for an overflow calls no optimizer step; zero_grad then
+    sets the gradients to None: the next micro-batch starts a step from the same state, and
+    its update is its own (the dropped step's gradients are not completed into it)."""
+    inputs, targets = worker.global_batch(2)
+    results = []
+    for skipped in (True, False):
+        net, moco = make("moco")
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
+        moco.step_with(optimizer)
+        if skipped:
+            call(moco, "moco", net, inputs[::2], targets[::2]).backward()
+            optimizer.zero_grad()  # the scaler found an inf: no optimizer.step()
+        call(moco, "moco", net, inputs[1::2], targets[1::2]).backward()
+        results.append((float(moco.steps), [p.grad.clone() for p in net.trunk.parameters()]))
+    (steps, gradients), (fresh_steps, fresh) = results
+    assert steps == fresh_steps == 1
+    for mine, theirs in zip(gradients, fresh, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+
+
 def test_lightning_accumulate_grad_batches_steps_the_state_once_per_optimizer_step():
     lightning = pytest.importorskip("lightning")
 
