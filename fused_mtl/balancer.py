@@ -457,6 +457,11 @@ class StepWindow:
         return self.loss_sum / self.calls
 
 
+# The two helpers below run only in eager calls (``Balancer.__call__`` skips them when it is
+# traced). Dynamo may still run a balancer call eagerly inside a compiled function (a graph
+# break in it) and would then compile them as frames of their own, guarded on the very tensors
+# they compare: a recompile at every call. They are never compiled.
+@torch.compiler.disable
 def _call_tensors(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Tensor]:
     """The tensors a call was given (its losses, in whatever convention, and keywords)."""
     found: list[Tensor] = []
@@ -470,6 +475,7 @@ def _call_tensors(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Tensor]
     return found
 
 
+@torch.compiler.disable
 def _same_tensors(references: list[weakref.ref[Tensor]], tensors: list[Tensor]) -> bool:
     """Whether ``tensors`` are the very tensors of ``references``, one of them with a graph
     (the losses of one forward pass; constants given again are new calls)."""

@@ -67,8 +67,9 @@ class GradVac(GramBalancer):
         weights, targets = gram_weights.gradvac_weights(
             gram, self._shared_random(orders), self.targets, self.beta
         )
-        # Replaced, not changed in place: under step_with a step keeps its start state.
-        self.targets = targets
+        # Replaced, not changed in place (under step_with a step keeps its start state), in
+        # the buffer's dtype as copy_ would (a checkpoint of it loads bit for bit).
+        self.targets = targets.to(self.targets.dtype)
         return weights
 
     def _checkpoint_faults(self, tensors: dict[str, Any]) -> list[str]:
