@@ -30,6 +30,7 @@ every rank; see ``fused_mtl._distributed`` and ``docs/distributed.md``.
 
 from __future__ import annotations
 
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -202,9 +203,9 @@ class Balancer(nn.Module):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling() or not (self.training and torch.is_grad_enabled()):
             return super().__call__(*args, **kwargs)
-        tensors = _call_tensors(args, kwargs)
+        tensors = _uncompiled(_call_tensors)(args, kwargs)
         last = self.__dict__.get("_last_call")
-        if last is not None and _same_tensors(last[0], tensors):
+        if last is not None and _uncompiled(_same_tensors)(last[0], tensors):
             total = last[1]()
             if total is not None:
                 return total
@@ -457,11 +458,26 @@ class StepWindow:
         return self.loss_sum / self.calls
 
 
-# The two helpers below run only in eager calls (``Balancer.__call__`` skips them when it is
-# traced). Dynamo may still run a balancer call eagerly inside a compiled function (a graph
-# break in it) and would then compile them as frames of their own, guarded on the very tensors
-# they compare: a recompile at every call. They are never compiled.
-@torch.compiler.disable
+def _uncompiled(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function`` kept out of Dynamo once Dynamo is loaded.
+
+    The call bookkeeping runs only in eager calls (``Balancer.__call__`` skips it when traced),
+    but Dynamo may run a balancer call eagerly inside a compiled function (a graph break in it)
+    and would then compile the helpers as frames of their own, guarded on the very tensors they
+    compare: a recompile at every call. Without Dynamo loaded nothing can compile them, and
+    ``import fused_mtl`` does not load it (nor triton with it).
+    """
+    if "torch._dynamo" not in sys.modules:
+        return function
+    uncompiled = _UNCOMPILED.get(function)
+    if uncompiled is None:
+        uncompiled = _UNCOMPILED[function] = torch.compiler.disable(function)
+    return uncompiled
+
+
+_UNCOMPILED: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+
 def _call_tensors(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Tensor]:
     """The tensors a call was given (its losses, in whatever convention, and keywords)."""
     found: list[Tensor] = []
@@ -475,14 +491,15 @@ def _call_tensors(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Tensor]
     return found
 
 
-@torch.compiler.disable
 def _same_tensors(references: list[weakref.ref[Tensor]], tensors: list[Tensor]) -> bool:
     """Whether ``tensors`` are the very tensors of ``references``, one of them with a graph
     (the losses of one forward pass; constants given again are new calls)."""
     return (
         len(references) == len(tensors) > 0
         and any(tensor.requires_grad for tensor in tensors)
-        and all(reference() is tensor for reference, tensor in zip(references, tensors, strict=True))
+        and all(
+            reference() is tensor for reference, tensor in zip(references, tensors, strict=True)
+        )
     )
 
 

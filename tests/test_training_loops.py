@@ -210,7 +210,9 @@ def assert_same_state(balancer, other, rtol, atol):
     for name, tensor in balancer.state_dict().items():
         if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
             theirs = other.state_dict()[name]
-            torch.testing.assert_close(theirs, tensor, rtol=rtol, atol=atol, equal_nan=True, msg=name)
+            torch.testing.assert_close(
+                theirs, tensor, rtol=rtol, atol=atol, equal_nan=True, msg=name
+            )
 
 
 @pytest.mark.parametrize("method", EXACT_GRADIENT_METHODS)
