@@ -33,6 +33,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
+from numbers import Real
 from typing import Any
 
 import torch
@@ -44,6 +45,7 @@ from fused_mtl._losses import (
     check_losses,
     check_reduction,
     listed,
+    loss_arguments,
     resolve_tasks,
     task_label,
 )
@@ -200,6 +202,9 @@ class Balancer(nn.Module):
         return self.training and torch.is_grad_enabled() and not self.__dict__.get("_replaying")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # One iterable of losses (a dict's values(), a generator) is read here, once: the
+        # repeated-call check below sees its tensors, and forward a list.
+        args = loss_arguments(args)
         if torch.compiler.is_compiling() or not (self.training and torch.is_grad_enabled()):
             return super().__call__(*args, **kwargs)
         tensors = _call_tensors(args, kwargs)
@@ -476,7 +481,9 @@ def _same_tensors(references: list[weakref.ref[Tensor]], tensors: list[Tensor]) 
     return (
         len(references) == len(tensors) > 0
         and any(tensor.requires_grad for tensor in tensors)
-        and all(reference() is tensor for reference, tensor in zip(references, tensors, strict=True))
+        and all(
+            reference() is tensor for reference, tensor in zip(references, tensors, strict=True)
+        )
     )
 
 
@@ -1035,9 +1042,8 @@ def check_number(
 ) -> float:
     """``value`` as a float, or a ValueError naming ``owner``'s hyper-parameter ``name`` and
     the range ``[low, high]`` (``(low, high]`` when ``low_open``)."""
-    number = (
-        float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-    )
+    # numbers.Real: Python's and numpy's integers and floats alike (np.int64(2), np.float32).
+    number = float(value) if isinstance(value, Real) and not isinstance(value, bool) else None
     if number is None or not (number > low if low_open else number >= low) or not number <= high:
         bracket = "(" if low_open else "["
         raise ValueError(
