@@ -3,7 +3,8 @@
 A module is called with its task losses in any of these forms, all equivalent::
 
     module(l1, l2, l3)                    # one scalar per task, positional
-    module([l1, l2, l3])                  # a list or tuple
+    module([l1, l2, l3])                  # a list, a tuple, or any iterable in task order
+    module(losses.values())               # (a dict's values, a generator)
     module(torch.stack([l1, l2, l3]))     # one tensor of shape (K,) (or (K, ...) with a reduction)
     module({"depth": l1, "seg": l2, ...}) # by task name, needs tasks=[...] at construction
 
@@ -14,8 +15,9 @@ checks of shapes, dtypes and devices only, never a tensor value (no host synchro
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Literal
+import operator
+from collections.abc import Iterable, Mapping, Sequence, Set
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -43,6 +45,23 @@ def task_label(index: int, names: Sequence[str] | None) -> str:
     return repr(names[index]) if names is not None else str(index)
 
 
+def as_integer(what: str, value: object, low: int = 1) -> int:
+    """``value`` as a Python ``int`` >= ``low``: any integer (``3``, ``np.int64(3)``, anything
+    ``operator.index`` takes) but a bool; otherwise a ValueError naming ``what``."""
+    need = f"{what} must be {'a positive integer' if low == 1 else f'an integer >= {low}'}"
+    if isinstance(value, bool):
+        raise ValueError(f"{need}, got the bool {value!r}")
+    try:
+        number = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        if isinstance(value, float) and value.is_integer():
+            raise ValueError(f"{need}, got the float {value!r}; pass int({value!r})") from None
+        raise ValueError(f"{need}, got {type(value).__name__} {value!r}") from None
+    if number < low:
+        raise ValueError(f"{need}, got {number}")
+    return number
+
+
 def resolve_tasks(
     num_tasks: int | None, tasks: Sequence[str] | None
 ) -> tuple[int, list[str] | None]:
@@ -50,9 +69,7 @@ def resolve_tasks(
     if tasks is None:
         if num_tasks is None:
             raise ValueError("give the number of tasks (num_tasks=K) or their names (tasks=[...])")
-        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
-            raise ValueError(f"num_tasks must be a positive integer, got {num_tasks!r}")
-        return num_tasks, None
+        return as_integer("num_tasks", num_tasks), None
     if isinstance(tasks, str) or not isinstance(tasks, Sequence):
         raise TypeError(f"tasks must be a sequence of task names, got {type(tasks).__name__}")
     names = list(tasks)
@@ -69,7 +86,7 @@ def resolve_tasks(
         seen.add(name)
     if duplicates:
         raise ValueError(f"duplicate task names: {listed(sorted(duplicates))}")
-    if num_tasks is not None and num_tasks != len(names):
+    if num_tasks is not None and as_integer("num_tasks", num_tasks) != len(names):
         raise ValueError(
             f"num_tasks={num_tasks} but {len(names)} task names were given: {listed(names)}"
         )
@@ -160,6 +177,16 @@ def _from_stacked(
 ) -> Tensor:
     """A ``(K,)`` tensor as it is; ``(K, ...)`` reduced over everything but the task axis."""
     _check_tensor(losses, "the losses tensor", device)
+    if losses.dim() > 1 and losses.shape[0] != num_tasks and losses.shape[-1] == num_tasks:
+        # A (batch, K) tensor, as a per-sample loss of K outputs comes out of a model.
+        shape = tuple(losses.shape)
+        moved = (num_tasks, *shape[:-1])
+        fix = "losses.T" if losses.dim() == 2 else "losses.movedim(-1, 0)"
+        raise ValueError(
+            f"the losses tensor has shape {shape}: its last axis has the {num_tasks} tasks, "
+            f"but the task axis comes first; pass {fix} (shape {moved}), or one loss per "
+            f"task (shape ({num_tasks},))"
+        )
     if losses.dim() == 0 or losses.shape[0] != num_tasks:
         raise ValueError(
             f"expected {num_tasks} task losses, got one tensor of shape {tuple(losses.shape)} "
@@ -180,6 +207,22 @@ def _from_stacked(
     return flat.mean(dim=1) if reduction == "mean" else flat.sum(dim=1)
 
 
+def loss_arguments(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The arguments of a call, with one iterable of losses (a dict's ``values()``, a
+    generator, ...) made a list: read once, in its order, like a list."""
+    if len(args) != 1:
+        return args
+    (arg,) = args
+    if isinstance(arg, (Tensor, Mapping, list, tuple, str, bytes)) or not isinstance(arg, Iterable):
+        return args
+    if isinstance(arg, Set):
+        raise TypeError(
+            f"the losses were given as a {type(arg).__name__}, which has no order: pass them "
+            "in task order (a list or tuple), or as a dict by task name"
+        )
+    return (list(arg),)
+
+
 def check_losses(
     args: tuple[object, ...],
     *,
@@ -190,6 +233,7 @@ def check_losses(
 ) -> tuple[Tensor, list[Tensor] | None]:
     """The ``(K,)`` tensor of ``stack_losses``, and the task losses before stacking when they
     were given one by one (``None`` for one stacked tensor)."""
+    args = loss_arguments(args)
     if len(args) == 1:
         (arg,) = args
         if isinstance(arg, Mapping):

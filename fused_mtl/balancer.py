@@ -34,6 +34,7 @@ import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
+from numbers import Real
 from typing import Any
 
 import torch
@@ -45,6 +46,7 @@ from fused_mtl._losses import (
     check_losses,
     check_reduction,
     listed,
+    loss_arguments,
     resolve_tasks,
     task_label,
 )
@@ -201,6 +203,9 @@ class Balancer(nn.Module):
         return self.training and torch.is_grad_enabled() and not self.__dict__.get("_replaying")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # One iterable of losses (a dict's values(), a generator) is read here, once: the
+        # repeated-call check below sees its tensors, and forward a list.
+        args = loss_arguments(args)
         if torch.compiler.is_compiling() or not (self.training and torch.is_grad_enabled()):
             return super().__call__(*args, **kwargs)
         tensors = _uncompiled(_call_tensors)(args, kwargs)
@@ -598,6 +603,12 @@ class LossObjective(LossWeighting):
     training call with grad enabled; eval-mode calls and calls under ``torch.no_grad()`` (a
     validation pass through a balancer that ``model.eval()`` does not reach) compute the total
     and change nothing.
+
+    A method whose weights depend on the losses (a nonlinear ``f``) also implements
+    ``_weight_function(losses)``: the weights as a differentiable function of the losses.
+    A backward with ``create_graph=True`` (a gradient penalty, a meta-learning outer loop)
+    takes the weights from it, so that the second derivatives are those of ``f``; a plain
+    backward uses the weights of ``_objective``, as they are.
     """
 
     #: Whether the objective needs the losses over all ranks (not a linear one, RLW's).
@@ -606,18 +617,26 @@ class LossObjective(LossWeighting):
     def _objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
-    def _call_losses(self, losses: tuple[object, ...], updates: bool) -> tuple[Tensor, Tensor]:
-        """The ``(K,)`` losses of this call, and their detached values: over all ranks when
-        the call ``updates`` the method's state and syncs."""
+    def _weight_function(self, losses: Tensor) -> Callable[[Tensor], Tensor] | None:
+        """``L -> w(L)``, the weights of this call as a differentiable function of the losses
+        (``losses``: where ``_objective`` was evaluated); ``None`` where they do not depend on
+        the losses (RLW's draw, a call that only reports)."""
+        return None
+
+    def _call_losses(
+        self, losses: tuple[object, ...], updates: bool
+    ) -> tuple[Tensor, Tensor, bool]:
+        """The ``(K,)`` losses of this call, their detached values (over all ranks when the
+        call ``updates`` the method's state and syncs), and whether they were synced."""
         stacked = self._stacked(losses)
         seen = stacked.detach()
         syncing = self._syncs_losses and updates and self._sync.active(self)
-        return stacked, self._sync.mean(seen) if syncing else seen
+        return stacked, self._sync.mean(seen) if syncing else seen, syncing
 
     def forward(self, *losses: LossArgs) -> Tensor:
         """The method's total (0-dim) of the task losses, in any calling convention."""
         updates = self._updates()
-        stacked, seen = self._call_losses(losses, updates)
+        stacked, seen, synced = self._call_losses(losses, updates)
         window = self._step_call()
         if window is not None:
             # A micro-batch: the objective at the mean losses of the step's micro-batches.
@@ -625,13 +644,69 @@ class LossObjective(LossWeighting):
         value, weights = self._objective(seen)
         if updates:
             self.weights = weights
-        return objective_total(value, weights, stacked)
+        if torch.compiler.is_compiling() or not stacked.requires_grad:
+            # Compiled graphs take first derivatives only (AOTAutograd has no double backward).
+            return objective_total(value, weights, stacked)
+        function = self._weight_function(seen) if updates else None
+        if function is not None and (synced or window is not None):
+            function = _no_second_derivatives(type(self).__name__, synced)
+        return _ObjectiveTotal.apply(stacked, value, weights, function)
 
 
 def objective_total(value: Tensor, weights: Tensor, losses: Tensor) -> Tensor:
     """A total equal to ``value`` whose gradient is ``sum_i w_i grad L_i`` (``weights``
     detached): ``value + sum_i w_i (L_i - L_i)``, whose second term is exactly 0."""
     return value.detach() + weighted_sum(weights.detach(), losses - losses.detach())
+
+
+class _ObjectiveTotal(torch.autograd.Function):
+    """``objective_total``, the same numbers, whose backward under ``create_graph=True`` takes
+    the weights from the method's weight function of the saved losses: the gradient
+    ``sum_i w_i(L) grad L_i`` is then differentiable in the losses, and its derivative holds
+    ``d^2 f / dL_i dL_j`` besides the terms through ``grad L_i``. A plain backward multiplies
+    by the saved weights, in the dtype of ``objective_total``'s product: the same bits."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        losses: Tensor,
+        value: Tensor,
+        weights: Tensor,
+        function: Callable[[Tensor], Tensor] | None,
+    ) -> Tensor:
+        ctx.function = function
+        ctx.save_for_backward(losses, weights)
+        return value + weighted_sum(weights, losses - losses)
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: Tensor) -> tuple[Tensor, None, None, None]:
+        losses, weights = ctx.saved_tensors
+        dtype = torch.promote_types(weights.dtype, losses.dtype)
+        if ctx.function is not None and torch.is_grad_enabled():  # create_graph=True
+            weights = ctx.function(losses)
+        gradient = grad_total.to(dtype) * weights.to(dtype)
+        return gradient.to(losses.dtype), None, None, None
+
+
+def _no_second_derivatives(name: str, synced: bool) -> Callable[[Tensor], Tensor]:
+    """The weight function of a call whose weights come from other losses than its own (the
+    mean over ranks, or over the optimizer step's micro-batches): a backward with
+    ``create_graph=True`` is refused rather than given the second derivatives of another
+    function."""
+    where = (
+        "the losses averaged over the ranks (sync=True)"
+        if synced
+        else "the mean losses of the optimizer step's micro-batches (step_with)"
+    )
+
+    def refuse(losses: Tensor) -> Tensor:
+        raise RuntimeError(
+            f"{name}: a backward with create_graph=True needs the weights as a function of "
+            f"this call's losses, but they come from {where}; for second derivatives, build "
+            f"it with sync=False or call it without step_with"
+        )
+
+    return refuse
 
 
 class GradientBalancer(Balancer):
@@ -1058,9 +1133,8 @@ def check_number(
 ) -> float:
     """``value`` as a float, or a ValueError naming ``owner``'s hyper-parameter ``name`` and
     the range ``[low, high]`` (``(low, high]`` when ``low_open``)."""
-    number = (
-        float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-    )
+    # numbers.Real: Python's and numpy's integers and floats alike (np.int64(2), np.float32).
+    number = float(value) if isinstance(value, Real) and not isinstance(value, bool) else None
     if number is None or not (number > low if low_open else number >= low) or not number <= high:
         bracket = "(" if low_open else "["
         raise ValueError(

@@ -22,14 +22,23 @@ to the order of the sum over tasks (a few ulps from K = 5 on). ``MultiNoiseLoss`
 created on the default device: unlike the usual snippet, it does not move itself to CUDA at
 construction; call ``.to(device)`` like for any module. Its ``noise_params`` is a registered
 ``nn.Parameter``, so it also appears in ``parameters()`` and ``state_dict()``.
+
+Checkpoints go both ways: a drop-in's ``state_dict()`` holds its parameter alone, under the
+snippet's name, so it loads strictly into the snippet's module and the snippet's into the
+drop-in, on their own or inside a model (the usual snippet keeps ``noise_params`` as a plain
+tensor, outside its ``state_dict()``: only a snippet that registers it as a parameter has one
+to exchange).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from fused_mtl._distributed import ProcessGroup
+from fused_mtl.balancer import EXTRA_STATE_KEY
 from fused_mtl.methods.uncertainty import UncertaintyModule
 from fused_mtl.ops.backend import Backend
 from fused_mtl.reference import Parametrization
@@ -37,7 +46,38 @@ from fused_mtl.reference import Parametrization
 __all__ = ["AutomaticWeightedLoss", "MultiNoiseLoss"]
 
 
-class AutomaticWeightedLoss(UncertaintyModule):
+class _SnippetModule(UncertaintyModule):
+    """An uncertainty module whose checkpoint is the snippet's: its parameter, nothing else.
+
+    The other balancers save their task names in the module's extra state (``_extra_state``)
+    to check a checkpoint's task order; a drop-in has no names, and the snippet's module, which
+    has no extra state, would refuse that key under ``strict=True``.
+    """
+
+    # nn.Module writes and reads ``_extra_state`` only where a class overrides these two.
+    get_extra_state = nn.Module.get_extra_state
+    set_extra_state = nn.Module.set_extra_state
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        # Saved by a release whose drop-ins had extra state (task names, always None): it
+        # loads as before.
+        if prefix + EXTRA_STATE_KEY in unexpected_keys:
+            unexpected_keys.remove(prefix + EXTRA_STATE_KEY)
+
+
+class AutomaticWeightedLoss(_SnippetModule):
     """``sum_i 0.5 / p_i^2 * L_i + log(1 + p_i^2)``, with ``p`` (``params``) starting at one.
 
     Example:
@@ -66,7 +106,7 @@ class AutomaticWeightedLoss(UncertaintyModule):
         return self.params
 
 
-class MultiNoiseLoss(UncertaintyModule):
+class MultiNoiseLoss(_SnippetModule):
     """``sum_i L_i / eta_i^2 + log(eta_i)``, with ``eta`` (``noise_params``) uniform in (0, 1).
 
     Example:

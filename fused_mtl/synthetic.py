@@ -36,6 +36,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
+from fused_mtl._losses import as_integer
+
 __all__ = ["MultiTaskMLP", "ToyRegression", "gradnorm_toy", "noisy_regression"]
 
 INPUT_DIM = 250
@@ -137,8 +139,7 @@ def noisy_regression(
 
 
 def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    as_integer(name, value)
 
 
 class MultiTaskMLP(nn.Module):

@@ -125,3 +125,72 @@ def test_drop_in_errors_name_the_task():
         AutomaticWeightedLoss(2)(torch.tensor(1.0), torch.ones(4))
     with pytest.raises(ValueError, match="expected 3 task losses, got 2"):
         MultiNoiseLoss(3)([torch.tensor(1.0), torch.tensor(1.0)])
+
+
+class SnippetAutomaticWeightedLoss(torch.nn.Module):
+    """The AutomaticWeightedLoss snippet as users copy it."""
+
+    def __init__(self, num=2):
+        super().__init__()
+        params = torch.ones(num, requires_grad=True)
+        self.params = torch.nn.Parameter(params)
+
+    def forward(self, *x):
+        loss_sum = 0
+        for i, loss in enumerate(x):
+            loss_sum += 0.5 / (self.params[i] ** 2) * loss + torch.log(1 + self.params[i] ** 2)
+        return loss_sum
+
+
+class SnippetMultiNoiseLoss(torch.nn.Module):
+    """The MultiNoiseLoss snippet, with ``noise_params`` registered as a parameter (the usual
+    one keeps a plain tensor, which no ``state_dict`` holds)."""
+
+    def __init__(self, n_losses):
+        super().__init__()
+        self.noise_params = torch.nn.Parameter(torch.rand(n_losses))
+
+
+class Model(torch.nn.Module):
+    """A model that holds its loss module, as training code does."""
+
+    def __init__(self, loss_module):
+        super().__init__()
+        self.encoder = torch.nn.Linear(3, 2)
+        self.awl = loss_module
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs", "name"),
+    [
+        (lambda: AutomaticWeightedLoss(3), lambda: SnippetAutomaticWeightedLoss(3), "params"),
+        (lambda: MultiNoiseLoss(3), lambda: SnippetMultiNoiseLoss(3), "noise_params"),
+    ],
+)
+@pytest.mark.parametrize("nested", [False, True])
+def test_checkpoints_load_strictly_both_ways(ours, theirs, name, nested):
+    """Swapping the import keeps old checkpoints loading and new ones loadable by old code."""
+    wrap = Model if nested else (lambda module: module)
+    prefix = "awl." if nested else ""
+    drop_in, snippet = wrap(ours()), wrap(theirs())
+    with torch.no_grad():
+        getattr(drop_in.awl if nested else drop_in, name).copy_(torch.tensor([0.5, 1.5, 2.5]))
+        getattr(snippet.awl if nested else snippet, name).copy_(torch.tensor([3.0, 4.0, 5.0]))
+    saved = drop_in.state_dict()
+    assert sorted(saved) == sorted(snippet.state_dict())
+    assert list(saved).count(prefix + name) == 1
+
+    into_snippet = wrap(theirs())
+    into_snippet.load_state_dict(saved)  # strict
+    assert torch.equal(into_snippet.state_dict()[prefix + name], torch.tensor([0.5, 1.5, 2.5]))
+    into_drop_in = wrap(ours())
+    into_drop_in.load_state_dict(snippet.state_dict())  # strict
+    assert torch.equal(into_drop_in.state_dict()[prefix + name], torch.tensor([3.0, 4.0, 5.0]))
+
+
+def test_checkpoints_with_the_old_extra_state_still_load():
+    """A drop-in saved when it kept (empty) task names in its extra state loads strictly."""
+    saved = {"params": torch.tensor([0.5, 1.5]), "_extra_state": {"tasks": None}}
+    awl = AutomaticWeightedLoss(2)
+    awl.load_state_dict(saved)
+    assert torch.equal(awl.params.detach(), torch.tensor([0.5, 1.5]))

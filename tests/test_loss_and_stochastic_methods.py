@@ -532,3 +532,105 @@ def test_excess_mtl_records_a_tasks_first_positive_risk():
         sgd_step(net)
     assert excess.initial_risks[1] > 0
     assert excess.weights[1] > 0.5  # a zero first estimate drove it to 0.18 in 5 steps
+
+
+# --- second derivatives: a backward with create_graph=True ------------------------------------
+# A gradient penalty or a meta-learning outer loop differentiates the gradient again: the
+# second derivative of the total in the model's parameters must be that of the method's total
+# as a function of the losses, f(L(theta)), d2f/dL2 included.
+
+SCALE = torch.tensor([1.5, -0.5], dtype=F64)
+
+
+def losses_of(theta):
+    """Three positive losses of two parameters, each curved, coupled through theta."""
+    return torch.stack(
+        [
+            theta.square().sum() + 0.5,
+            (theta[0] - 2 * theta[1]).exp(),
+            (theta * SCALE.to(theta.dtype)).sum().square() + 1.0,
+        ]
+    )
+
+
+def famo_objective(losses, min_losses):
+    """The authors' FAMO objective at its first call (logits 0): sum_i z_i log(L_i - L*_i +
+    1e-8) / c, with z = softmax(0) and c = sum_i z_i / (L_i - L*_i + 1e-8) held at the call's
+    losses (their code detaches c)."""
+    z = torch.full((3,), 1 / 3, dtype=F64)
+    c = (z / (losses.detach() - min_losses + 1e-8)).sum()
+    return (z * torch.log(losses - min_losses + 1e-8)).sum() / c
+
+
+ideal, preferences = torch.tensor([0.1, 0.0, 0.3], dtype=F64), torch.tensor([1.0, 2.0, 0.5])
+SECOND_ORDER = {
+    "GeometricMean": (lambda: fused_mtl.GeometricMean(3), formulas.geometric_mean),
+    "STCH": (
+        lambda: fused_mtl.STCH(
+            3, mu=0.5, ideal_point=ideal.tolist(), preferences=preferences.tolist()
+        ),
+        formulas.smooth_tchebycheff(0.5, ideal, preferences.to(F64)),
+    ),
+    "FAMO": (
+        lambda: fused_mtl.FAMO(3, min_losses=[0.0, 0.1, 0.2]),
+        lambda L: famo_objective(L, torch.tensor([0.0, 0.1, 0.2], dtype=F64)),
+    ),
+}
+# float64 end to end: the same sums in another order (1e-13); float32: the losses and the
+# weights rounded (1e-5 of the entries' size ~1-10).
+SECOND_ORDER_TOL = {
+    torch.float64: {"rtol": 1e-12, "atol": 1e-13},
+    torch.float32: {"rtol": 1e-5, "atol": 1e-5},
+}
+
+
+def gradient_and_hessian(total_of, theta, dtype):
+    """d total / d theta and its Jacobian, by autograd.grad(create_graph=True) twice."""
+    point = theta.to(dtype).requires_grad_()
+    (gradient,) = torch.autograd.grad(total_of(losses_of(point)), point, create_graph=True)
+    rows = [torch.autograd.grad(gradient[i], point, retain_graph=True)[0] for i in range(2)]
+    return gradient.detach(), torch.stack(rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("method", list(SECOND_ORDER))
+@pytest.mark.parametrize("theta", [[0.3, -0.2], [-0.8, 0.5]])
+def test_second_derivatives_are_those_of_the_methods_total(method, theta, dtype):
+    build, objective = SECOND_ORDER[method]
+    theta = torch.tensor(theta, dtype=F64)
+    gradient, hessian = gradient_and_hessian(build(), theta, dtype)
+    expected_gradient, expected_hessian = gradient_and_hessian(objective, theta, F64)
+    tolerance = SECOND_ORDER_TOL[dtype]
+    torch.testing.assert_close(gradient.double(), expected_gradient, **tolerance)
+    torch.testing.assert_close(hessian.double(), expected_hessian, **tolerance)
+
+
+@pytest.mark.parametrize("method", list(SECOND_ORDER))
+def test_without_create_graph_the_total_and_gradient_are_the_weighted_sums(method):
+    """A plain backward keeps its numbers: the total is the objective's value plus
+    sum_i w_i (L_i - L_i), its gradient sum_i w_i grad L_i with the call's weights, bit for
+    bit, in every precision."""
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        theta = torch.tensor([0.3, -0.2], dtype=dtype, requires_grad=True)
+        losses = losses_of(theta)
+        balancer = SECOND_ORDER[method][0]()
+        total = balancer(losses)
+        (gradient,) = torch.autograd.grad(total, theta, retain_graph=True)
+        weights = balancer.weights
+        promoted = torch.promote_types(weights.dtype, dtype)
+        expected = (weights.to(promoted) * (losses - losses.detach()).to(promoted)).sum()
+        (expected_gradient,) = torch.autograd.grad(expected, theta)
+        assert total.dtype == torch.promote_types(promoted, torch.float32)
+        assert torch.equal(gradient, expected_gradient)
+
+
+def test_second_derivatives_from_another_calls_losses_are_refused():
+    """Under step_with the weights are those of the step's mean losses, not this call's: a
+    backward with create_graph=True says so instead of differentiating another function."""
+    theta = torch.tensor([0.3, -0.2], requires_grad=True)
+    stch = fused_mtl.STCH(3)
+    stch.step_with(torch.optim.SGD([theta], lr=0.1))
+    total = stch(losses_of(theta))
+    torch.autograd.grad(total, theta)  # a plain backward works
+    with pytest.raises(RuntimeError, match="STCH: a backward with create_graph=True needs"):
+        torch.autograd.grad(stch(losses_of(theta) * 2), theta, create_graph=True)

@@ -444,3 +444,84 @@ def test_gradnorm_weights_read_as_a_tensor():
     assert repr(gradnorm.weights) == "tensor([1., 1.])"
     assert not gradnorm.weights.requires_grad and gradnorm.learned_weights.requires_grad
     assert [name for name, _ in gradnorm.named_parameters()] == ["weights"]  # checkpoints
+
+
+# --- reasonable inputs: any iterable of losses, numpy integers ---------------------------------
+
+
+def iterable_methods():
+    trunk = nn.Linear(3, 2)
+    return {
+        "UncertaintyWeighting": lambda: UncertaintyWeighting(tasks=["depth", "seg"]),
+        "MultiNoiseLoss": lambda: fused_mtl.compat.MultiNoiseLoss(2),
+        "DWA": lambda: fused_mtl.DWA(tasks=["depth", "seg"]),
+        "GeometricMean": lambda: fused_mtl.GeometricMean(tasks=["depth", "seg"]),
+        "MGDA": lambda: fused_mtl.MGDA(trunk.parameters(), tasks=["depth", "seg"]),
+    }, trunk
+
+
+@pytest.mark.parametrize("method", list(iterable_methods()[0]))
+def test_losses_from_a_dicts_values_or_a_generator(method):
+    """``balancer(d.values())`` and a generator take the losses in order, as a list does."""
+    factories, trunk = iterable_methods()
+    torch.manual_seed(0)
+    inputs = torch.randn(4, 3)
+    totals = {}
+    for form in ("list", "values", "generator"):
+        torch.manual_seed(1)
+        balancer = factories[method]()
+        out = trunk(inputs)
+        losses = {"depth": out[:, 0].square().mean(), "seg": out[:, 1].exp().mean()}
+        given = {
+            "list": list(losses.values()),
+            "values": losses.values(),
+            "generator": (loss for loss in losses.values()),
+        }[form]
+        totals[form] = balancer(given).detach()
+    assert torch.equal(totals["values"], totals["list"])
+    assert torch.equal(totals["generator"], totals["list"])
+
+
+def test_losses_in_a_set_are_refused_for_their_order():
+    with pytest.raises(TypeError, match="set, which has no order: pass them in task order"):
+        named_module()({torch.tensor(1.0), torch.tensor(2.0)})
+
+
+@pytest.mark.parametrize(
+    ("shape", "fix"), [((8, 3), r"losses\.T \(shape \(3, 8\)\)"), ((8, 5, 3), r"losses\.movedim")]
+)
+def test_a_batch_by_task_tensor_is_told_the_task_axis_comes_first(shape, fix):
+    uw = UncertaintyWeighting(3, reduction="mean")
+    with pytest.raises(ValueError, match=f"task axis comes first; pass {fix}"):
+        uw(torch.rand(shape))
+    # The fix it gives works, and is the mean over the batch of each task's column.
+    losses = torch.rand(8, 3)
+    torch.testing.assert_close(uw(losses.T), uw(losses.mean(dim=0)), rtol=0, atol=0)
+
+
+def test_numpy_integers_are_integer_arguments():
+    np = pytest.importorskip("numpy")  # installed with torch's CPU wheels and with triton
+    uw = UncertaintyWeighting(np.int64(3))
+    assert uw.num_tasks == 3 and type(uw.num_tasks) is int
+    assert uw(torch.tensor([1.0, 2.0, 3.0])).shape == ()
+    assert UncertaintyWeighting(np.int32(2), tasks=["a", "b"]).num_tasks == 2
+    assert fused_mtl.DWA(np.uint8(2), period_steps=np.int64(5)).period_steps == 5
+    trunk = nn.Linear(3, 2)
+    assert fused_mtl.MGDA(trunk.parameters(), 2, solver_iterations=np.int16(7)).solver_iterations
+    assert fused_mtl.SDMGrad(trunk.parameters(), np.int64(2), iterations=np.int64(4)).iterations
+    assert fused_mtl.STCH(2, mu=np.int64(2)).mu == 2.0
+    assert fused_mtl.DWA(2, temperature=np.int64(2)).temperature == 2.0
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (3.0, r"num_tasks must be a positive integer, got the float 3\.0; pass int\(3\.0\)"),
+        (2.5, "num_tasks must be a positive integer, got float 2.5"),
+        (True, "num_tasks must be a positive integer, got the bool True"),
+        ("3", "num_tasks must be a positive integer, got str '3'"),
+    ],
+)
+def test_task_counts_that_are_not_integers_are_refused(value, message):
+    with pytest.raises(ValueError, match=message):
+        UncertaintyWeighting(value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from numbers import Real
 from typing import Any
 
 import torch
@@ -90,7 +91,7 @@ class DTP(LossWeighting):
         process_group: ProcessGroup | None = None,
     ) -> None:
         super().__init__(num_tasks, tasks, reduction, backend, sync, process_group)
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
+        if isinstance(decay, bool) or not isinstance(decay, Real) or not 0 <= decay < 1:
             raise ValueError(f"decay must be a number in [0, 1), got {decay!r}")
         self.decay = float(decay)
         gammas = self._per_task_numbers(gamma, "gamma", broadcast=True)

@@ -6,6 +6,7 @@ import math
 import sys
 import warnings
 from collections.abc import Sequence
+from numbers import Real
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ from torch import Tensor
 
 from fused_mtl import reference
 from fused_mtl._distributed import ProcessGroup
-from fused_mtl._losses import Reduction, task_label
+from fused_mtl._losses import Reduction, as_integer, task_label
 from fused_mtl.balancer import LossWeighting
 from fused_mtl.ops.backend import Backend
 
@@ -95,16 +96,12 @@ class DWA(LossWeighting):
         super().__init__(num_tasks, tasks, reduction, backend, sync, process_group)
         if (
             isinstance(temperature, bool)
-            or not isinstance(temperature, (int, float))
+            or not isinstance(temperature, Real)
             or not (math.isfinite(temperature) and temperature > 0)
         ):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-        if period_steps is not None and (
-            isinstance(period_steps, bool) or not isinstance(period_steps, int) or period_steps < 1
-        ):
-            raise ValueError(
-                f"period_steps must be a positive integer or None, got {period_steps!r}"
-            )
+        if period_steps is not None:
+            period_steps = as_integer("period_steps", period_steps)
         self.temperature = float(temperature)
         self.period_steps = period_steps
         num = self.num_tasks

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -140,6 +140,20 @@ class FAMO(LossObjective):
         self._pending = True
         return weighted_sum(weights, losses), weights
 
+    def _weight_function(self, losses: Tensor) -> Callable[[Tensor], Tensor]:
+        # The authors' objective sum_i z_i log(L_i - L*_i + 1e-8) / c, with z and c held at
+        # this call's values (their code detaches c). Computed only by a backward that asks
+        # for it; the logits are replaced, never changed in place, by a later update.
+        logits, floor = self.logits, self.min_losses
+
+        def weights(graph_losses: Tensor) -> Tensor:
+            values = losses.to(torch.promote_types(losses.dtype, torch.float32))
+            shares = torch.softmax(logits.to(values), dim=-1)
+            scale = (shares / (values - floor.to(values) + loss_weights.FAMO_EPSILON)).sum()
+            return loss_weights.famo_gradient_weights(graph_losses, shares, scale, floor)
+
+        return weights
+
     @torch.no_grad()
     def update(self, *losses: LossArgs) -> None:
         """Update the logits from the losses after the model's step (the same mini-batch as
@@ -151,7 +165,7 @@ class FAMO(LossObjective):
                 "mode first; each call is updated once, by update or by the next call)"
             )
         # It runs under no_grad: it updates whenever the module trains.
-        _, seen = self._call_losses(losses, self.training)
+        _, seen, _ = self._call_losses(losses, self.training)
         self._check(seen)
         self._update_logits(seen)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -25,7 +25,9 @@ class GeometricMean(LossObjective):
     dominates by its units. ``weights`` are ``L / (K L_i)`` at the last training call (``1 /
     K`` before). Computed as ``exp(mean(log L))``, without host synchronisation. The losses
     must be positive: a zero loss gives a zero total and zero weights (the gradient there is
-    unbounded), and a negative one NaN; ``check_finite=True`` raises instead.
+    unbounded), and a negative one NaN; ``check_finite=True`` raises instead. Under a backward
+    with ``create_graph=True`` the gradient is differentiable: second derivatives are those of
+    the geometric mean.
 
     Args:
         num_tasks: number of tasks K (may be omitted when ``tasks`` is given).
@@ -74,3 +76,6 @@ class GeometricMean(LossObjective):
                 "GeometricMean", losses, 0.0, self.tasks, "the geometric mean needs losses > 0"
             )
         return loss_weights.geometric_mean(losses)
+
+    def _weight_function(self, losses: Tensor) -> Callable[[Tensor], Tensor]:
+        return loss_weights.geometric_mean_gradient_weights

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from numbers import Real
 
 import torch
 from torch import Tensor, nn
@@ -113,7 +114,7 @@ class GradNorm(GradientBalancer):
         super().__init__(
             shared_parameters, num_tasks, tasks, backend, per_task_gradients, sync, process_group
         )
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
+        if isinstance(alpha, bool) or not isinstance(alpha, Real) or not alpha >= 0:
             raise ValueError(f"alpha must be a number >= 0, got {alpha!r}")
         if not math.isfinite(alpha):
             raise ValueError(f"alpha must be finite, got {alpha!r}")

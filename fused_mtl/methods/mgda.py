@@ -10,7 +10,7 @@ from torch import Tensor
 
 from fused_mtl import reference
 from fused_mtl._distributed import ProcessGroup
-from fused_mtl._losses import task_label
+from fused_mtl._losses import as_integer, task_label
 from fused_mtl.balancer import GramBalancer, LossArgs, check_grad_enabled, weighted_sum
 from fused_mtl.ops.backend import Backend
 from fused_mtl.ops.task_gradients import SharedParameters, TaskGradients
@@ -127,16 +127,8 @@ class MGDA(GramBalancer):
                 f"normalization must be one of {reference.MGDA_NORMALIZATIONS}, "
                 f"got {normalization!r}"
             )
-        if (
-            isinstance(solver_iterations, bool)
-            or not isinstance(solver_iterations, int)
-            or solver_iterations < 1
-        ):
-            raise ValueError(
-                f"solver_iterations must be a positive integer, got {solver_iterations!r}"
-            )
         self.normalization = normalization
-        self.solver_iterations = solver_iterations
+        self.solver_iterations = as_integer("solver_iterations", solver_iterations)
         self._feature_gradients = TaskGradients([], ["features"], per_task_gradients)
         self._last_gradients = self._task_gradients
 

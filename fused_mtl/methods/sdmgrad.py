@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fused_mtl._losses import as_integer
 from fused_mtl.balancer import SampledGramBalancer, check_number
 from fused_mtl.ops.task_gradients import SharedParameters
 from fused_mtl.reference import stochastic
@@ -62,8 +63,7 @@ class SDMGrad(SampledGramBalancer):
         **options: Any,
     ) -> None:
         regulariser = check_number("SDMGrad", "lam", lam, low=0.0, high=1e6)
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-            raise ValueError(f"SDMGrad: iterations must be an integer >= 1, got {iterations!r}")
+        iterations = as_integer("SDMGrad: iterations", iterations)
         super().__init__(shared_parameters, num_tasks, **options)
         self.lam, self.iterations = regulariser, iterations
         self.register_buffer(

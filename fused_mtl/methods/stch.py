@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -36,7 +37,9 @@ class STCH(LossObjective):
     otherwise (an NLL's constant). The value is ``logsumexp``, finite for every finite input.
     STCH compares the losses' values: put them on comparable scales first (divide each by a
     reference level, or pass their logarithms, as the paper's multi-task experiments do); on
-    raw losses of very different scales the largest takes all the weight.
+    raw losses of very different scales the largest takes all the weight. Under a backward
+    with ``create_graph=True`` the gradient is differentiable: second derivatives are those of
+    ``g_mu``.
 
     Args:
         num_tasks: number of tasks K (may be omitted when ``tasks`` is given).
@@ -101,6 +104,14 @@ class STCH(LossObjective):
 
     def _objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
         return loss_weights.smooth_tchebycheff(losses, self.mu, self.ideal_point, self.preferences)
+
+    def _weight_function(self, losses: Tensor) -> Callable[[Tensor], Tensor]:
+        return partial(
+            loss_weights.smooth_tchebycheff_gradient_weights,
+            mu=self.mu,
+            ideal_point=self.ideal_point,
+            preferences=self.preferences,
+        )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, mu={self.mu}"

@@ -4,7 +4,10 @@ These methods need no per-task gradient. Each call's total is a function ``f(L)`
 ``(K,)`` losses, and its gradient is ``sum_i w_i grad L_i`` with ``w_i = df / dL_i``; every
 function here returns the weights in closed form (``value, weights`` where a method has its own
 value). The methods then train ``f(L)`` through these weights (see ``LossObjective``), which
-lets the weights come from the losses averaged over ranks under ``torch.distributed``.
+lets the weights come from the losses averaged over ranks under ``torch.distributed``. The
+``*_gradient_weights`` functions are the same weights as differentiable functions of the
+losses (no detach), whose derivatives are ``f``'s second derivatives: a backward with
+``create_graph=True`` takes them.
 
 Everything is computed in float32 at least (float64 stays float64) and vectorised over tasks.
 """
@@ -17,11 +20,14 @@ from torch import Tensor
 __all__ = [
     "FAMO_EPSILON",
     "adam_step",
+    "famo_gradient_weights",
     "famo_logit_gradient",
     "famo_weights",
     "geometric_mean",
+    "geometric_mean_gradient_weights",
     "random_weights",
     "smooth_tchebycheff",
+    "smooth_tchebycheff_gradient_weights",
 ]
 
 #: Added to ``L_i - L_i*`` before FAMO's logarithm, as in the authors' code.
@@ -52,6 +58,14 @@ def geometric_mean(losses: Tensor) -> tuple[Tensor, Tensor]:
     return mean, mean.unsqueeze(-1) / (num_tasks * values.clamp_min(tiny))
 
 
+def geometric_mean_gradient_weights(losses: Tensor) -> Tensor:
+    r"""GLS's weights ``G / (K L_i)`` as a function of the losses, differentiable: their
+    derivatives are ``d^2 G / dL_i dL_j = G / (K^2 L_i L_j) - [i = j] G / (K L_i^2)``."""
+    values = losses.to(torch.promote_types(losses.dtype, torch.float32))
+    mean = torch.exp(torch.log(values).mean(dim=-1, keepdim=True))
+    return mean / (values.shape[-1] * values.clamp_min(torch.finfo(values.dtype).tiny))
+
+
 def smooth_tchebycheff(
     losses: Tensor, mu: float, ideal_point: Tensor, preferences: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -72,6 +86,19 @@ def smooth_tchebycheff(
     return value, preferences.to(values) * torch.softmax(scaled, dim=-1)
 
 
+def smooth_tchebycheff_gradient_weights(
+    losses: Tensor, mu: float, ideal_point: Tensor, preferences: Tensor
+) -> Tensor:
+    r"""STCH's weights ``lambda_i softmax(lambda (L - z*) / mu)_i`` as a function of the
+    losses, differentiable: their derivatives are ``d^2 g_mu / dL_i dL_j = lambda_i lambda_j
+    (p_i [i = j] - p_i p_j) / mu`` with ``p`` the softmax. The shift by the largest term
+    (constant: the softmax does not depend on it) keeps a tiny ``mu`` finite."""
+    values = losses.to(torch.promote_types(losses.dtype, torch.float32))
+    terms = preferences.to(values) * (values - ideal_point.to(values))
+    largest = terms.detach().max(dim=-1, keepdim=True).values
+    return preferences.to(values) * torch.softmax((terms - largest) / mu, dim=-1)
+
+
 def famo_weights(logits: Tensor, losses: Tensor, min_losses: Tensor) -> Tensor:
     r"""FAMO (Liu et al., NeurIPS 2023): the weights of the update
     ``d = sum_i c z_i / (L_i - L_i^*) grad L_i``, ``z = softmax(xi)``,
@@ -81,6 +108,17 @@ def famo_weights(logits: Tensor, losses: Tensor, min_losses: Tensor) -> Tensor:
     shares = torch.softmax(logits.to(values), dim=-1)
     inverse = shares / (values - min_losses.to(values) + FAMO_EPSILON)
     return inverse / inverse.sum(dim=-1, keepdim=True)
+
+
+def famo_gradient_weights(
+    losses: Tensor, shares: Tensor, scale: Tensor, min_losses: Tensor
+) -> Tensor:
+    r"""FAMO's weights ``z_i / (c (L_i - L_i^* + 1e-8))`` as a function of the losses, with
+    the shares ``z`` and ``c`` held at the call's values (``scale``, as the authors' code
+    detaches it): the gradient of ``sum_i z_i log(L_i - L_i^* + 1e-8) / c``, differentiable,
+    whose derivatives are ``-[i = j] z_i / (c (L_i - L_i^* + 1e-8)^2)``."""
+    values = losses.to(torch.promote_types(losses.dtype, torch.float32))
+    return shares.to(values) / (scale.to(values) * (values - min_losses.to(values) + FAMO_EPSILON))
 
 
 def famo_logit_gradient(
