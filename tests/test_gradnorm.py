@@ -253,8 +253,8 @@ def test_loop_mode_when_batched_gradients_disagree(device, monkeypatch):
     net = make_net(device)
     inputs, targets = make_batch(device)
 
-    def wrong(self, losses, separate_losses=None):
-        return [2 * g for g in TaskGradients._loop(self, losses, None)]
+    def wrong(self, losses, separate_losses, parameters):
+        return [2 * g for g in TaskGradients._loop(self, losses, None, parameters)]
 
     monkeypatch.setattr(TaskGradients, "_batched", wrong)
     gradnorm = GradNorm(net.shared.parameters(), 3)

@@ -270,14 +270,15 @@ class TaskGradients:
 
         ``separate_losses``: the same losses before stacking, when the caller has them.
         ``inputs``: tensors to differentiate instead of the parameters given at construction
-        (for example a representation that is new at every call); the names stay.
+        (for example a representation that is new at every call); the names stay. They are
+        used for this call only and not kept: a step's non-leaf tensors held past the call
+        would keep its graph alive and make ``copy.deepcopy`` of the model fail.
         ``agree``: under torch.distributed, the smallest over ranks of a tensor of flags, so
         that the first call's checks and choice are the same on every rank (see
         ``_choose_mode``).
         """
-        if inputs is not None:
-            self.parameters = list(inputs)
-        for name, parameter in zip(self.parameter_names, self.parameters, strict=False):
+        parameters = self.parameters if inputs is None else list(inputs)
+        for name, parameter in zip(self.parameter_names, parameters, strict=False):
             # A Python flag, no tensor read: a parameter frozen after construction.
             if not parameter.requires_grad:
                 raise ValueError(
@@ -286,31 +287,30 @@ class TaskGradients:
                     "parameters that are still trained"
                 )
         if self.mode == "batched":
-            return self._batched(losses, separate_losses)
+            return self._batched(losses, separate_losses, parameters)
         if self.mode == "loop":
-            return self._loop(separate_losses or losses, task_names)
-        return self._choose_mode(losses, task_names, separate_losses, agree)
+            return self._loop(separate_losses or losses, task_names, parameters)
+        return self._choose_mode(losses, task_names, separate_losses, parameters, agree)
 
     def _choose_mode(
         self,
         losses: Tensor,
         task_names: Sequence[str] | None,
         separate_losses: Sequence[Tensor] | None,
+        parameters: Sequence[Tensor],
         agree: Callable[[Tensor], Tensor] | None,
     ) -> list[Tensor]:
-        looped = self._loop(separate_losses or losses, task_names)
+        looped = self._loop(separate_losses or losses, task_names, parameters)
         # From the graph, not the values: a gradient can be exactly zero at one point (the
         # first step's theta = 0 in theta ** 2) for a loss that depends on the parameters.
         roots = task_graph_roots(losses, separate_losses)
         reached = torch.tensor(
-            [True] * len(looped[0])
-            if roots is None
-            else [reaches(r, self.parameters) for r in roots],
+            [True] * len(looped[0]) if roots is None else [reaches(r, parameters) for r in roots],
             device=losses.device,
         )
         batched, failure = None, None
         if self.requested != "loop":
-            batched, failure = self._try_batched(losses, separate_losses, looped)
+            batched, failure = self._try_batched(losses, separate_losses, looped, parameters)
         flags = torch.cat([~reached, reached.new_tensor([failure is None])]).float()
         if agree is not None:
             # A task is unreached only if it is so on every rank (its global gradient is zero);
@@ -337,11 +337,15 @@ class TaskGradients:
         return batched
 
     def _try_batched(
-        self, losses: Tensor, separate_losses: Sequence[Tensor] | None, looped: list[Tensor]
+        self,
+        losses: Tensor,
+        separate_losses: Sequence[Tensor] | None,
+        looped: list[Tensor],
+        parameters: Sequence[Tensor],
     ) -> tuple[list[Tensor] | None, str | None]:
         """The batched gradients and ``None``, or ``None`` and why they cannot be used."""
         try:
-            batched = self._batched(losses, separate_losses)
+            batched = self._batched(losses, separate_losses, parameters)
         except RuntimeError as error:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
             return None, f"the batched backward failed: {first_line}"
@@ -377,27 +381,34 @@ class TaskGradients:
         return identity
 
     def _batched(
-        self, losses: Tensor, separate_losses: Sequence[Tensor] | None = None
+        self,
+        losses: Tensor,
+        separate_losses: Sequence[Tensor] | None,
+        parameters: Sequence[Tensor],
     ) -> list[Tensor]:
         roots = task_root_edges(losses, separate_losses)
-        frontiers = task_frontiers(roots, self.parameters) if roots is not None else None
+        frontiers = task_frontiers(roots, parameters) if roots is not None else None
         if frontiers is None:
             grads = _retained_grad(
                 losses,
-                self.parameters,
+                parameters,
                 grad_outputs=self._identity_for(losses),
                 is_grads_batched=True,
                 allow_unused=True,
             )
         else:
-            grads = self._through_frontiers(roots, frontiers, losses)  # type: ignore[arg-type]
+            grads = self._through_frontiers(roots, frontiers, losses, parameters)  # type: ignore[arg-type]
         for name, grad in zip(self.parameter_names, grads, strict=True):
             if grad is None:
                 raise ValueError(f"no task loss reaches the shared parameter {name}")
         return list(grads)
 
     def _through_frontiers(
-        self, roots: Sequence[GradientEdge], frontiers: list[list[GradientEdge]], losses: Tensor
+        self,
+        roots: Sequence[GradientEdge],
+        frontiers: list[list[GradientEdge]],
+        losses: Tensor,
+        parameters: Sequence[Tensor],
     ) -> tuple[Tensor | None, ...]:
         """The batched backward in two stages: each task's loss back through its own head to
         where the shared part begins (``task_frontiers``), then one batched backward of those
@@ -431,18 +442,21 @@ class TaskGradients:
             )
         return _retained_grad(
             [edges[key] for key in keys],
-            self.parameters,
+            parameters,
             grad_outputs=batched_outputs,
             is_grads_batched=True,
             allow_unused=True,
         )
 
     def _loop(
-        self, losses: Tensor | Sequence[Tensor], task_names: Sequence[str] | None
+        self,
+        losses: Tensor | Sequence[Tensor],
+        task_names: Sequence[str] | None,
+        parameters: Sequence[Tensor],
     ) -> list[Tensor]:
         per_task = []
         for index in range(len(losses)):
-            grads = _retained_grad(losses[index], self.parameters, allow_unused=True)
+            grads = _retained_grad(losses[index], parameters, allow_unused=True)
             for name, grad in zip(self.parameter_names, grads, strict=True):
                 if grad is None:
                     raise ValueError(
@@ -494,6 +508,11 @@ class LinearLayerGram:
     def discard(self) -> None:
         """Drop the recorded calls (a call of the balancer that does not use them)."""
         self._records = []
+
+    def __getstate__(self) -> dict[str, object]:
+        # The recorded calls are a forward pass's non-leaf tensors: copy.deepcopy (an EMA
+        # model) refuses them, and a pickle would save the step's activations.
+        return {**self.__dict__, "_records": []}
 
     def __call__(
         self,
