@@ -21,12 +21,15 @@ and from the values otherwise (a task whose gradient is zero for every shared pa
 With ``requested="auto"`` the batched mode is kept only if it runs and agrees with the loop;
 otherwise the loop is kept and ``reason`` says why. ``requested="batched"`` raises instead of
 falling back; ``requested="loop"`` never tries the batched backward. So a model whose operations
-cannot be vmapped costs one failed attempt, never a wrong gradient. The first call therefore
-costs K + 1 backward passes and a host synchronisation; the following calls cost one (batched)
-or K (loop) and never synchronise. Under torch.distributed the first call's findings are agreed
-over the ranks (one ``all_reduce`` of K + 1 flags, see ``agree``): a task is named only if its
-gradient is zero on every rank, and the batched backward is kept only if every rank can use it,
-so that every rank raises, or goes on, alike.
+cannot be vmapped costs one failed attempt, never a wrong gradient. A later call's graph can
+hold an operation the first one's did not (a branch taken later): when its batched backward
+fails, that call and the following ones take the loop (``"auto"``, on that rank: the weights
+come from the synced Gram either way; ``reason`` says why), or it raises (``"batched"``). The
+first call costs K + 1 backward passes and a host synchronisation; the following calls cost
+one (batched) or K (loop) and never synchronise. Under torch.distributed the first call's
+findings are agreed over the ranks (one ``all_reduce`` of K + 1 flags, see ``agree``): a task is
+named only if its gradient is zero on every rank, and the batched backward is kept only if
+every rank can use it, so that every rank raises, or goes on, alike.
 
 Which is faster depends on the device and the model. The batched backward replaces K walks of
 the graph by one, which saves K - 1 sets of kernel launches on a GPU. On a CPU the two cost
@@ -87,6 +90,12 @@ def _retained_grad(*args: object, **kwargs: object) -> tuple[Tensor | None, ...]
             "outside the compiled function, or set torch._functorch.config.donated_buffer = "
             "False before compiling the whole step"
         ) from error
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an error's message (vmap's run to a paragraph), for ``reason``."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else repr(error)
 
 
 def task_graph_roots(
@@ -287,7 +296,16 @@ class TaskGradients:
                     "parameters that are still trained"
                 )
         if self.mode == "batched":
-            return self._batched(losses, separate_losses, parameters)
+            try:
+                return self._batched(losses, separate_losses, parameters)
+            except RuntimeError as error:
+                # A later step's graph can hold an operation the first call's did not (a branch
+                # taken later, a backward that copies into a buffer), which vmap refuses. The
+                # attempt changed nothing: torch.autograd.grad writes no .grad and the graph
+                # was retained, so the loop runs on it as if it were the first choice.
+                reason = f"the batched backward failed at a later call: {_first_line(error)}"
+                self._refuse_batched(reason)
+                self.mode, self.reason = "loop", reason
         if self.mode == "loop":
             return self._loop(separate_losses or losses, task_names, parameters)
         return self._choose_mode(losses, task_names, separate_losses, parameters, agree)
@@ -347,8 +365,7 @@ class TaskGradients:
         try:
             batched = self._batched(losses, separate_losses, parameters)
         except RuntimeError as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-            return None, f"the batched backward failed: {first_line}"
+            return None, f"the batched backward failed: {_first_line(error)}"
         for name, one, other in zip(self.parameter_names, batched, looped, strict=True):
             rtol = _agreement_rtol(other.dtype)
             scale = float(other.abs().max()) if other.numel() else 0.0
@@ -360,12 +377,18 @@ class TaskGradients:
         return batched, None
 
     def _fall_back(self, looped: list[Tensor], reason: str) -> list[Tensor]:
-        if self.requested == "batched":
-            raise RuntimeError(
-                f"per_task_gradients='batched' cannot be used with this model: {reason}"
-            )
+        self._refuse_batched(reason)
         self.mode, self.reason = "loop", reason
         return looped
+
+    def _refuse_batched(self, reason: str) -> None:
+        """Raise, naming the fix, when the batched backward was requested and cannot be used."""
+        if self.requested == "batched":
+            raise RuntimeError(
+                f"per_task_gradients='batched' cannot be used with this model: {reason}; build "
+                "the balancer with per_task_gradients='loop' (or 'auto', which falls back to "
+                "the loop)"
+            )
 
     def _identity_for(self, losses: Tensor) -> Tensor:
         num_tasks = losses.shape[0]
