@@ -187,3 +187,36 @@ def test_gradient_method_pickled_whole_before_it_could_sync_loads(method):
     net, balancer = loaded["net"], loaded["balancer"]
     total = step(net, balancer, method, inputs, targets, call=True)
     assert torch.isfinite(total)
+
+
+@pytest.mark.parametrize("method", METHODS + MORE_METHODS)
+def test_a_model_with_its_balancer_copies_and_pickles_after_a_step_and_the_copy_trains_alike(
+    method,
+):
+    """An EMA model (copy.deepcopy) or a checkpoint of the whole model (torch.save) taken after
+    a training step, the balancer inside: the balancer holds none of the step's tensors (MGDA-UB
+    held the features, a non-leaf tensor that deepcopy refuses), and each copy's next step is
+    the original's, bit for bit."""
+    import io
+
+    inputs, targets = worker.global_batch(1)
+    net, balancer = make(method)
+    whole = torch.nn.ModuleDict({"net": net, "balancer": balancer})
+    torch.manual_seed(0)
+    step(net, balancer, method, inputs, targets, call=True)
+    buffer = io.BytesIO()
+    torch.save(whole, buffer)
+    buffer.seek(0)
+    copies = [copy.deepcopy(whole), torch.load(buffer, weights_only=False)]
+    seen = []
+    for model in [whole, *copies]:
+        model.zero_grad()
+        torch.manual_seed(1)  # the randomised methods draw alike in every copy
+        total = step(model["net"], model["balancer"], method, inputs * 0.5, targets, call=True)
+        seen.append((total, model["balancer"].weights.clone(), gradients(*model.values())))
+    (total, weights, grads), *others = seen
+    for other_total, other_weights, other_grads in others:
+        assert torch.equal(other_total, total)
+        assert torch.equal(other_weights, weights)
+        for got, expected in zip(other_grads, grads, strict=True):
+            assert torch.equal(got, expected)

@@ -248,13 +248,72 @@ def test_loop_mode_when_the_model_cannot_be_batched(device):
     torch.testing.assert_close(unbatchable[2], layer.weight.grad)
 
 
+class ConvNet(nn.Module):
+    """A small convolutional trunk (two conv layers) and one linear head per task; ``square``
+    is the activation between the trunk and the heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential(
+            nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Conv2d(3, 2, 3, padding=1), nn.Flatten()
+        )
+        self.heads = nn.ModuleList(nn.Linear(2 * 4 * 4, 1) for _ in range(2))
+
+    def losses(self, inputs, square):
+        features = square(self.trunk(inputs))
+        return [(self.heads[0](features) - 1).square().mean(), self.heads[1](features).abs().mean()]
+
+
+@pytest.mark.parametrize("method", ["GradNorm", "MGDA", "UPGrad"])
+def test_a_later_call_that_cannot_be_batched_falls_back_to_the_loop(device, method):
+    """The first call chooses the batched backward; a later step's graph holds a backward that
+    vmap refuses (a branch taken from the second step on). With "auto" that call and the next
+    ones give exactly the loop's gradients (the failed attempt consumed nothing); with
+    "batched" the error names the fix."""
+    import fused_mtl
+
+    torch.manual_seed(6)
+    inputs = torch.randn(4, 1, 6, 6, device=device)
+    nets, balancers = [], []
+    for requested in ("auto", "loop", "batched"):
+        torch.manual_seed(7)
+        net = ConvNet().to(device)
+        nets.append(net)
+        build = getattr(fused_mtl, method)
+        balancers.append(build(net.trunk.parameters(), 2, per_task_gradients=requested))
+    for net, balancer in zip(nets, balancers, strict=True):
+        balancer.backward(net.losses(inputs, torch.square))
+    assert balancers[0].gradient_mode == "batched"
+    for _ in range(2):  # the fallback call, and the next one
+        seen = []
+        for net, balancer in zip(nets[:2], balancers[:2], strict=True):
+            net.zero_grad()
+            balancer.zero_grad()
+            total = balancer.backward(net.losses(inputs, _SquareIntoBuffer.apply))
+            grads = [p.grad for p in [*net.parameters(), *balancer.parameters()]]
+            seen.append((total, balancer.weights.clone(), grads))
+        assert balancers[0].gradient_mode == "loop"
+        assert "batched backward failed at a later call" in balancers[0].gradient_mode_reason
+        (total, weights, grads), (loop_total, loop_weights, loop_grads) = seen
+        assert torch.equal(total, loop_total)
+        assert torch.equal(weights, loop_weights)
+        for got, expected in zip(grads, loop_grads, strict=True):
+            assert torch.equal(got, expected)
+    with pytest.raises(
+        RuntimeError,
+        match=r"per_task_gradients='batched' cannot be used with this model: the batched "
+        r"backward failed at a later call: vmap.*per_task_gradients='loop'",
+    ):
+        balancers[2](nets[2].losses(inputs, _SquareIntoBuffer.apply))
+
+
 def test_loop_mode_when_batched_gradients_disagree(device, monkeypatch):
     """Were the batched backward ever wrong, the first call's comparison keeps the loop."""
     net = make_net(device)
     inputs, targets = make_batch(device)
 
-    def wrong(self, losses, separate_losses=None):
-        return [2 * g for g in TaskGradients._loop(self, losses, None)]
+    def wrong(self, losses, separate_losses, parameters):
+        return [2 * g for g in TaskGradients._loop(self, losses, None, parameters)]
 
     monkeypatch.setattr(TaskGradients, "_batched", wrong)
     gradnorm = GradNorm(net.shared.parameters(), 3)

@@ -502,3 +502,80 @@ def test_gram_by_layer_refuses_an_in_place_activation_and_keeps_the_model_pickla
     trunk.eval()
     trunk(inputs)
     assert len(mgda._layer_gram._records) == held
+
+
+class EncoderNet(nn.Module):
+    """A transformer encoder layer as the trunk, its mean over the sequence the shared
+    representation z, and one linear head per task."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+        self.encoder = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.heads = nn.ModuleList(nn.Linear(8, 1) for _ in TASKS)
+
+    def forward(self, inputs):
+        features = self.encoder(self.embed(inputs)).mean(1)
+        return features, torch.cat([head(features) for head in self.heads], 1)
+
+
+def test_mgda_ub_model_deep_copies_and_pickles_after_a_step_and_the_copy_trains_alike():
+    """An EMA model taken with copy.deepcopy after an MGDA-UB step: the balancer held that
+    step's features (a non-leaf tensor, which deepcopy refuses); the copy's next step is the
+    original's."""
+    import io
+
+    torch.manual_seed(3)
+    net = EncoderNet()
+    whole = nn.ModuleDict({"net": net, "mgda": MGDA(tasks=TASKS)})
+    inputs, targets = torch.randn(4, 5, 3), torch.randn(4, len(TASKS))
+
+    def step(model, inputs):
+        model.zero_grad()
+        features, outputs = model["net"](inputs)
+        losses = (outputs - targets).square().mean(0)
+        model["mgda"].backward(losses, features=features)
+        return model["mgda"].weights.clone(), [p.grad.clone() for p in model.parameters()]
+
+    step(whole, inputs)
+    ema = copy.deepcopy(whole)
+    buffer = io.BytesIO()
+    torch.save(whole, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    weights, grads = step(whole, inputs * 0.5)
+    for model in (ema, loaded):
+        got_weights, got_grads = step(model, inputs * 0.5)
+        assert torch.equal(got_weights, weights)
+        for got, expected in zip(got_grads, grads, strict=True):
+            assert torch.equal(got, expected)
+
+
+def test_gram_by_layer_model_deep_copies_and_pickles_after_a_step_and_between_calls():
+    """gram_by_layer=True: its layers' outputs (the inputs of the per-task gradients) and the
+    recorded calls of a forward pass not yet balanced are non-leaf tensors; a deep copy or a
+    pickle of the model leaves them behind, and the original's next call still uses its
+    own."""
+    import io
+
+    torch.manual_seed(5)
+    trunk = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5))
+    heads = nn.ModuleList(nn.Linear(5, 1) for _ in TASKS)
+    mgda = MGDA(trunk, tasks=TASKS, gram_by_layer=True)
+    whole = nn.ModuleDict({"trunk": trunk, "heads": heads, "mgda": mgda})
+    inputs = torch.randn(6, 4)
+
+    def losses():
+        features = trunk(inputs)
+        return [head(features).square().mean() for head in heads]
+
+    mgda.backward(losses())
+    pending = losses()  # a forward pass whose recorded calls wait for the next call
+    copied = copy.deepcopy(whole)
+    torch.save(whole, io.BytesIO())
+    assert copied["mgda"]._layer_gram._records == []
+    reference = MGDA(trunk, tasks=TASKS, gram_by_layer=True)
+    reference_losses = losses()
+    mgda.backward(pending)
+    reference.backward(reference_losses)
+    torch.testing.assert_close(mgda.weights, reference.weights)

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import fused_mtl
 from fused_mtl import DWA, UncertaintyWeighting
 from fused_mtl.compat import AutomaticWeightedLoss, MultiNoiseLoss
 
@@ -58,6 +59,122 @@ def test_a_task_whose_gradient_is_zero_at_the_first_step_is_not_rejected():
             total = balancer(torch.stack(losses) if stacked else losses)
             total.backward()
             assert torch.isfinite(total)
+
+
+class BypassNet(torch.nn.Module):
+    """A shared trunk (a small conv net, or a transformer encoder layer over a sequence) with
+    one head, and a second task's output computed from the inputs alone: its loss never
+    reaches the trunk. Both outputs come out as the columns of one tensor."""
+
+    def __init__(self, trunk):
+        super().__init__()
+        if trunk == "conv":
+            self.trunk = torch.nn.Sequential(
+                torch.nn.Conv2d(1, 3, 3), torch.nn.Tanh(), torch.nn.Flatten()
+            )
+            self.shape, width = (4, 1, 5, 5), 3 * 3 * 3
+        else:
+            self.trunk = torch.nn.Sequential(
+                torch.nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True),
+                torch.nn.Flatten(),
+            )
+            self.shape, width = (4, 3, 4), 3 * 4
+        self.head = torch.nn.Linear(width, 1)
+        self.bypass = torch.nn.Linear(math.prod(self.shape[1:]), 1)
+
+    def per_sample_losses(self, inputs, targets):
+        outputs = torch.cat([self.head(self.trunk(inputs)), self.bypass(inputs.flatten(1))], 1)
+        return (outputs - targets).square()
+
+
+BALANCERS = {
+    "MGDA": lambda shared, mode: fused_mtl.MGDA(shared, tasks=["a", "b"], per_task_gradients=mode),
+    "GradNorm": lambda shared, mode: fused_mtl.GradNorm(
+        shared, tasks=["a", "b"], per_task_gradients=mode
+    ),
+    "UPGrad": lambda shared, mode: fused_mtl.UPGrad(
+        shared, tasks=["a", "b"], per_task_gradients=mode
+    ),
+    "MoCo": lambda shared, mode: fused_mtl.MoCo(shared, tasks=["a", "b"], per_task_gradients=mode),
+    "GradDrop": lambda shared, mode: fused_mtl.GradDrop(
+        shared, tasks=["a", "b"], per_task_gradients=mode
+    ),
+}
+#: How a training loop hands over the losses of a tensor of per-sample, per-task losses: one
+#: (K,) tensor of one operation, the stack of its columns' means, or the columns one by one.
+#: None of these graphs shows that task b's loss does not reach the trunk.
+FROM_COLUMNS = {
+    "mean(0)": lambda per_sample: per_sample.mean(0),
+    "stack": lambda per_sample: torch.stack([column.mean() for column in per_sample.T]),
+    "list": lambda per_sample: [column.mean() for column in per_sample.T],
+}
+
+
+@pytest.mark.parametrize("given", list(FROM_COLUMNS))
+@pytest.mark.parametrize("mode", ["auto", "loop", "batched"])
+@pytest.mark.parametrize("method", list(BALANCERS))
+@pytest.mark.parametrize("trunk", ["conv", "encoder"])
+def test_a_task_that_never_reaches_the_shared_parameters_is_named_from_its_gradient(
+    trunk, method, mode, given
+):
+    """Task b's loss never reaches the trunk, and the graph cannot show it (its losses are
+    columns of one tensor): MGDA gave it all the weight and the trunk a zero update, every
+    step. Its gradient is exactly zero and no path leads there, at the first call and at the
+    second, which names it as a graph would (a single zero step is not a fault: see below)."""
+    torch.manual_seed(0)
+    net = BypassNet(trunk)
+    balancer = BALANCERS[method](net.trunk.parameters(), mode)
+    inputs, targets = torch.randn(net.shape), torch.randn(net.shape[0], 2)
+    balancer(FROM_COLUMNS[given](net.per_sample_losses(inputs, targets))).backward()
+    with pytest.raises(
+        ValueError,
+        match=r"task 'b': its loss does not depend on the shared parameters \(choose "
+        r"parameters that all tasks use\); found from its gradient: exactly zero, with no path "
+        r"from its loss to them, at each of the first 2 calls",
+    ):
+        balancer(FROM_COLUMNS[given](net.per_sample_losses(inputs * 0.5, targets)))
+
+
+class ZeroHeadNet(torch.nn.Module):
+    """A conv trunk and two heads whose outputs are the columns of one tensor: a head that
+    starts at zero (weight and bias), and one that ends in a ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 3, 3), torch.nn.Tanh(), torch.nn.Flatten()
+        )
+        self.zero_head = torch.nn.Linear(27, 1)
+        torch.nn.init.zeros_(self.zero_head.weight)
+        torch.nn.init.zeros_(self.zero_head.bias)
+        self.relu_head = torch.nn.Linear(27, 1)
+
+    def per_sample_losses(self, inputs, targets):
+        features = self.trunk(inputs)
+        outputs = torch.cat([self.zero_head(features), torch.relu(self.relu_head(features))], 1)
+        return (outputs - targets).square()
+
+
+@pytest.mark.parametrize("given", list(FROM_COLUMNS))
+@pytest.mark.parametrize("mode", ["auto", "loop"])
+@pytest.mark.parametrize("method", ["MGDA", "GradNorm", "UPGrad"])
+def test_a_gradient_that_is_zero_at_one_step_is_not_named(method, mode, given):
+    """As from the graph, a task whose loss reaches the trunk is not named for a zero gradient:
+    a head initialised at zero (its trunk gradient is a product with the zero weight: a NaN
+    crosses it), or a batch on which its head's ReLU is inactive for every sample (the first
+    one: the next batch's gradient is not zero). Five steps train without an error."""
+    torch.manual_seed(1)
+    net = ZeroHeadNet()
+    balancer = BALANCERS[method](net.trunk.parameters(), mode)
+    optimizer = torch.optim.SGD([*net.parameters(), *balancer.parameters()], lr=0.1)
+    inputs, targets = torch.randn(4, 1, 5, 5), torch.randn(4, 2)
+    for step in range(5):
+        with torch.no_grad():
+            net.relu_head.bias.fill_(-100.0 if step == 0 else 100.0)  # inactive, then active
+        optimizer.zero_grad()
+        balancer(FROM_COLUMNS[given](net.per_sample_losses(inputs, targets))).backward()
+        optimizer.step()
+    assert all(bool(torch.isfinite(p).all()) for p in net.parameters())
 
 
 @pytest.mark.parametrize("mode", ["auto", "loop", "batched"])

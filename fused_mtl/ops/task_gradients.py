@@ -14,19 +14,31 @@ parameter shaped ``(K, *W_j.shape)`` whose row ``i`` is ``dL_i / dW_j``, the inp
   do. It works with every model.
 
 The mode is chosen on the first call, which runs both: the loop and then the batched backward.
-The loop also finds a task that does not reach the shared parameters and names it: from the
-graph when the task losses were given one by one (a task whose loss has no path to a parameter),
-and from the values otherwise (a task whose gradient is zero for every shared parameter).
+The loop also finds a task that does not reach the shared parameters and names it: at once
+from the graph, when it shows each task's loss (given one by one, or stacked with
+``torch.stack``) and that loss has no path to a parameter. A gradient that is exactly zero at
+one point (``theta ** 2`` at 0, a head initialised at zero, a ReLU inactive on the whole batch)
+is not a fault, and is not named. Where the graph cannot tell, from the values: one ``(K,)``
+tensor out of one operation (``per_sample_losses.mean(0)``), or task losses taken from one
+tensor of every task's outputs (its columns), whose graphs all reach the parameters through it.
+There a task is named when, at each of the first ``UNREACHED_CALLS`` calls, its gradient is
+exactly zero for every shared parameter and no path carries a NaN from its loss to them
+(``_carries_nan``: 0 * NaN is NaN, so a zero that is a product still shows its path); the calls
+before are balanced with the zero gradient they see.
 
 With ``requested="auto"`` the batched mode is kept only if it runs and agrees with the loop;
 otherwise the loop is kept and ``reason`` says why. ``requested="batched"`` raises instead of
 falling back; ``requested="loop"`` never tries the batched backward. So a model whose operations
-cannot be vmapped costs one failed attempt, never a wrong gradient. The first call therefore
-costs K + 1 backward passes and a host synchronisation; the following calls cost one (batched)
-or K (loop) and never synchronise. Under torch.distributed the first call's findings are agreed
-over the ranks (one ``all_reduce`` of K + 1 flags, see ``agree``): a task is named only if its
-gradient is zero on every rank, and the batched backward is kept only if every rank can use it,
-so that every rank raises, or goes on, alike.
+cannot be vmapped costs one failed attempt, never a wrong gradient. A later call's graph can
+hold an operation the first one's did not (a branch taken later): when its batched backward
+fails, that call and the following ones take the loop (``"auto"``, on that rank: the weights
+come from the synced Gram either way; ``reason`` says why), or it raises (``"batched"``). The
+first call costs K + 1 backward passes and a host synchronisation; the following calls cost
+one (batched) or K (loop) and never synchronise, but for the few calls that watch a task whose
+gradient was zero (one host read each). Under torch.distributed the first call's findings are
+agreed over the ranks (one ``all_reduce`` of 2K + 1 flags, see ``agree``): a task is named only
+if it is unreached on every rank, and the batched backward is kept only if every rank can use
+it, so that every rank raises, or goes on, alike.
 
 Which is faster depends on the device and the model. The batched backward replaces K walks of
 the graph by one, which saves K - 1 sets of kernel launches on a GPU. On a CPU the two cost
@@ -53,6 +65,11 @@ from fused_mtl._losses import task_label
 GradientMode = Literal["batched", "loop"]
 SharedParameters = nn.Module | Tensor | Iterable[Tensor]
 GRADIENT_MODES = ("auto", "batched", "loop")
+
+#: Calls in a row, from the first, at which a task that the graph cannot judge must look
+#: unreached to be named (see the module docstring): a zero gradient at a single step (a batch on
+#: which its head's ReLUs are all inactive) is not a fault, as it is not when the graph decides.
+UNREACHED_CALLS = 2
 
 
 def _agreement_rtol(dtype: torch.dtype) -> float:
@@ -87,6 +104,37 @@ def _retained_grad(*args: object, **kwargs: object) -> tuple[Tensor | None, ...]
             "outside the compiled function, or set torch._functorch.config.donated_buffer = "
             "False before compiling the whole step"
         ) from error
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an error's message (vmap's run to a paragraph), for ``reason``."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else repr(error)
+
+
+def _unreached_error(index: int, task_names: Sequence[str] | None, found: str = "") -> ValueError:
+    return ValueError(
+        f"task {task_label(index, task_names)}: its loss does not depend on the shared "
+        f"parameters (choose parameters that all tasks use){found}"
+    )
+
+
+def _zero_rows(grads: Sequence[Tensor]) -> Tensor:
+    """``(K,)`` flags: whether task i's gradient is exactly zero for every parameter."""
+    return torch.stack([grad.reshape(grad.shape[0], -1).eq(0).all(1) for grad in grads]).all(0)
+
+
+def _carries_nan(losses: Tensor, parameters: Sequence[Tensor], index: int) -> bool:
+    """Whether a backward of NaN from task ``index``'s loss alone reaches a parameter: whether
+    a path leads there, even one whose gradient is zero at this point (0 * NaN is NaN: a head
+    initialised at zero, ``theta ** 2`` at 0). Operations that select (a ReLU inactive on the
+    whole batch, ``torch.where``) stop it as they stop the gradient."""
+    probe = torch.zeros_like(losses)
+    probe[index] = float("nan")
+    # Anomaly detection would report the NaN put there on purpose.
+    with torch.autograd.set_detect_anomaly(False):
+        grads = _retained_grad(losses, parameters, grad_outputs=probe, allow_unused=True)
+    return any(grad is not None and bool(grad.ne(0).any()) for grad in grads)
 
 
 def task_graph_roots(
@@ -258,6 +306,12 @@ class TaskGradients:
         self.reason = "not chosen yet: the mode is chosen on the first call"
         self._identity: Tensor | None = None
 
+    #: The tasks that looked unreached at each call so far, how many calls that is, and how
+    #: many losses those calls had (``_watch``); class defaults for objects pickled before.
+    _watched: tuple[int, ...] = ()
+    _watched_calls = 0
+    _watched_size = 0
+
     def __call__(
         self,
         losses: Tensor,
@@ -270,14 +324,15 @@ class TaskGradients:
 
         ``separate_losses``: the same losses before stacking, when the caller has them.
         ``inputs``: tensors to differentiate instead of the parameters given at construction
-        (for example a representation that is new at every call); the names stay.
+        (for example a representation that is new at every call); the names stay. They are
+        used for this call only and not kept: a step's non-leaf tensors held past the call
+        would keep its graph alive and make ``copy.deepcopy`` of the model fail.
         ``agree``: under torch.distributed, the smallest over ranks of a tensor of flags, so
         that the first call's checks and choice are the same on every rank (see
         ``_choose_mode``).
         """
-        if inputs is not None:
-            self.parameters = list(inputs)
-        for name, parameter in zip(self.parameter_names, self.parameters, strict=False):
+        parameters = self.parameters if inputs is None else list(inputs)
+        for name, parameter in zip(self.parameter_names, parameters, strict=False):
             # A Python flag, no tensor read: a parameter frozen after construction.
             if not parameter.requires_grad:
                 raise ValueError(
@@ -285,46 +340,72 @@ class TaskGradients:
                     "balancer was built); unfreeze it, or build the balancer from the "
                     "parameters that are still trained"
                 )
+        if self.mode is None:
+            return self._choose_mode(losses, task_names, separate_losses, parameters, agree)
+        grads = None
         if self.mode == "batched":
-            return self._batched(losses, separate_losses)
-        if self.mode == "loop":
-            return self._loop(separate_losses or losses, task_names)
-        return self._choose_mode(losses, task_names, separate_losses, agree)
+            try:
+                grads = self._batched(losses, separate_losses, parameters)
+            except RuntimeError as error:
+                # A later step's graph can hold an operation the first call's did not (a branch
+                # taken later, a backward that copies into a buffer), which vmap refuses. The
+                # attempt changed nothing: torch.autograd.grad writes no .grad and the graph
+                # was retained, so the loop runs on it as if it were the first choice.
+                reason = f"the batched backward failed at a later call: {_first_line(error)}"
+                self._refuse_batched(reason)
+                self.mode, self.reason = "loop", reason
+        if grads is None:
+            grads = self._loop(separate_losses or losses, task_names, parameters)
+        if self._watched and losses.shape[0] != self._watched_size:
+            # Another number of losses (SDMGrad's weight batches given, or no longer): the
+            # positions watched are not these tasks'.
+            self._watched = ()
+        if self._watched:
+            zero = _zero_rows(grads)[list(self._watched)].float()
+            zero = agree(zero) if agree is not None else zero
+            still = [
+                index for index, flag in zip(self._watched, zero.tolist(), strict=True) if flag
+            ]
+            self._watch(losses, parameters, still, task_names, agree)
+        return grads
 
     def _choose_mode(
         self,
         losses: Tensor,
         task_names: Sequence[str] | None,
         separate_losses: Sequence[Tensor] | None,
+        parameters: Sequence[Tensor],
         agree: Callable[[Tensor], Tensor] | None,
     ) -> list[Tensor]:
-        looped = self._loop(separate_losses or losses, task_names)
+        looped = self._loop(separate_losses or losses, task_names, parameters)
+        num_tasks = looped[0].shape[0]
         # From the graph, not the values: a gradient can be exactly zero at one point (the
         # first step's theta = 0 in theta ** 2) for a loss that depends on the parameters.
         roots = task_graph_roots(losses, separate_losses)
         reached = torch.tensor(
-            [True] * len(looped[0])
-            if roots is None
-            else [reaches(r, self.parameters) for r in roots],
+            [True] * num_tasks if roots is None else [reaches(r, parameters) for r in roots],
             device=losses.device,
         )
+        # Where the graph cannot tell (one operation over every task, or task losses that
+        # share the graph below them), an exactly zero gradient is watched (_watch).
+        zero = _zero_rows(looped)
         batched, failure = None, None
         if self.requested != "loop":
-            batched, failure = self._try_batched(losses, separate_losses, looped)
-        flags = torch.cat([~reached, reached.new_tensor([failure is None])]).float()
+            batched, failure = self._try_batched(losses, separate_losses, looped, parameters)
+        flags = torch.cat([~reached, zero, reached.new_tensor([failure is None])]).float()
         if agree is not None:
-            # A task is unreached only if it is so on every rank (its global gradient is zero);
-            # the batched backward is kept only if every rank could use it. Every rank then
-            # raises, or goes on, alike: none is left waiting in a collective.
+            # A task is unreached (or its gradient zero) only if it is so on every rank; the
+            # batched backward is kept only if every rank could use it. Every rank then raises,
+            # or goes on, alike: none is left waiting in a collective.
             flags = agree(flags)
         # One host read for every task and the choice.
-        *unreached, batched_everywhere = flags.tolist()
-        for index, task_unreached in enumerate(unreached):
+        *found, batched_everywhere = flags.tolist()
+        for index, task_unreached in enumerate(found[:num_tasks]):
             if task_unreached:
-                raise ValueError(
-                    f"task {task_label(index, task_names)}: its loss does not depend on the "
-                    "shared parameters (choose parameters that all tasks use)"
-                )
+                raise _unreached_error(index, task_names)
+        zeros = [index for index, flag in enumerate(found[num_tasks:]) if flag]
+        if zeros:
+            self._watch(losses, parameters, zeros, task_names, agree)
         if self.requested == "loop":
             self.mode, self.reason = "loop", "requested (per_task_gradients='loop')"
             return looped
@@ -336,15 +417,46 @@ class TaskGradients:
         self.reason = "one batched backward agreed with per-task backward passes"
         return batched
 
+    def _watch(
+        self,
+        losses: Tensor,
+        parameters: Sequence[Tensor],
+        zeros: Sequence[int],
+        task_names: Sequence[str] | None,
+        agree: Callable[[Tensor], Tensor] | None,
+    ) -> None:
+        """Of ``zeros`` (tasks whose gradient is exactly zero at this call, on every rank, and
+        whose loss the graph does not show unreached), keep watching those to which no NaN
+        leads from their loss (``_carries_nan``), and name the first once it has been so at each
+        of the first ``UNREACHED_CALLS`` calls. The watch ends at the first call where none is:
+        a host read per call until then, none after."""
+        unreached = [not _carries_nan(losses, parameters, index) for index in zeros]
+        if zeros and agree is not None:
+            # Every rank has the same ``zeros`` (agreed), so every rank joins this collective.
+            unreached = agree(torch.tensor(unreached, device=losses.device).float()).tolist()
+        self._watched = tuple(index for index, flag in zip(zeros, unreached, strict=True) if flag)
+        self._watched_size = losses.shape[0]
+        self._watched_calls = self._watched_calls + 1 if self._watched else 0
+        if self._watched and self._watched_calls >= UNREACHED_CALLS:
+            raise _unreached_error(
+                self._watched[0],
+                task_names,
+                "; found from its gradient: exactly zero, with no path from its loss to them, "
+                f"at each of the first {UNREACHED_CALLS} calls",
+            )
+
     def _try_batched(
-        self, losses: Tensor, separate_losses: Sequence[Tensor] | None, looped: list[Tensor]
+        self,
+        losses: Tensor,
+        separate_losses: Sequence[Tensor] | None,
+        looped: list[Tensor],
+        parameters: Sequence[Tensor],
     ) -> tuple[list[Tensor] | None, str | None]:
         """The batched gradients and ``None``, or ``None`` and why they cannot be used."""
         try:
-            batched = self._batched(losses, separate_losses)
+            batched = self._batched(losses, separate_losses, parameters)
         except RuntimeError as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-            return None, f"the batched backward failed: {first_line}"
+            return None, f"the batched backward failed: {_first_line(error)}"
         for name, one, other in zip(self.parameter_names, batched, looped, strict=True):
             rtol = _agreement_rtol(other.dtype)
             scale = float(other.abs().max()) if other.numel() else 0.0
@@ -356,12 +468,18 @@ class TaskGradients:
         return batched, None
 
     def _fall_back(self, looped: list[Tensor], reason: str) -> list[Tensor]:
-        if self.requested == "batched":
-            raise RuntimeError(
-                f"per_task_gradients='batched' cannot be used with this model: {reason}"
-            )
+        self._refuse_batched(reason)
         self.mode, self.reason = "loop", reason
         return looped
+
+    def _refuse_batched(self, reason: str) -> None:
+        """Raise, naming the fix, when the batched backward was requested and cannot be used."""
+        if self.requested == "batched":
+            raise RuntimeError(
+                f"per_task_gradients='batched' cannot be used with this model: {reason}; build "
+                "the balancer with per_task_gradients='loop' (or 'auto', which falls back to "
+                "the loop)"
+            )
 
     def _identity_for(self, losses: Tensor) -> Tensor:
         num_tasks = losses.shape[0]
@@ -377,27 +495,34 @@ class TaskGradients:
         return identity
 
     def _batched(
-        self, losses: Tensor, separate_losses: Sequence[Tensor] | None = None
+        self,
+        losses: Tensor,
+        separate_losses: Sequence[Tensor] | None,
+        parameters: Sequence[Tensor],
     ) -> list[Tensor]:
         roots = task_root_edges(losses, separate_losses)
-        frontiers = task_frontiers(roots, self.parameters) if roots is not None else None
+        frontiers = task_frontiers(roots, parameters) if roots is not None else None
         if frontiers is None:
             grads = _retained_grad(
                 losses,
-                self.parameters,
+                parameters,
                 grad_outputs=self._identity_for(losses),
                 is_grads_batched=True,
                 allow_unused=True,
             )
         else:
-            grads = self._through_frontiers(roots, frontiers, losses)  # type: ignore[arg-type]
+            grads = self._through_frontiers(roots, frontiers, losses, parameters)  # type: ignore[arg-type]
         for name, grad in zip(self.parameter_names, grads, strict=True):
             if grad is None:
                 raise ValueError(f"no task loss reaches the shared parameter {name}")
         return list(grads)
 
     def _through_frontiers(
-        self, roots: Sequence[GradientEdge], frontiers: list[list[GradientEdge]], losses: Tensor
+        self,
+        roots: Sequence[GradientEdge],
+        frontiers: list[list[GradientEdge]],
+        losses: Tensor,
+        parameters: Sequence[Tensor],
     ) -> tuple[Tensor | None, ...]:
         """The batched backward in two stages: each task's loss back through its own head to
         where the shared part begins (``task_frontiers``), then one batched backward of those
@@ -431,18 +556,21 @@ class TaskGradients:
             )
         return _retained_grad(
             [edges[key] for key in keys],
-            self.parameters,
+            parameters,
             grad_outputs=batched_outputs,
             is_grads_batched=True,
             allow_unused=True,
         )
 
     def _loop(
-        self, losses: Tensor | Sequence[Tensor], task_names: Sequence[str] | None
+        self,
+        losses: Tensor | Sequence[Tensor],
+        task_names: Sequence[str] | None,
+        parameters: Sequence[Tensor],
     ) -> list[Tensor]:
         per_task = []
         for index in range(len(losses)):
-            grads = _retained_grad(losses[index], self.parameters, allow_unused=True)
+            grads = _retained_grad(losses[index], parameters, allow_unused=True)
             for name, grad in zip(self.parameter_names, grads, strict=True):
                 if grad is None:
                     raise ValueError(
@@ -494,6 +622,11 @@ class LinearLayerGram:
     def discard(self) -> None:
         """Drop the recorded calls (a call of the balancer that does not use them)."""
         self._records = []
+
+    def __getstate__(self) -> dict[str, object]:
+        # The recorded calls are a forward pass's non-leaf tensors: copy.deepcopy (an EMA
+        # model) refuses them, and a pickle would save the step's activations.
+        return {**self.__dict__, "_records": []}
 
     def __call__(
         self,
