@@ -68,7 +68,7 @@ class GradVac(GramBalancer):
             gram, self._shared_random(orders), self.targets, self.beta
         )
         # Replaced, not changed in place: under step_with a step keeps its start state.
-        self.targets = targets
+        self.targets = targets.to(self.targets.dtype)  # float64 from the float64 Gram
         return weights
 
     def _checkpoint_faults(self, tensors: dict[str, Any]) -> list[str]:

@@ -53,8 +53,22 @@ _POLISH_THRESHOLDS = (1e-3, 1e-5, 1e-7, 1e-9, 1e-11)
 
 
 def _float64(gram: Tensor) -> Tensor:
+    """The Gram in float64, symmetrised and divided by ``unit_scale(gram)``: every method here
+    but Nash-MTL / FairGrad gives the same weights for ``c M`` as for ``M`` (``c > 0``), and on
+    the scaled Gram its thresholds and solvers see numbers near 1 whatever the gradients' scale
+    (a power of two: the division is exact)."""
     gram = gram.detach().to(torch.float64)
-    return (gram + gram.T) / 2
+    return (gram + gram.T) / (2 * unit_scale(gram))
+
+
+def unit_scale(gram: Tensor) -> Tensor:
+    """The power of two at or below the largest diagonal entry (1 when that is 0 or not finite):
+    dividing by it brings the Gram to a largest diagonal in [1, 2) without rounding. A tensor
+    op, no host synchronisation."""
+    largest = gram.detach().diagonal().max().to(torch.float64)
+    usable = largest.isfinite() & (largest > 0)
+    _, exponent = torch.frexp(torch.where(usable, largest, 1.0))
+    return torch.where(usable, torch.ldexp(torch.ones_like(largest), exponent - 1), 1.0)
 
 
 def _norms(gram: Tensor) -> tuple[Tensor, Tensor]:
@@ -546,8 +560,12 @@ def fair_weights(gram: Tensor, alpha: float) -> Tensor:
     apart leave the same conditioning). Linearly dependent gradients have no solution (f is
     unbounded below): a ridge of 1e-13 on the cosines' diagonal keeps the problem regular. A
     task whose gradient is zero cannot satisfy its equation and is left out, with weight 0.
+
+    Scaling: for ``c M`` (gradients ``sqrt(c)`` times larger) the weights are
+    ``c^{-alpha / (1 + alpha)}`` times those of ``M``. The problem is solved on
+    ``M / s`` (``s = unit_scale(M)``, a power of two) and its weights scaled by that law.
     """
-    dtype, gram = gram.dtype, _float64(gram)
+    dtype, unit, gram = gram.dtype, unit_scale(gram), _float64(gram)
     norms, inverse = _norms(gram)
     present = norms > 0
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
@@ -593,6 +611,7 @@ def fair_weights(gram: Tensor, alpha: float) -> Tensor:
         # Elsewhere, and under torch.compile, the fixed count runs, without a synchronisation.
         if early_exit and bool(decrement < 1e-9):
             break
+    weights = weights * unit ** (-alpha / (1 + alpha))
     return torch.where(present, weights * inverse, 0.0).to(dtype)
 
 
