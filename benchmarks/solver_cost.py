@@ -44,6 +44,6 @@ start = time.perf_counter()
 out = calls[method]()
 elapsed = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
-print(
-    f"{method} K={K} {kind}: {elapsed:.2f} s, peak +{peak / 1024:.0f} MiB, finite={bool(torch.isfinite(out[0] if isinstance(out, tuple) else out).all())}"
-)
+result = out[0] if isinstance(out, tuple) else out
+finite = bool(torch.isfinite(result).all())
+print(f"{method} K={K} {kind}: {elapsed:.2f} s, peak +{peak / 1024:.0f} MiB, finite={finite}")
