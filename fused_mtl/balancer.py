@@ -518,6 +518,11 @@ def check_grad_enabled(balancer: Balancer) -> None:
         )
 
 
+def weights_dtype(losses: Tensor) -> torch.dtype:
+    """The dtype of a Gram method's weights: float64 for float64 losses, else float32."""
+    return torch.float64 if losses.dtype == torch.float64 else torch.float32
+
+
 def weighted_sum(weights: Tensor, losses: Tensor) -> Tensor:
     """``sum_i w_i L_i`` in the promoted dtype (float32 for half-precision losses)."""
     dtype = torch.promote_types(weights.dtype, losses.dtype)
@@ -1028,6 +1033,12 @@ class GramBalancer(GradientBalancer):
         """The ``(K,)`` weights of this call, from the ``(K, K)`` Gram matrix (detached)."""
         raise NotImplementedError
 
+    def _weights_of(self, gram: Tensor, losses: Tensor) -> Tensor:
+        """``_gram_weights`` in the losses' compute dtype: float64 for float64 losses, else
+        float32. The Gram is float64 whatever the gradients' dtype; the total ``sum_i w_i L_i``
+        keeps the dtype it had when the Gram was float32."""
+        return self._gram_weights(gram).to(weights_dtype(losses))
+
     def forward(self, *losses: LossArgs) -> Tensor:
         """One step: the per-task gradients, their Gram, the weights; ``sum_i w_i L_i``."""
         reported = self._reported_total(losses, self.weights.device)
@@ -1037,11 +1048,14 @@ class GramBalancer(GradientBalancer):
         window = self._step_call()
         if window is not None:
             return self._accumulated_step(
-                window, stacked, separate, lambda gram, _: self._gram_weights(gram)
+                window,
+                stacked,
+                separate,
+                lambda gram, mean_losses: self._weights_of(gram, mean_losses),
             )
         gram, _ = self._task_gram(self._task_gradients, stacked, separate, False)
         gram = gram.detach()
-        weights = self._gram_weights(gram)
+        weights = self._weights_of(gram, stacked)
         self.gram = gram
         self.weights = weights
         return weighted_sum(weights, stacked)
@@ -1116,7 +1130,7 @@ class SampledGramBalancer(GramBalancer):
         gram, _ = self._task_gram(self._task_gradients, stacked, separate, False, names=names)
         num = self.num_tasks
         cross = gram.detach()[num : 2 * num, 2 * num :]
-        weights = self._gram_weights(cross)
+        weights = self._weights_of(cross, batches[0][0])
         self.gram = cross
         self.weights = weights
         return weighted_sum(weights, batches[0][0])

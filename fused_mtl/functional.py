@@ -86,14 +86,20 @@ def task_grad_norms(task_grads: TaskGrads, *, backend: Backend = "auto") -> Tens
 def task_gram(task_grads: TaskGrads, *, backend: Backend = "auto") -> Tensor:
     r"""Gram matrix ``(K, K)`` of the per-task gradients, :math:`M_{ik} = \langle g_i, g_k \rangle`.
 
-    Same input, dispatch and dtype rules as ``task_grad_norms``, whose result is
-    ``sqrt(diag(M))``. The Triton path returns an exactly symmetric matrix.
+    Same input and dispatch rules as ``task_grad_norms``, whose result is ``sqrt(diag(M))``.
+    The Triton path returns an exactly symmetric matrix. The Gram is float64 for gradients of
+    every dtype: its entries are products of gradients, which float32 cannot hold for gradients
+    below 1e-19 (they underflow to 0) or above 1.8e19 (inf); in float64 the product of two
+    float32 numbers is exact. The Triton kernel multiplies and sums in float64; the torch path,
+    on a CPU, keeps the float32 product when nothing in it can have left float32's range.
 
     Example:
         >>> import torch
         >>> from fused_mtl.functional import task_gram
         >>> task_gram(torch.tensor([[1.0, 2.0], [3.0, -1.0]]))
         tensor([[ 5.,  1.],
-                [ 1., 10.]])
+                [ 1., 10.]], dtype=torch.float64)
+        >>> task_gram(torch.tensor([[1e30, 0.0], [0.0, 1e-30]])).diagonal()
+        tensor([1.0000e+60, 1.0000e-60], dtype=torch.float64)
     """
     return task_gram_or_norms(task_grads, False, requested_backend(check_backend(backend)))

@@ -14,18 +14,24 @@ flop/byte at which an H100 stops being memory-bound).
 Two passes, no atomics, bitwise reproducible:
 
 1. ``_task_gram_partials_kernel``: the columns of every ``G_j`` are cut into chunks; one program
-   per (chunk, row tile, column tile) writes the fp32 partial Gram (or partial squared norms) of
-   its chunk to its own slot of a ``partials`` buffer. All tensors of the sequence go through
-   this one launch: their pointers, row strides and widths are passed as tuples (a constexpr
-   count specialises the kernel), so the gradients are never concatenated into a copy.
+   per (chunk, row tile, column tile) writes the partial Gram (float64) or the partial squared
+   norms (fp32) of its chunk to its own slot of a ``partials`` buffer. All tensors of the
+   sequence go through this one launch: their pointers, row strides and widths are passed as
+   tuples (a constexpr count specialises the kernel), so the gradients are never concatenated
+   into a copy.
 2. ``_reduce_partials_kernel``: each output element sums its partials over the chunks in chunk
    order (a fixed order, hence reproducible), takes the square root for the norms, and makes the
    Gram exactly symmetric by reading the upper triangle for both halves.
 
-Values are loaded in their storage dtype and converted to fp32 before any arithmetic: a product
-of two fp16 or bf16 values is exact in fp32, so the only rounding is the fp32 accumulation. This
-also keeps the kernels inside what the Triton interpreter supports (no bf16 arithmetic). The
-matrix product uses ``input_precision="ieee"``: TF32 would round fp32 inputs to 10 mantissa bits.
+Values are loaded in their storage dtype and converted before any arithmetic (which keeps the
+kernels inside what the Triton interpreter supports: no bf16 arithmetic). The norms are summed
+in fp32: a product of two fp16 or bf16 values is exact in fp32. The Gram is multiplied and
+summed in float64 and returned in float64: a product of two fp32 values is exact in float64
+(48 of its 53 mantissa bits) and lies in its range whatever the gradients' scale, where in fp32
+the products of gradients below 1e-19 underflow and those above 1.8e19 overflow (a Gram of
+zeros or of inf, and the weights of every Gram method with it). On sm_90 the float64 product
+runs on the tensor cores (``mma.sync ... f64``, 67 TFLOP/s on an H100 SXM, as much as the fp32
+FMA units that ``input_precision="ieee"`` used before). ``input_precision="ieee"``: no TF32.
 """
 
 from __future__ import annotations
@@ -52,6 +58,11 @@ _MAX_NORM_ROWS = 32
 # 16-byte vector loads along P, small enough to leave registers for the accumulator (the norms'
 # elementwise accumulator is as large again).
 _BLOCK_ELEMENTS = 4096
+# The Gram multiplies in float64 (see the module docstring), whose operands take twice the
+# registers: a 4096-value block of a 64-row tile took 255 registers per thread (the most a
+# thread has) at K = 128 on sm_90; 2048 values take 154 at K = 64 and 184 at K = 128, no spills.
+# Tiles of up to 16 rows keep 4096 values (64 registers at K <= 8, 104 at K = 16).
+_GRAM_BLOCK_ELEMENTS = 2048
 # Programs per SM for the first pass: enough resident warps to cover memory latency.
 _PROGRAMS_PER_SM = 4
 # The interpreter runs programs one after another: a few chunks exercise the two-pass design
@@ -66,7 +77,7 @@ def _task_gram_partials_kernel(
     row_strides,  # tuple: elements between consecutive task rows of each matrix
     widths,  # tuple: P_j, the columns of each matrix
     first_chunks,  # tuple: index of the first chunk (program along axis 0) of each matrix
-    partials_ptr,  # (num_chunks, K, K) or (num_chunks, K) fp32 output, contiguous
+    partials_ptr,  # (num_chunks, K, K) float64 or (num_chunks, K) fp32 output, contiguous
     num_tasks,  # K
     chunk_width,  # columns per chunk (a multiple of BLOCK_P * FOLD)
     NUM_TENSORS: tl.constexpr,
@@ -99,7 +110,7 @@ def _task_gram_partials_kernel(
         # between consecutive loads.
         acc = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
     else:
-        acc = tl.zeros((BLOCK_K, BLOCK_K), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_K, BLOCK_K), dtype=tl.float64)
     # Chunks are numbered matrix after matrix; the static loop finds the one this chunk is in.
     for t in tl.static_range(NUM_TENSORS):
         local = chunk - first_chunks[t]
@@ -121,15 +132,16 @@ def _task_gram_partials_kernel(
                 if DIAGONAL:
                     acc += block * block
                 else:
+                    wide = block.to(tl.float64)
                     if SINGLE_TILE:
-                        other_block = block
+                        other_wide = wide
                     else:
-                        other_block = tl.load(
+                        other_wide = tl.load(
                             grads[t] + col_offsets + offsets,
                             mask=col_mask[:, None] & in_chunk,
                             other=0.0,
-                        ).to(tl.float32)
-                    acc += tl.dot(block, tl.trans(other_block), input_precision="ieee")
+                        ).to(tl.float64)
+                    acc += tl.dot(wide, tl.trans(other_wide), input_precision="ieee")
     if DIAGONAL:
         tl.store(partials_ptr + chunk * num_tasks + rows, tl.sum(acc, axis=1), mask=row_mask)
     else:
@@ -156,8 +168,8 @@ def _task_gram_partials_kernel(
 
 @triton.jit
 def _reduce_partials_kernel(
-    partials_ptr,  # (num_chunks, K, K) or (num_chunks, K) fp32, from the first pass
-    out_ptr,  # (K, K) Gram or (K,) norms, contiguous
+    partials_ptr,  # (num_chunks, K, K) float64 or (num_chunks, K) fp32, from the first pass
+    out_ptr,  # (K, K) float64 Gram or (K,) fp32 norms, contiguous
     num_chunks,
     num_tasks,  # K
     DIAGONAL: tl.constexpr,  # True: out = sqrt(sum of squared-norm partials)
@@ -175,7 +187,7 @@ def _reduce_partials_kernel(
         col = offsets % num_tasks
         source = tl.minimum(row, col) * num_tasks + tl.maximum(row, col)
     mask = offsets < num_outputs
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK,), dtype=partials_ptr.dtype.element_ty)
     for chunk in range(0, num_chunks):
         acc += tl.load(partials_ptr + chunk * num_outputs + source, mask=mask, other=0.0)
     if DIAGONAL:
@@ -200,11 +212,15 @@ def _tile_shape(num_tasks: int, diagonal: bool) -> tuple[int, int, int]:
         block_k, fold = _MIN_GRAM_ROWS, _MIN_GRAM_ROWS // rows
     else:
         block_k, fold = min(rows, _MAX_GRAM_ROWS), 1
+    if not diagonal and block_k > _MIN_GRAM_ROWS:
+        # float64 operands (see _GRAM_BLOCK_ELEMENTS): half the block, still at 8 warps.
+        return block_k, max(16, _GRAM_BLOCK_ELEMENTS // block_k), fold
     return block_k, max(16, _BLOCK_ELEMENTS // block_k), fold
 
 
 def task_gram_or_norms(matrices: list[torch.Tensor], diagonal: bool) -> torch.Tensor:
-    """Launch both passes over the ``(K, P_j)`` matrices; return the fp32 Gram or norms.
+    """Launch both passes over the ``(K, P_j)`` matrices; return the float64 Gram or the fp32
+    norms.
 
     Every matrix must have unit column stride (``stride(1) == 1``); the op layer ensures it.
     """
@@ -224,8 +240,9 @@ def task_gram_or_norms(matrices: list[torch.Tensor], diagonal: bool) -> torch.Te
         first_chunks.append(num_chunks)
         num_chunks += max(1, triton.cdiv(matrix.shape[1], chunk_width))
     per_chunk = (num_tasks,) if diagonal else (num_tasks, num_tasks)
-    partials = torch.empty((num_chunks, *per_chunk), dtype=torch.float32, device=device)
-    out = torch.empty(per_chunk, dtype=torch.float32, device=device)
+    dtype = torch.float32 if diagonal else torch.float64
+    partials = torch.empty((num_chunks, *per_chunk), dtype=dtype, device=device)
+    out = torch.empty(per_chunk, dtype=dtype, device=device)
     with on_device_of(matrices[0]):
         _task_gram_partials_kernel[(num_chunks, row_tiles, col_tiles)](
             tuple(matrices),
@@ -241,7 +258,7 @@ def task_gram_or_norms(matrices: list[torch.Tensor], diagonal: bool) -> torch.Te
             BLOCK_K=block_k,
             BLOCK_P=block_p,
             FOLD=fold,
-            num_warps=8 if block_k * block_p >= _BLOCK_ELEMENTS else 4,
+            num_warps=8 if block_k * block_p >= _BLOCK_ELEMENTS or not diagonal else 4,
         )
         _reduce_partials_kernel[(triton.cdiv(out.numel(), _REDUCE_BLOCK),)](
             partials,

@@ -117,7 +117,10 @@ def sdmgrad(
     (d, the weights of d on J's rows, w)."""
     A = J_a.to(F64) @ J_b.to(F64).T
     scale = A.diagonal().clamp_min(0).sqrt().mean()
-    A = A / (scale**2 + 1e-8)
+    # The authors' code adds 1e-8 to scale^2, a guard against 0 that makes the weights depend
+    # on the scale of gradients near 1e-4 and below; the guard here is at 0 only, so that the
+    # weights do not depend on the gradients' scale, as the method's normalisation intends.
+    A = A / torch.where(scale > 0, scale**2, 1.0)
     K = A.shape[0]
     weights = w.to(F64).clone().requires_grad_()
     optimizer = torch.optim.SGD([weights], lr=5.0, momentum=0.5)

@@ -67,7 +67,7 @@ def test_norms_match_the_definition(num_tasks, dtype, backend, device):
 def test_gram_matches_the_definition(num_tasks, dtype, backend, device):
     grads = sample_task_grads(num_tasks, dtype, device)
     matrix = task_gram(grads, backend=backend)
-    assert matrix.dtype == torch.float32 and matrix.device == device
+    assert matrix.dtype == torch.float64 and matrix.device == device  # the Gram of any dtype
     assert_gram_close(matrix, grads, f"Gram K={num_tasks} {dtype}")
 
 
@@ -236,6 +236,6 @@ def test_half_precision_is_upcast_in_chunks_and_summed_exactly(dtype, monkeypatc
     expected_gram = flat @ flat.T
     gram = reference.task_gram(grads)
     norms = reference.task_grad_norms(grads)
-    assert gram.dtype == norms.dtype == torch.float32
+    assert gram.dtype == torch.float64 and norms.dtype == torch.float32
     assert torch.allclose(gram.double(), expected_gram, rtol=1e-6, atol=1e-6)
     assert torch.allclose(norms.double(), expected_gram.diagonal().sqrt(), rtol=1e-6)

@@ -478,7 +478,7 @@ def test_a_head_that_reads_two_trunk_tensors_one_below_the_other_keeps_exact_gra
             ]
         )
         mgda(separate)
-        assert torch.allclose(mgda.gram, grads @ grads.T, rtol=1e-5, atol=1e-7)
+        assert torch.allclose(mgda.gram, (grads @ grads.T).double(), rtol=1e-5, atol=1e-7)
 
 
 def test_gram_by_layer_refuses_an_in_place_activation_and_keeps_the_model_picklable():

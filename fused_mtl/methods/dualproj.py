@@ -26,7 +26,7 @@ class DualProj(GramBalancer):
         >>> dualproj = DualProj(trunk.parameters(), 2)
         >>> out = heads(torch.relu(trunk(torch.randn(16, 4))))
         >>> _ = dualproj.backward([out[:, 0].square().mean(), -out[:, 0].mean()])
-        >>> bool((dualproj.gram @ dualproj.weights >= -1e-6).all())
+        >>> bool((dualproj.gram @ dualproj.weights.double() >= -1e-6).all())  # float64 Gram
         True
     """
 

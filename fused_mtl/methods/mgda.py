@@ -11,7 +11,13 @@ from torch import Tensor
 from fused_mtl import reference
 from fused_mtl._distributed import ProcessGroup
 from fused_mtl._losses import as_integer, task_label
-from fused_mtl.balancer import GramBalancer, LossArgs, check_grad_enabled, weighted_sum
+from fused_mtl.balancer import (
+    GramBalancer,
+    LossArgs,
+    check_grad_enabled,
+    weighted_sum,
+    weights_dtype,
+)
 from fused_mtl.ops.backend import Backend
 from fused_mtl.ops.task_gradients import SharedParameters, TaskGradients
 
@@ -188,7 +194,8 @@ class MGDA(GramBalancer):
             self._check_positive(losses)
         scales = reference.gradient_scales(gram, losses, self.normalization)
         self.gram = gram / (scales[:, None] * scales[None, :])
-        return reference.min_norm_weights(self.gram, self.solver_iterations)
+        weights = reference.min_norm_weights(self.gram, self.solver_iterations)
+        return weights.to(weights_dtype(losses))  # the Gram is float64 whatever the losses are
 
     def backward(self, *losses: LossArgs, features: Tensor | None = None) -> Tensor:
         """``total = self(*losses, features=features)``, then ``total.backward()``; returns the

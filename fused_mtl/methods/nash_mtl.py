@@ -33,8 +33,9 @@ class NashMTL(GramBalancer):
         >>> nash = NashMTL(trunk.parameters(), 2)
         >>> out = heads(torch.relu(trunk(torch.randn(16, 4))))
         >>> _ = nash.backward([out[:, 0].square().mean(), out[:, 1].mean()])
-        >>> residual = nash.gram @ nash.weights - 1 / nash.weights
-        >>> bool((residual.abs() <= 1e-4 / nash.weights).all())
+        >>> weights = nash.weights.double()  # the Gram is float64, the weights float32
+        >>> residual = nash.gram @ weights - 1 / weights
+        >>> bool((residual.abs() <= 1e-4 / weights).all())
         True
     """
 

@@ -32,7 +32,7 @@ class UPGrad(GramBalancer):
         >>> upgrad = UPGrad(trunk.parameters(), 2)
         >>> out = heads(torch.relu(trunk(torch.randn(16, 4))))
         >>> _ = upgrad.backward([out[:, 0].square().mean(), -out[:, 0].mean()])
-        >>> bool((upgrad.gram @ upgrad.weights >= -1e-6).all())
+        >>> bool((upgrad.gram @ upgrad.weights.double() >= -1e-6).all())  # float64 Gram
         True
     """
 

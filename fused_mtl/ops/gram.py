@@ -85,7 +85,16 @@ def _matrix_grads(
         scale = torch.where(result > 0, grad_result / result, torch.zeros_like(result))
         return [(scale[:, None] * m.to(scale.dtype)).to(m.dtype) for m in matrices]
     symmetric = grad_result + grad_result.T
-    return [(symmetric @ m.to(symmetric.dtype)).to(m.dtype) for m in matrices]
+    # The Gram is float64; its gradient is taken in the gradients' compute dtype (float32 unless
+    # they are float64), as the forward's products were before widening: a float64 product
+    # would first copy every gradient to float64.
+    return [
+        (symmetric.to(_compute_dtype(m)) @ m.to(_compute_dtype(m))).to(m.dtype) for m in matrices
+    ]
+
+
+def _compute_dtype(matrix: Tensor) -> torch.dtype:
+    return torch.float64 if matrix.dtype == torch.float64 else torch.float32
 
 
 def _setup_context(ctx, inputs, output):
@@ -119,7 +128,10 @@ def _task_gram_op(matrices: list[Tensor], diagonal: bool) -> Tensor:
 def _task_gram_fake(matrices, diagonal):
     num_tasks = matrices[0].shape[0]
     shape = (num_tasks,) if diagonal else (num_tasks, num_tasks)
-    return matrices[0].new_empty(shape, dtype=torch.float32)
+    dtype = torch.float32 if diagonal else torch.float64
+    if diagonal and any(m.dtype == torch.float64 for m in matrices):
+        dtype = torch.float64
+    return matrices[0].new_empty(shape, dtype=dtype)
 
 
 def _backward(ctx, grad_result):
@@ -133,7 +145,9 @@ _task_gram_op.register_autograd(_backward, setup_context=_setup_context)
 def task_gram_or_norms(task_grads: TaskGrads, diagonal: bool, backend: Backend) -> Tensor:
     """The Gram ``(K, K)`` or the norms ``(K,)``; ``backend`` is taken as requested.
 
-    The result is float32 for fp32/fp16/bf16 gradients and float64 when any is float64.
+    The Gram is float64 (its entries are products of gradients, which float32's range cannot
+    hold for gradients below 1e-19 or above 1.8e19; see ``reference.task_gram``); the norms are
+    float32 for fp32/fp16/bf16 gradients and float64 when any is float64.
     """
     matrices = task_matrices(task_grads)
     if resolve_backend(backend, *matrices) == "torch":

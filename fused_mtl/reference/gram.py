@@ -22,15 +22,21 @@ from torch import Tensor
 UPCAST_CHUNK_ELEMENTS = 1 << 21
 
 
-def _task_matrices(task_grads: Sequence[Tensor]) -> Iterator[Tensor]:
-    """Each ``(K, *param.shape)`` gradient as ``(K, P_j)`` column blocks in the compute dtype:
-    float32 and float64 matrices whole, half-precision ones a chunk of columns at a time.
+def _task_matrices(
+    task_grads: Sequence[Tensor], dtype: torch.dtype | None = None
+) -> Iterator[Tensor]:
+    """Each ``(K, *param.shape)`` gradient as ``(K, P_j)`` column blocks in ``dtype`` (by default
+    the compute dtype: float64 if any gradient is, else float32): matrices already in it
+    whole, the others a chunk of columns at a time.
 
     A generator, whose consumer uses each block before asking for the next: half-precision
     chunks are copied into one buffer, rewritten for every chunk. Where autograd may need the
     blocks (an input requires grad) or torch.compile traces, each chunk is a new tensor.
     """
-    dtype = torch.float64 if any(g.dtype == torch.float64 for g in task_grads) else torch.float32
+    if dtype is None:
+        dtype = (
+            torch.float64 if any(g.dtype == torch.float64 for g in task_grads) else torch.float32
+        )
     reuse = not torch.compiler.is_compiling() and not (
         torch.is_grad_enabled() and any(g.requires_grad for g in task_grads)
     )
@@ -55,14 +61,50 @@ def _task_matrices(task_grads: Sequence[Tensor]) -> Iterator[Tensor]:
 
 
 def task_gram(task_grads: Sequence[Tensor]) -> Tensor:
-    """``M = sum_j G_j G_j^T``, shape ``(K, K)``: float64 if any input is, else float32.
+    """``M = sum_j G_j G_j^T``, shape ``(K, K)``, float64 whatever the gradients' dtype.
 
     Exactly symmetric, as the Triton path's: the lower triangle is the upper one mirrored (a
     matrix product ``G G^T`` rounds its two triangles apart, by 2.7e-5 at K = 8, P = 4097 with
     entries near 4e3).
+
+    Float64 because the Gram of float32 gradients does not fit float32: its entries are
+    products, so gradients below 1e-19 give products that underflow (a Gram of zeros at 1e-30)
+    and gradients above 1.8e19 sums that overflow (inf at 1e30). In float64 the products of any
+    two float32 values are exact and in range. On a CPU outside ``torch.compile`` the float32
+    product is taken first and kept, widened, when it cannot have lost anything to the range
+    (see ``_float32_gram_in_range``): a float64 product of 8 x 1M float32 gradients took 2.1x
+    the float32 one (a widening copy, then a matrix product at half the rate). Elsewhere (a GPU,
+    where reading the check would wait for the device, or a compiled graph) the gradients are
+    widened a chunk at a time and multiplied in float64.
     """
-    gram = sum(m @ m.T for m in _task_matrices(task_grads))
+    if torch.compiler.is_compiling() or any(
+        g.device.type != "cpu" or g.dtype == torch.float64 for g in task_grads
+    ):
+        return _symmetric(_gram_in(task_grads, torch.float64))
+    gram = _gram_in(task_grads, torch.float32)
+    columns = sum(g[0].numel() for g in task_grads)
+    if not _float32_gram_in_range(gram, columns):
+        gram = _gram_in(task_grads, torch.float64)
+    return _symmetric(gram.to(torch.float64))
+
+
+def _gram_in(task_grads: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    return sum(m @ m.T for m in _task_matrices(task_grads, dtype))
+
+
+def _symmetric(gram: Tensor) -> Tensor:
     return torch.triu(gram) + torch.triu(gram, diagonal=1).T
+
+
+def _float32_gram_in_range(gram: Tensor, columns: int) -> bool:
+    """Whether a float32 Gram of ``columns`` columns is as accurate as if float32 had no range
+    limits: no sum overflowed (all finite), and the products that underflowed (each off by at
+    most 2^-149) add up, over every column, to less than float32's rounding (2^-24) of the
+    smallest diagonal entry, which bounds every ``|M_ik| <= n_i n_k`` from below. A zero
+    diagonal entry (a zero gradient, or one whose squares all underflowed) fails: the float64
+    product tells them apart. A host read of a (K, K) tensor: CPU only."""
+    smallest = gram.diagonal().min()
+    return bool(torch.isfinite(gram).all() & (smallest * 2.0**-24 >= columns * 2.0**-149))
 
 
 def task_grad_norms(task_grads: Sequence[Tensor]) -> Tensor:

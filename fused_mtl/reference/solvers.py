@@ -90,6 +90,12 @@ def min_norm_weights(gram: Tensor, iterations: int = INTERIOR_POINT_ITERATIONS) 
     """
     if gram.dtype != torch.float64:
         return min_norm_weights(gram.double(), iterations).to(gram.dtype)
+    # alpha is invariant to the scale of M: the solvers see a largest diagonal in [1, 2) (a
+    # power-of-two division, exact) whether the gradients are 1e-30 or 1e30.
+    largest = gram.diagonal().max()
+    usable = largest.isfinite() & (largest > 0)
+    _, exponent = torch.frexp(torch.where(usable, largest, 1.0))
+    gram = gram / torch.where(usable, torch.ldexp(torch.ones_like(largest), exponent - 1), 1.0)
     num_tasks = gram.shape[0]
     if num_tasks == 1:
         return torch.ones_like(gram[0])

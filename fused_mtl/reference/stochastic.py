@@ -82,10 +82,13 @@ def sdmgrad_lambdas(
     heavy-ball momentum, on ``(1/2) w^T A w + lam <A 1/K, w>`` over the simplex, where
     ``A = G_1 G_2^T / s^2`` is the cross Gram matrix of two independent mini-batches scaled
     by ``s``, the mean gradient norm (so that ``lr`` does not depend on the gradients'
-    scale), starting from the last step's ``w``."""
+    scale), starting from the last step's ``w``. A zero ``s`` (every gradient zero) leaves
+    ``A`` as it is: a guard added to ``s^2`` (1e-8 before) would make the weights depend on
+    the scale of gradients near or below 1e-4."""
     gram = cross_gram.detach().to(torch.float64)
     diagonal = gram.diagonal().clamp_min(0)
-    gram = gram / (diagonal.sqrt().mean().square() + 1e-8)
+    squared = diagonal.sqrt().mean().square()
+    gram = gram / torch.where(squared > 0, squared, 1.0)
     pull = lam * gram.mean(dim=1)
     current = lambdas.to(torch.float64)
     velocity = torch.zeros_like(current)
