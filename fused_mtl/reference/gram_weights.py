@@ -281,6 +281,24 @@ def config_weights(gram: Tensor) -> Tensor:
 
 
 def dual_cone_weights(gram: Tensor, preferences: Tensor) -> Tensor:
+    """See ``_dual_cone_weights``; on a CPU above ``BATCHED_SOLVE_THREADED_MAX_TASKS`` tasks the
+    batched factorisations run on one thread: MKL's threaded batched LU inside torch's threaded
+    loop over the batch failed (``DLASWP`` parameter errors) and did not return at K = 256 on
+    2 threads, where one thread takes 4 s."""
+    if gram.device.type != "cpu" or gram.shape[0] <= BATCHED_SOLVE_THREADED_MAX_TASKS:
+        return _dual_cone_weights(gram, preferences)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _dual_cone_weights(gram, preferences)
+    finally:
+        torch.set_num_threads(threads)
+
+
+BATCHED_SOLVE_THREADED_MAX_TASKS = 128
+
+
+def _dual_cone_weights(gram: Tensor, preferences: Tensor) -> Tensor:
     r"""The weights of the projections of ``G^T u_b`` (one per row ``u_b`` of ``preferences``,
     ``(B, K)``) onto the dual cone of the gradients ``{y : <g_i, y> >= 0 for all i}``.
 
