@@ -47,6 +47,17 @@ def jacobian(kind, num_tasks=K, seed=0):
     return left @ torch.randn(rank, 4 * num_tasks, generator=gen, dtype=torch.float64)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The file runs on one thread: with torch's threads on a 2-core CPU, MKL's threaded LU
+    factorisation of the K = 256 systems (inside torch's threaded batch loop) reported DLASWP
+    parameter errors and did not return; on one thread each solver takes the time above."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module", params=["well", "rank-deficient"])
 def problem(request):
     J = jacobian("well" if request.param == "well" else "rank")
