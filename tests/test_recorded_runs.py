@@ -1,6 +1,10 @@
 """The numbers in the docs are the recorded runs' (benchmarks/results/), and the recorded demo is
-what the current code gives: a change that moves a method's results must come with a new run."""
+what the current code gives: a change that moves a method's results must come with a new run.
 
+A float32 training of 1000 steps ends where the machine's rounding takes it (the recorded end
+points are the recording machine's); the first steps are checked on any machine."""
+
+import functools
 import importlib.util
 import json
 from pathlib import Path
@@ -11,10 +15,11 @@ import torch
 from fused_mtl.app import demo
 
 ROOT = Path(__file__).resolve().parent.parent
-# float32 training over 1000 Adam steps, the same seed and thread count: the same torch gives
-# the same numbers to the last bit; another release may order a reduction differently (torch
-# 2.9.1 and 2.14.1 reproduce the run recorded on 2.13.0 within it).
-REPRODUCTION_RTOL = 1e-5
+# Largest change of a step's weights, relative to its largest weight, over the recorded run's
+# first steps. SDMGrad's weight iterate amplifies rounding about 1e4-fold in a step on
+# known_noise (a second step 1.5e-3 apart between CPU kernels, its fifth 84%): its bound allows
+# that and still fails a changed method, whose weights move by whole percents.
+FIRST_STEPS_RTOL = {"default": 1e-4, "sdmgrad": 1e-2}
 RECORDED_DEMO = json.loads((ROOT / "benchmarks" / "results" / "cpu-demo.json").read_text())
 
 
@@ -51,34 +56,36 @@ def test_the_recorded_demo_is_a_full_run_of_the_default_steps():
     assert RECORDED_DEMO["command"].startswith("fused-mtl demo --method all")
 
 
-# One method of the Gram family on each problem (where documented numbers had drifted), and
-# uncertainty weighting: each trains for the recorded run's steps (about 10 s on 2 cores).
-@pytest.mark.parametrize(
-    ("method", "problem"),
-    [("uw", "gradnorm_toy"), ("dualproj", "gradnorm_toy"), ("mgda", "known_noise")],
-)
-def test_the_recorded_demo_reproduces(method, problem):
-    recorded = RECORDED_DEMO["problems"][problem]["methods"][method]
+@functools.cache
+def recorded_problem(name):
+    return demo.make_problem(name, RECORDED_DEMO["seed"])
+
+
+@pytest.mark.parametrize("problem", demo.PROBLEMS)
+@pytest.mark.parametrize("method", demo.METHODS)
+def test_the_recorded_demo_starts_as_the_code_does(method, problem):
+    """Each method's weights over the recorded run's first steps are what the code gives now.
+
+    A change to a method, a network or the data moves them at once. Rounding does not: another
+    CPU changes the weights of these steps by at most 2e-5 of the largest (measured between
+    AVX-512, AVX2 and scalar ATen kernels), where the recorded 1000-step end points are the
+    recording machine's (they drift apart by up to 40% elsewhere)."""
+    recorded = torch.tensor(
+        RECORDED_DEMO["problems"][problem]["methods"][method]["first_weights"], dtype=torch.float64
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(RECORDED_DEMO["environment"]["cpu_threads"])
     try:
-        run = demo.train(
-            demo.make_problem(problem, RECORDED_DEMO["seed"]),
-            method,
-            RECORDED_DEMO["steps"],
-            RECORDED_DEMO["seed"],
-        )
+        run = demo.train(recorded_problem(problem), method, demo.FIRST_STEPS, RECORDED_DEMO["seed"])
     finally:
         torch.set_num_threads(threads)
-    for key, values in (
-        ("test_losses", run.test_losses),
-        ("final_loss_ratios", run.loss_ratios[-1]),
-        ("final_weights", run.weights[-1]),
-    ):
-        torch.testing.assert_close(
-            values.double(),
-            torch.tensor(recorded[key], dtype=torch.float64),
-            rtol=REPRODUCTION_RTOL,
-            atol=0.0,
-            msg=lambda message, key=key: f"{method} on {problem}, {key}: {message}",
-        )
+    weights = run.weights.double()
+    assert weights.shape == recorded.shape == (demo.FIRST_STEPS, recorded.shape[1])
+    rtol = FIRST_STEPS_RTOL.get(method, FIRST_STEPS_RTOL["default"])
+    scale = recorded.abs().amax(dim=1, keepdim=True)
+    worst = ((weights - recorded).abs() / scale).max().item()
+    assert worst <= rtol, (
+        f"{method} on {problem}: the first {demo.FIRST_STEPS} steps' weights differ from the "
+        f"recorded run's by {worst:.2e} of the largest weight (at most {rtol:.0e}):\n"
+        f"now {weights.tolist()}\nrecorded {recorded.tolist()}"
+    )

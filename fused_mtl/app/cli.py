@@ -403,6 +403,8 @@ def _noise_table(table_class: Any, problem: Any, runs: Sequence[Any]) -> Any | N
 
 
 def _demo_summary(problem: Any, runs: Sequence[Any]) -> dict[str, Any]:
+    from fused_mtl.app import demo
+
     noise = problem.train.noise_variances
     return {
         "description": problem.description,
@@ -413,6 +415,7 @@ def _demo_summary(problem: Any, runs: Sequence[Any]) -> dict[str, Any]:
                 "final_loss_ratios": run.loss_ratios[-1].tolist(),
                 "rate_spread": run.rate_spread,
                 "final_weights": run.weights[-1].tolist(),
+                "first_weights": run.weights[: demo.FIRST_STEPS].tolist(),
                 "learned_variances": None
                 if run.learned_variances is None
                 else run.learned_variances.tolist(),
