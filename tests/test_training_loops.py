@@ -249,6 +249,80 @@ def test_accumulated_loss_objectives_end_at_the_whole_batch_weights_and_state(me
     assert_same_state(whole_balancer, part_balancer, rtol=1e-5, atol=1e-7)
 
 
+class ConvTrunk(nn.Module):
+    """Two convolutions (no batch norm: its statistics are the micro-batch's by design)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.GELU(), nn.Conv2d(8, 8, 3, stride=2), nn.GELU()
+        )
+
+    def forward(self, images):
+        return self.layers(images).flatten(1)
+
+
+class TransformerTrunk(nn.Module):
+    """One encoder layer over 5 tokens, mean-pooled."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+
+    def forward(self, tokens):
+        return self.layer(tokens).mean(1)
+
+
+TRUNKS = {
+    "conv": (ConvTrunk, (3, 8, 8), 72),
+    "transformer": (TransformerTrunk, (5, 16), 16),
+}
+
+
+@pytest.mark.parametrize("method", [fused_mtl.UPGrad, fused_mtl.MGDA, fused_mtl.CAGrad])
+@pytest.mark.parametrize("trunk_kind", TRUNKS)
+def test_accumulated_update_of_a_conv_or_transformer_trunk_is_the_whole_batch(trunk_kind, method):
+    """Two optimizer steps of 4 micro-batches of 8 under step_with: at each, the trunk's
+    gradient is the one a call on the 32 samples' mean losses gives."""
+    make_trunk, sample_shape, features = TRUNKS[trunk_kind]
+    generator = torch.Generator().manual_seed(3)
+    batches = [
+        (
+            torch.randn(32, *sample_shape, generator=generator),
+            torch.randn(32, 3, generator=generator),
+        )
+        for _ in range(2)
+    ]
+    runs = []
+    for micro_batches in (1, MICRO_BATCHES):
+        torch.manual_seed(0)
+        trunk, heads = make_trunk(), nn.Linear(features, 3)
+        balancer = method(trunk.parameters(), 3)
+        # The trunk alone is stepped: its update is exact, the heads' is the documented
+        # approximation (each micro-batch at the weights of the step so far).
+        optimizer = torch.optim.SGD(trunk.parameters(), lr=0.05)
+        if micro_batches > 1:
+            balancer.step_with(optimizer)
+        gradients = []
+        for inputs, targets in batches:
+            optimizer.zero_grad()
+            for part_inputs, part_targets in zip(
+                inputs.chunk(micro_batches), targets.chunk(micro_batches), strict=True
+            ):
+                losses = (heads(trunk(part_inputs)) - part_targets).square().mean(0)
+                (balancer(losses) / micro_batches).backward()
+            gradients.append([p.grad.clone() for p in trunk.parameters()])
+            optimizer.step()
+        runs.append(gradients)
+    whole, accumulated = runs
+    for step, (expected, got) in enumerate(zip(whole, accumulated, strict=True)):
+        for index, (e, g) in enumerate(zip(expected, got, strict=True)):
+            scale = float(e.abs().max())
+            torch.testing.assert_close(
+                g, e, rtol=1e-4, atol=1e-6 * scale, msg=f"step {step}, trunk tensor {index}"
+            )
+
+
 def test_famo_takes_one_logit_step_per_optimizer_step():
     _, _, famo = accumulated_run("famo", MICRO_BATCHES, steps=4)
     assert float(famo.logit_steps) == 3  # the first step has nothing to compare with
