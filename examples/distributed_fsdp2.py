@@ -57,7 +57,8 @@ def train() -> list[float]:
     return balancer.weights.tolist()
 
 
-# In a function: the wrapped model is freed before the process group is destroyed.
+# In a function, and collected below: the wrapped model and the last step's graph are freed
+# while the process group lives.
 weights = train()
 everyone = [None] * dist.get_world_size()
 dist.all_gather_object(everyone, weights)
@@ -65,10 +66,8 @@ if rank == 0:
     print("weights per rank:", everyone)
     assert all(other == everyone[0] for other in everyone)
     print("same weights on every rank")
-# What is left in reference cycles is freed while the group lives: the first optimizer can
-# import torch._dynamo, which keeps train()'s frame (the model, the last step's graph) in a
-# cycle; freed at exit instead, it aborted 6 of 30 gloo runs ("terminate called without an
-# active exception").
+# torch's first optimizer can leave train()'s frame in a reference cycle; freed at exit, after
+# the group, it can abort the process ("terminate called without an active exception").
 gc.collect()
 dist.barrier()  # every rank is done with the group before any rank tears it down
 dist.destroy_process_group()

@@ -4,9 +4,10 @@ By default the suite runs on CPU, and tests that ask for the Triton backend run 
 in the Triton interpreter, which must be switched on before the kernels are first imported.
 ``FUSED_MTL_TEST_DEVICE=cuda`` runs the same tests on a GPU with compiled kernels.
 
-torch.compile's on-disk cache is keyed by this suite's sources (see ``_inductor_cache_dir``).
+torch.compile's on-disk cache is keyed by the package's sources (see ``_inductor_cache_dir``).
 """
 
+import getpass
 import hashlib
 import importlib.util
 import os
@@ -26,13 +27,16 @@ def _inductor_cache_dir() -> str:
     after the op returned float64. Sources that differ in a byte get their own folder, under
     ``TORCHINDUCTOR_CACHE_DIR`` where it is set.
     """
-    spec = importlib.util.find_spec("fused_mtl")
+    roots = [Path(p) for p in importlib.util.find_spec("fused_mtl").submodule_search_locations]
+    # A checkout's kernels/ ships as fused_mtl.kernels (inside the package once installed).
+    checkout_kernels = Path(__file__).resolve().parents[1] / "kernels"
+    roots += [checkout_kernels] if checkout_kernels.is_dir() else []
     digest = hashlib.sha256()
-    for root in spec.submodule_search_locations:
-        for path in sorted(Path(root).rglob("*.py")):
-            digest.update(str(path.relative_to(root)).encode())
+    for source in roots:
+        for path in sorted(source.rglob("*.py")):
+            digest.update(f"{source.name}/{path.relative_to(source)}".encode())
             digest.update(path.read_bytes())
-    folder = f"fused_mtl_tests_{digest.hexdigest()[:16]}"
+    folder = f"fused_mtl_tests_{getpass.getuser()}_{digest.hexdigest()[:16]}"
     root = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or tempfile.gettempdir()
     # A test that runs pytest again inherits the folder already chosen.
     return root if os.path.basename(root) == folder else os.path.join(root, folder)

@@ -85,8 +85,9 @@ def test_demo_runs_each_method(capsys, tmp_path, method):
         # The table prints what the summary holds: each final test loss, to 3 digits.
         for loss in record["test_losses"]:
             assert format(loss, ".3g") in out
-        assert len(record["first_weights"]) == min(summary["steps"], demo.FIRST_STEPS)
-        assert all(len(weights) == num_tasks for weights in record["first_weights"])
+        for key in ("first_weights", "first_batch_losses"):
+            assert len(record[key]) == min(summary["steps"], demo.FIRST_STEPS)
+            assert all(len(row) == num_tasks for row in record[key])
         assert record["ms_per_step"] > 0
         assert (record["learned_variances"] is not None) == (method == "uw")
     assert ("learned sigma^2" in out) == (method == "uw")

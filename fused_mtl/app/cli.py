@@ -416,6 +416,7 @@ def _demo_summary(problem: Any, runs: Sequence[Any]) -> dict[str, Any]:
                 "rate_spread": run.rate_spread,
                 "final_weights": run.weights[-1].tolist(),
                 "first_weights": run.weights[: demo.FIRST_STEPS].tolist(),
+                "first_batch_losses": run.batch_losses[: demo.FIRST_STEPS].tolist(),
                 "learned_variances": None
                 if run.learned_variances is None
                 else run.learned_variances.tolist(),

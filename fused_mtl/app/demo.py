@@ -129,9 +129,10 @@ BATCH = 128
 # network: UW's s for a noise variance of 0.01 has to travel to log(0.01) = -4.6.
 BALANCER_LR = 2.5e-2
 EVALUATIONS = 40  # points on the loss-ratio curves
-# The summary keeps the weights of each method's first steps as well: another CPU (other vector
-# kernels, another BLAS path) reproduces them to 2e-5, where after 1000 steps the rounding it
-# changes has grown into other end points (DualProj's test losses 40% apart).
+# The summary keeps each method's weights and batch losses over its first steps as well: another
+# CPU (other vector kernels, another BLAS path) reproduces them to 2e-5 (SDMGrad to 2e-3), where
+# after 1000 steps the rounding it changes has grown into other end points (DualProj's test
+# losses 40% apart).
 FIRST_STEPS = 4
 
 
@@ -169,6 +170,7 @@ class MethodRun:
     method: str
     problem: str
     weights: Tensor  # (steps, K): the weights each step used, as the method reports them
+    batch_losses: Tensor  # (steps, K): each step's task losses on its batch, before its update
     evaluation_steps: list[int]  # the steps at which the test losses were measured
     loss_ratios: Tensor  # (evaluations, K): test L_i(t) / L_i(0)
     test_losses: Tensor  # (K,) at the end
@@ -305,18 +307,20 @@ def train(
             return task_losses(model, data)
 
     initial_test, initial_validation = evaluate(problem.test), evaluate(problem.validation)
-    evaluation_steps, ratios, weights = [0], [torch.ones_like(initial_test)], []
+    evaluation_steps, ratios, weights, batch_losses = [0], [torch.ones_like(initial_test)], [], []
     every = max(1, steps // EVALUATIONS)
     training_seconds = 0.0
     for step in range(1, steps + 1):
         started = time.perf_counter()
         rows = torch.randint(0, num_train, (BATCH,), generator=batches).to(device)
         optimizer.zero_grad(set_to_none=True)
-        balancer.backward(task_losses(model, problem.train, rows))
+        losses = task_losses(model, problem.train, rows)
+        balancer.backward(losses)
         weights.append(balancer.weights.detach().clone())
         optimizer.step()
         synchronize()
         training_seconds += time.perf_counter() - started
+        batch_losses.append(losses.detach())
         if isinstance(balancer, DTP) and step % period_steps == 0:
             kpis = 1 - evaluate(problem.validation) / initial_validation
             balancer.update_kpis(kpis.clamp(0, 1))
@@ -332,6 +336,7 @@ def train(
         method=method,
         problem=problem.name,
         weights=torch.stack(weights).cpu(),
+        batch_losses=torch.stack(batch_losses).cpu(),
         evaluation_steps=evaluation_steps,
         loss_ratios=torch.stack(ratios).cpu(),
         test_losses=evaluate(problem.test).cpu(),
