@@ -60,6 +60,7 @@ from fused_mtl.ops.task_gradients import (
     shared_parameters,
     task_graph_roots,
 )
+from fused_mtl.reference import compute_dtype
 
 __all__ = [
     "Balancer",
@@ -516,11 +517,6 @@ def check_grad_enabled(balancer: Balancer) -> None:
             "call it where the losses were computed with grad, or call the balancer itself "
             "(balancer(losses)) to get the total without a backward"
         )
-
-
-def weights_dtype(losses: Tensor) -> torch.dtype:
-    """The dtype of a Gram method's weights: float64 for float64 losses, else float32."""
-    return torch.float64 if losses.dtype == torch.float64 else torch.float32
 
 
 def weighted_sum(weights: Tensor, losses: Tensor) -> Tensor:
@@ -1037,7 +1033,7 @@ class GramBalancer(GradientBalancer):
         """``_gram_weights`` in the losses' compute dtype: float64 for float64 losses, else
         float32. The Gram is float64 whatever the gradients' dtype; the total ``sum_i w_i L_i``
         keeps the dtype it had when the Gram was float32."""
-        return self._gram_weights(gram).to(weights_dtype(losses))
+        return self._gram_weights(gram).to(compute_dtype(losses.dtype))
 
     def forward(self, *losses: LossArgs) -> Tensor:
         """One step: the per-task gradients, their Gram, the weights; ``sum_i w_i L_i``."""

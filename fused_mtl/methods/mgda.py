@@ -11,13 +11,7 @@ from torch import Tensor
 from fused_mtl import reference
 from fused_mtl._distributed import ProcessGroup
 from fused_mtl._losses import as_integer, task_label
-from fused_mtl.balancer import (
-    GramBalancer,
-    LossArgs,
-    check_grad_enabled,
-    weighted_sum,
-    weights_dtype,
-)
+from fused_mtl.balancer import GramBalancer, LossArgs, check_grad_enabled, weighted_sum
 from fused_mtl.ops.backend import Backend
 from fused_mtl.ops.task_gradients import SharedParameters, TaskGradients
 
@@ -195,7 +189,8 @@ class MGDA(GramBalancer):
         scales = reference.gradient_scales(gram, losses, self.normalization)
         self.gram = gram / (scales[:, None] * scales[None, :])
         weights = reference.min_norm_weights(self.gram, self.solver_iterations)
-        return weights.to(weights_dtype(losses))  # the Gram is float64 whatever the losses are
+        # The Gram is float64 whatever the losses are; the weights are in their compute dtype.
+        return weights.to(reference.compute_dtype(losses.dtype))
 
     def backward(self, *losses: LossArgs, features: Tensor | None = None) -> Tensor:
         """``total = self(*losses, features=features)``, then ``total.backward()``; returns the

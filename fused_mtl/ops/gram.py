@@ -88,13 +88,11 @@ def _matrix_grads(
     # The Gram is float64; its gradient is taken in the gradients' compute dtype (float32 unless
     # they are float64), as the forward's products were before widening: a float64 product
     # would first copy every gradient to float64.
+    dtypes = [reference.compute_dtype(m.dtype) for m in matrices]
     return [
-        (symmetric.to(_compute_dtype(m)) @ m.to(_compute_dtype(m))).to(m.dtype) for m in matrices
+        (symmetric.to(dtype) @ m.to(dtype)).to(m.dtype)
+        for m, dtype in zip(matrices, dtypes, strict=True)
     ]
-
-
-def _compute_dtype(matrix: Tensor) -> torch.dtype:
-    return torch.float64 if matrix.dtype == torch.float64 else torch.float32
 
 
 def _setup_context(ctx, inputs, output):

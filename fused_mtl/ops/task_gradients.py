@@ -61,6 +61,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from fused_mtl._losses import task_label
+from fused_mtl.reference import compute_dtype
 
 GradientMode = Literal["batched", "loop"]
 SharedParameters = nn.Module | Tensor | Iterable[Tensor]
@@ -351,9 +352,9 @@ class TaskGradients:
                 # taken later, a backward that copies into a buffer), which vmap refuses. The
                 # attempt changed nothing: torch.autograd.grad writes no .grad and the graph
                 # was retained, so the loop runs on it as if it were the first choice.
-                reason = f"the batched backward failed at a later call: {_first_line(error)}"
-                self._refuse_batched(reason)
-                self.mode, self.reason = "loop", reason
+                self._fall_back(
+                    f"the batched backward failed at a later call: {_first_line(error)}"
+                )
         if grads is None:
             grads = self._loop(separate_losses or losses, task_names, parameters)
         if self._watched and losses.shape[0] != self._watched_size:
@@ -412,7 +413,8 @@ class TaskGradients:
         if failure is None and not batched_everywhere:
             failure = "another rank could not use the batched backward"
         if failure is not None:
-            return self._fall_back(looped, failure)
+            self._fall_back(failure)
+            return looped
         self.mode = "batched"
         self.reason = "one batched backward agreed with per-task backward passes"
         return batched
@@ -467,19 +469,16 @@ class TaskGradients:
                 )
         return batched, None
 
-    def _fall_back(self, looped: list[Tensor], reason: str) -> list[Tensor]:
-        self._refuse_batched(reason)
-        self.mode, self.reason = "loop", reason
-        return looped
-
-    def _refuse_batched(self, reason: str) -> None:
-        """Raise, naming the fix, when the batched backward was requested and cannot be used."""
+    def _fall_back(self, reason: str) -> None:
+        """Take the loop from now on; raise, naming the fix, when the batched backward was
+        requested."""
         if self.requested == "batched":
             raise RuntimeError(
                 f"per_task_gradients='batched' cannot be used with this model: {reason}; build "
                 "the balancer with per_task_gradients='loop' (or 'auto', which falls back to "
                 "the loop)"
             )
+        self.mode, self.reason = "loop", reason
 
     def _identity_for(self, losses: Tensor) -> Tensor:
         num_tasks = losses.shape[0]
@@ -665,7 +664,7 @@ class LinearLayerGram:
         deltas = self.output_gradients(
             losses, task_names, separate_losses, [output for _, _, output, _ in records], agree
         )
-        dtype = torch.float64 if self.layers[0].weight.dtype == torch.float64 else torch.float32
+        dtype = compute_dtype(self.layers[0].weight.dtype)
         num_tasks = losses.shape[0]
         gram = torch.zeros(num_tasks, num_tasks, dtype=dtype, device=losses.device)
         for index in sorted(recorded):

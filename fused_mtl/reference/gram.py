@@ -107,6 +107,17 @@ def _float32_gram_in_range(gram: Tensor, columns: int) -> bool:
     return bool(torch.isfinite(gram).all() & (smallest * 2.0**-24 >= columns * 2.0**-149))
 
 
+def unit_scale(gram: Tensor) -> Tensor:
+    """The power of two at or below the largest diagonal entry (1 when that is 0 or not finite):
+    dividing by it brings the Gram to a largest diagonal in [1, 2) without rounding, so that the
+    solvers see numbers near 1 whatever the gradients' scale. A tensor op, no host
+    synchronisation."""
+    largest = gram.detach().diagonal().max().to(torch.float64)
+    usable = largest.isfinite() & (largest > 0)
+    _, exponent = torch.frexp(torch.where(usable, largest, 1.0))
+    return torch.where(usable, torch.ldexp(torch.ones_like(largest), exponent - 1), 1.0)
+
+
 def task_grad_norms(task_grads: Sequence[Tensor]) -> Tensor:
     """``||g_i||``, shape ``(K,)``: the square root of the Gram's diagonal, in its dtype.
 

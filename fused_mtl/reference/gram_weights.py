@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fused_mtl.reference.gram import unit_scale
+
 __all__ = [
     "NNQP_ENUMERATION_MAX_TASKS",
     "aligned_mtl_weights",
@@ -61,14 +63,11 @@ def _float64(gram: Tensor) -> Tensor:
     return (gram + gram.T) / (2 * unit_scale(gram))
 
 
-def unit_scale(gram: Tensor) -> Tensor:
-    """The power of two at or below the largest diagonal entry (1 when that is 0 or not finite):
-    dividing by it brings the Gram to a largest diagonal in [1, 2) without rounding. A tensor
-    op, no host synchronisation."""
-    largest = gram.detach().diagonal().max().to(torch.float64)
-    usable = largest.isfinite() & (largest > 0)
-    _, exponent = torch.frexp(torch.where(usable, largest, 1.0))
-    return torch.where(usable, torch.ldexp(torch.ones_like(largest), exponent - 1), 1.0)
+def _host_reads_wait_for_nothing(gram: Tensor) -> bool:
+    """Whether a solver may read a convergence test on the host and stop early: on a CPU
+    outside torch.compile (elsewhere the read would wait for the device, or break the graph,
+    and the fixed iteration count runs)."""
+    return gram.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _norms(gram: Tensor) -> tuple[Tensor, Tensor]:
@@ -336,7 +335,7 @@ def _dual_cone_weights(gram: Tensor, preferences: Tensor) -> Tensor:
         best = torch.zeros_like(preferences)
         best_score = torch.full_like(preferences[:, 0], torch.inf)
         certified = torch.zeros_like(best_score, dtype=torch.bool)
-        early_exit = gram.device.type == "cpu" and not torch.compiler.is_compiling()
+        early_exit = _host_reads_wait_for_nothing(gram)
         tried: list[Tensor] = []
         for free in _interior_point_supports(gram, preferences):  # (B, K) each
             # On a CPU, a threshold that gives the same free sets as an earlier one is skipped
@@ -415,7 +414,7 @@ def _interior_point_supports(gram: Tensor, preferences: Tensor) -> Tensor:
     pinned = pinned / pinned.abs().sum(dim=1, keepdim=True).clamp_min(1e-300)
     slack = torch.ones_like(pinned) / num_tasks
     multipliers = torch.ones_like(pinned)
-    early_exit = gram.device.type == "cpu" and not torch.compiler.is_compiling()
+    early_exit = _host_reads_wait_for_nothing(gram)
     previous, stalled = None, 0
     for _ in range(INTERIOR_POINT_ITERATIONS):
         residual = (pinned + slack) @ cosines - multipliers  # (B, K)
@@ -686,7 +685,7 @@ def fair_weights(gram: Tensor, alpha: float) -> Tensor:
     fit = (pull * weights ** (1 + exponent)).sum() / (weights @ cosines @ weights)
     weights = weights * fit ** (alpha / (1 + alpha))
     halvings = 2.0 ** -torch.arange(20, dtype=gram.dtype, device=gram.device)
-    early_exit = gram.device.type == "cpu" and not torch.compiler.is_compiling()
+    early_exit = _host_reads_wait_for_nothing(gram)
     scale = gram.diagonal().max()
     for _ in range(NEWTON_STEPS):
         gradient = cosines @ weights - pull * weights**exponent

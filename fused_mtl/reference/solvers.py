@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fused_mtl.reference.gram import unit_scale
+
 #: How MGDA may normalise task gradients before taking the min-norm point: ``g_i / c_i``.
 MGDA_NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
@@ -92,10 +94,7 @@ def min_norm_weights(gram: Tensor, iterations: int = INTERIOR_POINT_ITERATIONS) 
         return min_norm_weights(gram.double(), iterations).to(gram.dtype)
     # alpha is invariant to the scale of M: the solvers see a largest diagonal in [1, 2) (a
     # power-of-two division, exact) whether the gradients are 1e-30 or 1e30.
-    largest = gram.diagonal().max()
-    usable = largest.isfinite() & (largest > 0)
-    _, exponent = torch.frexp(torch.where(usable, largest, 1.0))
-    gram = gram / torch.where(usable, torch.ldexp(torch.ones_like(largest), exponent - 1), 1.0)
+    gram = gram / unit_scale(gram)
     num_tasks = gram.shape[0]
     if num_tasks == 1:
         return torch.ones_like(gram[0])
