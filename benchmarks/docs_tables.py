@@ -15,11 +15,14 @@ The recorded runs:
 - ``cpu-demo-default.json``: ``fused-mtl demo`` with no arguments, for its wall time;
 - ``cpu-method-steps.json``: ``python benchmarks/method_steps.py`` (a training step of every
   method against the plain sum);
-- ``cpu-bench.json``: ``fused-mtl bench`` (every benchmark case).
+- ``cpu-bench.json``: ``fused-mtl bench`` (every benchmark case);
+- ``kernel-resources.json``: ``python benchmarks/kernel_resources.py`` (every kernel variant
+  compiled for sm_80, sm_90 and sm_100, and the predicted H100 time of the benchmark cases).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import sys
@@ -166,6 +169,24 @@ def bench_table() -> str:
     return markdown(results, record["environment"], record["command"])
 
 
+def _kernel_resources():
+    """``benchmarks/kernel_resources.py`` as a module (it formats its own tables)."""
+    path = ROOT / "benchmarks" / "kernel_resources.py"
+    spec = importlib.util.spec_from_file_location("kernel_resources", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def kernel_resources_summary() -> str:
+    return _kernel_resources().summary_markdown(load("kernel-resources.json"))
+
+
+def predicted_h100_times() -> str:
+    return _kernel_resources().roofline_markdown(load("kernel-resources.json"))
+
+
 #: Every generated block: its name and what fills it.
 BLOCKS: dict[str, Callable[[], str]] = {
     "demo-gradnorm_toy": lambda: demo_table("gradnorm_toy"),
@@ -174,6 +195,8 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "method-steps": method_step_summary,
     "readme-costs": readme_costs,
     "bench-cpu": bench_table,
+    "kernel-resources": kernel_resources_summary,
+    "predicted-h100": predicted_h100_times,
 }
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 

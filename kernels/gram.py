@@ -25,18 +25,21 @@ Two passes, no atomics, bitwise reproducible:
 
 Values are loaded in their storage dtype and converted before any arithmetic (which keeps the
 kernels inside what the Triton interpreter supports: no bf16 arithmetic). The norms are summed
-in fp32: a product of two fp16 or bf16 values is exact in fp32. The Gram is multiplied and
-summed in float64 and returned in float64: a product of two fp32 values is exact in float64
-(48 of its 53 mantissa bits) and lies in its range whatever the gradients' scale, where in fp32
-the products of gradients below 1e-19 underflow and those above 1.8e19 overflow (a Gram of
-zeros or of inf, and the weights of every Gram method with it). On sm_90 the float64 product
-runs on the tensor cores (``mma.sync ... f64``, 67 TFLOP/s on an H100 SXM, as much as the fp32
-FMA units that ``input_precision="ieee"`` used before). ``input_precision="ieee"``: no TF32.
+in fp32: a product of two fp16 or bf16 values is exact in fp32. The Gram reads fp16 and bf16
+gradients through float32 copies, a group of columns at a time (see _UPCAST_GROUP_ELEMENTS),
+and is multiplied and summed in float64 and returned in float64: a product of two fp32 values
+is exact in float64 (48 of its 53 mantissa bits) and lies in its range whatever the gradients'
+scale, where in fp32 the products of gradients below 1e-19 underflow and those above 1.8e19
+overflow (a Gram of zeros or of inf, and the weights of every Gram method with it). On sm_80
+and sm_90 the float64 product runs on the tensor cores (``mma.sync ... f64``, 67 TFLOP/s on an
+H100 SXM, as much as the fp32 FMA units that ``input_precision="ieee"`` used before); triton
+3.7 lowers it to float64 FMAs on sm_100. ``input_precision="ieee"``: no TF32.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -59,16 +62,57 @@ _MAX_NORM_ROWS = 32
 # elementwise accumulator is as large again).
 _BLOCK_ELEMENTS = 4096
 # The Gram multiplies in float64 (see the module docstring), whose operands take twice the
-# registers: a 4096-value block of a 64-row tile took 255 registers per thread (the most a
-# thread has) at K = 128 on sm_90; 2048 values take 154 at K = 64 and 184 at K = 128, no spills.
-# Tiles of up to 16 rows keep 4096 values (64 registers at K <= 8, 104 at K = 16).
-_GRAM_BLOCK_ELEMENTS = 2048
+# registers: tiles of more than 16 rows load fewer columns at a time, at 8 warps. Compiled for
+# sm_90 (benchmarks/results/kernel-resources.md), 64 x 32 blocks took 154-186 registers (12%
+# occupancy) wherever the loads are 4 bytes wide, and spilled on sm_100; 64 x 16 blocks take at
+# most 126 on sm_90 (25%), 138 on sm_100, with no spills. 32 x 64 blocks take 64 (50%).
+_WIDE_GRAM_COLUMNS = {32: 64, 64: 16}
+# The Gram's tl.dot of float64 operands widened from 16-bit loads does not compile for sm_80,
+# sm_90 or sm_100 with triton 3.7 or 3.8 (the MMA lowering asserts "fp64 don't support largeK
+# MMA": the operands keep the 16-bit loads' layout, whatever casts come between),
+# so fp16 / bf16 gradients are copied to float32 first, in groups of at most this many
+# elements (256 MiB of copies), each group one pair of launches. The norms read them as they
+# are.
+_UPCAST_GROUP_ELEMENTS = 1 << 26
+# The 16 x 16 Gram tile (every K <= 16) is computed by 2 warps: the float64 MMA instruction is
+# 16 x 8, so a 16 x 16 output has two instruction tiles, and at 8 warps each was computed by 4
+# warps at once (4 times the DMMA and float32 -> float64 conversions per element read, seen in
+# the SASS; conversions run at 16 per clock per SM on sm_80 and sm_90). At 2 warps the loads
+# stay 16-byte cp.async copies, 94-128 registers, no spills, and the 3-stage pipeline keeps
+# 6 programs x 2 blocks x 16 KiB in flight per SM (benchmarks/results/kernel-resources.md).
+_SMALL_GRAM_WARPS = 2
 # Programs per SM for the first pass: enough resident warps to cover memory latency.
 _PROGRAMS_PER_SM = 4
 # The interpreter runs programs one after another: a few chunks exercise the two-pass design
 # without multiplying interpreted Python work.
 _INTERPRETER_PROGRAMS = 4
 _REDUCE_BLOCK = 256
+
+
+@triton.jit
+def _add_block(
+    acc, base, row_offsets, col_offsets, row_mask, col_mask, offsets, end,
+    MASK_COLUMNS: tl.constexpr, DIAGONAL: tl.constexpr, SINGLE_TILE: tl.constexpr,
+):  # fmt: skip
+    """``acc`` plus one loaded block's squares (DIAGONAL) or tile product."""
+    if MASK_COLUMNS:
+        row_mask = row_mask[:, None] & (offsets < end)
+        col_mask = col_mask[:, None] & (offsets < end)
+    else:
+        row_mask = row_mask[:, None]
+        col_mask = col_mask[:, None]
+    block = tl.load(base + row_offsets + offsets, mask=row_mask, other=0.0).to(tl.float32)
+    if DIAGONAL:
+        acc += block * block
+    else:
+        wide = block.to(tl.float64)
+        if SINGLE_TILE:
+            other_wide = wide
+        else:
+            other_wide = tl.load(base + col_offsets + offsets, mask=col_mask, other=0.0)
+            other_wide = other_wide.to(tl.float32).to(tl.float64)
+        acc += tl.dot(wide, tl.trans(other_wide), input_precision="ieee")
+    return acc
 
 
 @triton.jit
@@ -101,7 +145,9 @@ def _task_gram_partials_kernel(
     tile_rows = tl.arange(0, BLOCK_K)
     rows = tl.program_id(1) * tasks_per_tile + tile_rows // FOLD  # the task of each tile row
     cols = tl.program_id(2) * tasks_per_tile + tile_rows // FOLD
-    run_starts = (tile_rows % FOLD) * BLOCK_P  # where each tile row's run of columns begins
+    # Column of each tile element from the block's start: its row's run (a run of BLOCK_P
+    # columns per tile row), then BLOCK_P consecutive columns.
+    run_offsets = ((tile_rows % FOLD) * BLOCK_P)[:, None] + tl.arange(0, BLOCK_P)[None, :]
     row_mask = rows < num_tasks
     col_mask = cols < num_tasks
     if DIAGONAL:
@@ -120,28 +166,22 @@ def _task_gram_partials_kernel(
             # int64 row offsets: K rows of a 64 M-column matrix pass 2^31 elements.
             row_offsets = rows.to(tl.int64)[:, None] * row_strides[t]
             col_offsets = cols.to(tl.int64)[:, None] * row_strides[t]
-            for block_start in range(start, end, BLOCK_P * FOLD):
-                # Column of each tile element: its row's run, then BLOCK_P consecutive columns.
-                offsets = block_start + run_starts[:, None] + tl.arange(0, BLOCK_P)[None, :]
-                in_chunk = offsets < end
-                block = tl.load(
-                    grads[t] + row_offsets + offsets,
-                    mask=row_mask[:, None] & in_chunk,
-                    other=0.0,
-                ).to(tl.float32)
-                if DIAGONAL:
-                    acc += block * block
-                else:
-                    wide = block.to(tl.float64)
-                    if SINGLE_TILE:
-                        other_wide = wide
-                    else:
-                        other_wide = tl.load(
-                            grads[t] + col_offsets + offsets,
-                            mask=col_mask[:, None] & in_chunk,
-                            other=0.0,
-                        ).to(tl.float64)
-                    acc += tl.dot(wide, tl.trans(other_wide), input_precision="ieee")
+            # Whole steps first, without a column mask: the row mask is constant along a row,
+            # so the loads are 16-byte vectors wherever the rows are 16-byte aligned (the
+            # column mask `offsets < end` is not known to hold in groups of four). Then the
+            # last, partial step, masked.
+            step: tl.constexpr = BLOCK_P * FOLD
+            whole_end = start + (end - start) // step * step
+            for block_start in range(start, whole_end, step):
+                acc = _add_block(
+                    acc, grads[t], row_offsets, col_offsets, row_mask, col_mask,
+                    block_start + run_offsets, end, False, DIAGONAL, SINGLE_TILE,
+                )  # fmt: skip
+            if whole_end < end:
+                acc = _add_block(
+                    acc, grads[t], row_offsets, col_offsets, row_mask, col_mask,
+                    whole_end + run_offsets, end, True, DIAGONAL, SINGLE_TILE,
+                )  # fmt: skip
     if DIAGONAL:
         tl.store(partials_ptr + chunk * num_tasks + rows, tl.sum(acc, axis=1), mask=row_mask)
     else:
@@ -203,8 +243,17 @@ def _target_programs(device: torch.device) -> int:
     return _PROGRAMS_PER_SM * sm_count
 
 
-def _tile_shape(num_tasks: int, diagonal: bool) -> tuple[int, int, int]:
-    """``(BLOCK_K, BLOCK_P, FOLD)``: tile rows, tile columns and tile rows per task."""
+class Tiling(NamedTuple):
+    """How the first pass cuts the work: tile rows, tile columns, tile rows per task, warps."""
+
+    block_k: int
+    block_p: int
+    fold: int
+    num_warps: int
+
+
+def tiling(num_tasks: int, diagonal: bool) -> Tiling:
+    """The first pass's tiling for K tasks (see the constants above for the reasons)."""
     rows = triton.next_power_of_2(num_tasks)
     if diagonal:
         block_k, fold = min(rows, _MAX_NORM_ROWS), 1
@@ -213,20 +262,51 @@ def _tile_shape(num_tasks: int, diagonal: bool) -> tuple[int, int, int]:
     else:
         block_k, fold = min(rows, _MAX_GRAM_ROWS), 1
     if not diagonal and block_k > _MIN_GRAM_ROWS:
-        # float64 operands (see _GRAM_BLOCK_ELEMENTS): half the block, still at 8 warps.
-        return block_k, max(16, _GRAM_BLOCK_ELEMENTS // block_k), fold
-    return block_k, max(16, _BLOCK_ELEMENTS // block_k), fold
+        return Tiling(block_k, _WIDE_GRAM_COLUMNS[block_k], fold, 8)
+    block_p = max(16, _BLOCK_ELEMENTS // block_k)
+    if not diagonal:
+        return Tiling(block_k, block_p, fold, _SMALL_GRAM_WARPS)
+    return Tiling(block_k, block_p, fold, 8 if block_k * block_p >= _BLOCK_ELEMENTS else 4)
 
 
 def task_gram_or_norms(matrices: list[torch.Tensor], diagonal: bool) -> torch.Tensor:
-    """Launch both passes over the ``(K, P_j)`` matrices; return the float64 Gram or the fp32
-    norms.
+    """The float64 Gram or the fp32 norms of the ``(K, P_j)`` matrices.
 
     Every matrix must have unit column stride (``stride(1) == 1``); the op layer ensures it.
     """
+    if diagonal or all(matrix.dtype == torch.float32 for matrix in matrices):
+        return _launch_passes(matrices, diagonal)
+    # fp16 / bf16 gradients: the Gram reads float32 copies, made a group of columns at a time.
+    gram = None
+    for group in _upcast_groups(matrices):
+        part = _launch_passes([piece.float() for piece in group], diagonal=False)
+        gram = part if gram is None else gram + part
+    return gram
+
+
+def _upcast_groups(matrices: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """The matrices cut into column slices and grouped, each group under
+    _UPCAST_GROUP_ELEMENTS elements (a slice is a view; only its float32 copy is new)."""
+    num_tasks = matrices[0].shape[0]
+    slice_width = max(1, _UPCAST_GROUP_ELEMENTS // num_tasks)
+    groups: list[list[torch.Tensor]] = [[]]
+    group_width = 0
+    for matrix in matrices:
+        for start in range(0, matrix.shape[1], slice_width):
+            piece = matrix[:, start : start + slice_width]
+            if group_width + piece.shape[1] > slice_width:
+                groups.append([])
+                group_width = 0
+            groups[-1].append(piece)
+            group_width += piece.shape[1]
+    return [group for group in groups if group]
+
+
+def _launch_passes(matrices: list[torch.Tensor], diagonal: bool) -> torch.Tensor:
+    """Launch both passes over the matrices (float32 ones for the Gram)."""
     num_tasks = matrices[0].shape[0]
     device = matrices[0].device
-    block_k, block_p, fold = _tile_shape(num_tasks, diagonal)
+    block_k, block_p, fold, num_warps = tiling(num_tasks, diagonal)
     row_tiles = triton.cdiv(num_tasks, block_k // fold)
     col_tiles = 1 if diagonal else row_tiles
     total_width = sum(matrix.shape[1] for matrix in matrices)
@@ -258,7 +338,7 @@ def task_gram_or_norms(matrices: list[torch.Tensor], diagonal: bool) -> torch.Te
             BLOCK_K=block_k,
             BLOCK_P=block_p,
             FOLD=fold,
-            num_warps=8 if block_k * block_p >= _BLOCK_ELEMENTS or not diagonal else 4,
+            num_warps=num_warps,
         )
         _reduce_partials_kernel[(triton.cdiv(out.numel(), _REDUCE_BLOCK),)](
             partials,

@@ -37,6 +37,9 @@ from fused_mtl.kernels._launch import on_device_of
 # a fixed order, so the total is bitwise reproducible without atomics or a second reduction pass.
 _MAX_FORWARD_BLOCK = 2048
 _MAX_BACKWARD_BLOCK = 1024
+# One warp's 32 lanes: a smaller block runs on the same warp with lanes left idle, so it would
+# only add compiled variants (one per power of two of K below 32).
+_MIN_BLOCK = 32
 
 
 @triton.jit
@@ -81,7 +84,9 @@ def _load_task_block(
     return losses, params, loss_coefs, reg_coefs
 
 
-@triton.jit
+# K is not specialised on (Triton would compile one variant for K % 16 == 0 and one for the rest):
+# the loads are a few hundred bytes, so their vector width changes nothing next to the launch.
+@triton.jit(do_not_specialize=["num_tasks"])
 def _uncertainty_forward_kernel(
     losses_ptr,  # (K,) task losses, contiguous
     params_ptr,  # (K,) per-task parameters s / p / eta, contiguous
@@ -112,7 +117,7 @@ def _uncertainty_forward_kernel(
     tl.store(total_ptr, total.to(total_ptr.dtype.element_ty))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tasks"])
 def _uncertainty_backward_kernel(
     grad_total_ptr,  # () upstream gradient of the total
     losses_ptr,  # (K,) task losses, contiguous
@@ -192,7 +197,7 @@ def uncertainty_forward(
     total = torch.empty(
         (), dtype=torch.promote_types(losses.dtype, params.dtype), device=losses.device
     )
-    block = min(triton.next_power_of_2(num_tasks), _MAX_FORWARD_BLOCK)
+    block = min(max(triton.next_power_of_2(num_tasks), _MIN_BLOCK), _MAX_FORWARD_BLOCK)
     with on_device_of(losses):
         _uncertainty_forward_kernel[(1,)](
             losses,
@@ -227,7 +232,7 @@ def uncertainty_backward(
     num_tasks = losses.numel()
     grad_losses = torch.empty_like(losses)
     grad_params = torch.empty_like(params)
-    block = min(triton.next_power_of_2(num_tasks), _MAX_BACKWARD_BLOCK)
+    block = min(max(triton.next_power_of_2(num_tasks), _MIN_BLOCK), _MAX_BACKWARD_BLOCK)
     with on_device_of(losses):
         _uncertainty_backward_kernel[(triton.cdiv(num_tasks, block),)](
             grad_total,

@@ -1,5 +1,10 @@
 """Assertions and probes shared by the op tests."""
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import torch
 
 
@@ -23,3 +28,12 @@ class LaunchCounter:
     def __getitem__(self, grid):
         self.launches += 1
         return self.kernel[grid]
+
+
+def load_script(path: Path) -> ModuleType:
+    """A script of ``benchmarks/`` imported as a module, under its file name."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

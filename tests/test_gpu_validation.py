@@ -1,12 +1,13 @@
 """benchmarks/gpu_validation.py, the one-call GPU validation, run on a CPU with small cases: the
 stages' commands run, their files land in the output folder and the summary records them."""
 
-import importlib.util
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from checks import load_script
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_validation.py"
 
@@ -51,9 +52,7 @@ def test_unknown_stage_is_an_error(tmp_path):
 
 
 def test_a_stage_past_its_time_is_killed_with_its_children(tmp_path):
-    spec = importlib.util.spec_from_file_location("gpu_validation", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script(SCRIPT)
     # A parent that prints, then waits on a child that sleeps: both must be gone after the limit.
     command = [
         sys.executable,

@@ -5,12 +5,12 @@ A float32 training of 1000 steps ends where the machine's rounding takes it (the
 points are the recording machine's); the first steps are checked on any machine."""
 
 import functools
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from checks import load_script
 
 from fused_mtl.app import demo
 
@@ -28,12 +28,7 @@ RECORDED_DEMO = json.loads((ROOT / "benchmarks" / "results" / "cpu-demo.json").r
 
 
 def load_docs_tables():
-    spec = importlib.util.spec_from_file_location(
-        "docs_tables", ROOT / "benchmarks" / "docs_tables.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "benchmarks" / "docs_tables.py")
 
 
 def test_the_docs_tables_are_those_of_the_recorded_runs(capsys):
