@@ -814,10 +814,10 @@ def _si(value: float) -> str:
 
 
 def _seconds(value: float) -> str:
-    for unit, scale in (("ms", 1e-3), ("µs", 1e-6)):
+    for unit, scale in (("ms", 1e-3), ("µs", 1e-6), ("ns", 1e-9)):
         if value >= scale:
             return f"{value / scale:.3g} {unit}"
-    return f"{value * 1e9:.3g} ns"
+    return "< 1 ns"
 
 
 def main(argv: list[str]) -> int:

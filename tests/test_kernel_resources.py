@@ -47,6 +47,11 @@ def compile_report(tmp_path, *args):
         (94, 2, 33 * 1024, 12 / 64),
         # 32 blocks at most, whatever else allows: 1-warp blocks of 16 registers.
         (16, 1, 0, 32 / 64),
+        # Each of the 4 schedulers holds whole warps of its 16,384 registers: 6,400 per warp
+        # give 2 each, 8 in all (the SM's 65,536 would give 10).
+        (200, 2, 0, 8 / 64),
+        # 33 registers take 1,280 per warp, not 1,056: 12 warps per scheduler, not 15.
+        (33, 4, 0, 48 / 64),
     ],
 )
 def test_occupancy_counts_as_the_cuda_calculator(registers, warps, shared, expected):
