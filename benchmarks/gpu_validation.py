@@ -11,7 +11,8 @@ after the GPU (``nvidia-h100-80gb-hbm3`` below is ``GPU``), all directly in ``OU
 
 ====================  =========================================================================
 ``GPU-summary.md``    the machine (``nvidia-smi``), versions, revision, date; each stage's
-                      command, exit status and duration; the tests' summary line; the targets
+                      command, exit status and duration; the tests' summary line; the targets;
+                      the fused ops' times beside the static roofline's predictions
 ``GPU-tests.log``     ``FUSED_MTL_TEST_DEVICE=cuda python -m pytest -ra``: every test and doctest
 ``GPU-bench.json``    ``fused-mtl bench --device cuda`` (and ``GPU-bench.md``, its table)
 ``GPU.json``          ``pytest benchmarks/ --benchmark-json`` (and ``GPU.md``, its table)
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -47,6 +49,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+RESOURCES = REPO / "benchmarks" / "results" / "kernel-resources.json"
 STAGES = ("tests", "bench", "pytest-bench", "profile")
 # Each stage's own limit, so that one stuck stage leaves time for the others and the summary.
 STAGE_TIMEOUT_S = 540
@@ -187,6 +190,40 @@ def _targets(markdown: Path) -> list[str]:
     return text[text.index("Targets") :].splitlines() if "Targets" in text else []
 
 
+def against_predictions(bench_json: Path, resources_json: Path = RESOURCES) -> list[str]:
+    """The fused ops' measured medians beside the static roofline's H100 SXM prediction for
+    the same benchmark group (its launches summed), from ``kernel_resources.py``."""
+    if not bench_json.exists() or not resources_json.exists():
+        return []
+    measured = {
+        result["group"]: result["median_s"]
+        for result in json.loads(bench_json.read_text())["results"]
+        if result["implementation"] == "fused_auto" and result["median_s"]
+    }
+    predicted: dict[str, list[dict]] = {}
+    for row in json.loads(resources_json.read_text())["roofline"]:
+        predicted.setdefault(row["group"], []).append(row)
+    lines = [
+        "Measured beside the static roofline's prediction for an H100 SXM (85% of 3.35 TB/s "
+        "or 67 TFLOP/s; launches not included): `benchmarks/results/kernel-resources.json`.",
+        "",
+        "| group | measured | predicted | measured / predicted |",
+        "|---|---|---|---|",
+    ]
+    for group, rows in predicted.items():
+        if group not in measured:
+            continue
+        seconds = sum(row["predicted_s"] for row in rows)
+        if any(row["bound"] == "launch" for row in rows):
+            ratio = "launch-bound"
+        else:
+            ratio = f"{measured[group] / seconds:.2f}×"
+        lines.append(
+            f"| {group} | {measured[group] * 1e6:.1f} µs | {seconds * 1e6:.3g} µs | {ratio} |"
+        )
+    return lines if len(lines) > 4 else []
+
+
 # --- the profile worker: run in its own process by the profile stage -------------------------
 
 
@@ -324,6 +361,7 @@ def main() -> int:
             lines.append(f"- pytest: {_tests_summary(commands[0][1])}")
         elif stage == "bench":
             lines += ["", *_targets(args.out / f"{gpu}-bench.md")]
+            lines += ["", *against_predictions(args.out / f"{gpu}-bench.json")]
         elif stage == "pytest-bench":
             lines += ["", *_targets(args.out / f"{gpu}.md")]
         with summary.open("a") as file:

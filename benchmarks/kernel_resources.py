@@ -491,8 +491,9 @@ def roofline() -> list[dict]:
     for num_tasks in cases.UNCERTAINTY_TASK_COUNTS:
         # Forward: read L and s, write the total. Backward: read the upstream gradient, L and s,
         # write both gradients. About 8 FLOPs per task each (exp, FMA, the bound's compares).
-        rows.append(_row(f"uncertainty forward K={num_tasks}", 8 * num_tasks + 4, 8 * num_tasks))
-        rows.append(_row(f"uncertainty backward K={num_tasks}", 16 * num_tasks + 4, 10 * num_tasks))
+        group = cases.uncertainty_group(num_tasks, "scalars")
+        rows.append(_row(f"{group}, forward", group, 8 * num_tasks + 4, 8 * num_tasks))
+        rows.append(_row(f"{group}, backward", group, 16 * num_tasks + 4, 10 * num_tasks))
     for op in ("norms", "gram"):
         for num_tasks in cases.GRAM_TASK_COUNTS:
             for width in cases.GRAM_WIDTHS["cuda"]:
@@ -506,11 +507,13 @@ def roofline() -> list[dict]:
                     # FLOPs (FOLD rows per task make that 16 for every K <= 16).
                     tiles = triton.cdiv(num_tasks, block_k // fold)
                     flops = 2 * block_k * elements * tiles
-                rows.append(_row(f"{op} K={num_tasks} P={width}", 4 * elements, flops))
+                group = f"{op} K={num_tasks} P={width}"
+                rows.append(_row(group, group, 4 * elements, flops))
     return rows
 
 
-def _row(case: str, bytes_moved: int, flops: int) -> dict:
+def _row(case: str, group: str, bytes_moved: int, flops: int) -> dict:
+    """One launch's roofline; ``group``: the benchmark group whose step makes it."""
     memory_s = bytes_moved / (BANDWIDTH_FRACTION * H100_BANDWIDTH)
     compute_s = flops / H100_FLOPS
     if max(memory_s, compute_s) < LAUNCH_BOUND_S:
@@ -519,6 +522,7 @@ def _row(case: str, bytes_moved: int, flops: int) -> dict:
         bound = "memory" if memory_s >= compute_s else "compute"
     return {
         "case": case,
+        "group": group,
         "bytes": bytes_moved,
         "flops": flops,
         "flops_per_byte": flops / bytes_moved,

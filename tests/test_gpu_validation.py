@@ -1,6 +1,7 @@
 """benchmarks/gpu_validation.py, the one-call GPU validation, run on a CPU with small cases: the
 stages' commands run, their files land in the output folder and the summary records them."""
 
+import json
 import os
 import subprocess
 import sys
@@ -65,3 +66,33 @@ def test_a_stage_past_its_time_is_killed_with_its_children(tmp_path):
     assert script._run(command, log, dict(os.environ), timeout=2) == 124
     assert time.monotonic() - started < 8  # the sleeping child held the pipe open: it is gone too
     assert log.read_text() == "started\n"
+
+
+def test_measured_times_are_put_beside_the_predictions(tmp_path):
+    """The bench stage's summary gives each fused-op group's median next to the static
+    roofline's prediction, the group's launches summed, and no ratio where launches dominate."""
+    script = load_script(SCRIPT)
+    bench = tmp_path / "bench.json"
+    bench.write_text(
+        json.dumps(
+            {
+                "results": [
+                    {"group": "gram K=8 P=16", "implementation": "fused_auto", "median_s": 3e-6},
+                    {"group": "gram K=8 P=16", "implementation": "matmul", "median_s": 1e-6},
+                    {"group": "uncertainty K=2", "implementation": "fused_auto", "median_s": 8e-6},
+                ]
+            }
+        )
+    )
+    resources = tmp_path / "resources.json"
+    rows = [
+        {"group": "gram K=8 P=16", "predicted_s": 1e-6, "bound": "memory"},
+        {"group": "gram K=8 P=16", "predicted_s": 0.5e-6, "bound": "memory"},
+        {"group": "uncertainty K=2", "predicted_s": 1e-11, "bound": "launch"},
+        {"group": "norms K=8 P=16", "predicted_s": 1e-6, "bound": "memory"},
+    ]
+    resources.write_text(json.dumps({"roofline": rows}))
+    lines = script.against_predictions(bench, resources)
+    assert "| gram K=8 P=16 | 3.0 µs | 1.5 µs | 2.00× |" in lines
+    assert "| uncertainty K=2 | 8.0 µs | 1e-05 µs | launch-bound |" in lines
+    assert not any("norms" in line for line in lines)  # not measured: no row
