@@ -1,5 +1,6 @@
-"""Every Triton kernel variant the launchers produce, compiled for real GPUs on a machine without
-one, with the resources each takes, and a static roofline of the benchmark cases.
+"""The Triton kernel variants the launchers produce for the cases below, compiled for real GPUs on
+a machine without one, with the resources each takes, and a static roofline of the benchmark
+cases.
 
     python benchmarks/kernel_resources.py          # write benchmarks/results/kernel-resources.*
     python benchmarks/kernel_resources.py --check  # compile, then compare with those files
@@ -16,14 +17,17 @@ goes through Triton's own launch path (the binder of ``triton.runtime.jit`` and
 launch applies: the constexprs, each integer's and pointer's divisibility by 16, the dtypes. Two
 launches with the same specialisation are one variant, as in Triton's kernel cache. Cases:
 
-- Gram and norms: K = 1..256, gradients stored as fp32, fp16 or bf16, in three layouts: one
+- Gram and norms: K = 1..256, gradients stored as fp32, fp16 or bf16, in four layouts: one
   ``(K, 4096)`` matrix (the flat Jacobian), the weight and bias of ``nn.Linear(256, 64)`` (every
-  width and stride a multiple of 16) and of ``nn.Linear(100, 10)`` (widths 1000 and 10: neither
-  row of the bias nor every row of the weight starts 16 bytes aligned). The chunking uses the
+  row stride a multiple of 16 elements), of ``nn.Linear(100, 10)`` (strides 1000 and 10, which
+  Triton does not know to be multiples of 16 elements), and the 8 parameters of the GradNorm
+  toy's trunk (NUM_TENSORS is a constexpr: a network with another number of parameters compiles
+  another variant, alike but for that loop). The chunking uses the
   arch's SM count (A100 108, H100 SXM 132, B200 148), as on that GPU.
 - Uncertainty weighting, forward and backward: K = 1..256 and powers of two up to 4096 (the
-  largest block), the three parametrisations, with and without coefficients, losses and
-  parameters stored as fp32, fp16 or bf16.
+  largest block); the three parametrisations, the log-variance one with and without
+  coefficients (the others never get any); losses in fp32, fp16 or bf16 with float32
+  parameters (a module's), or both in fp16 or both in bf16 (the functional API).
 - The empty kernel of the launch floor.
 
 Per variant and arch: registers per thread, spills (local-memory loads and stores in the SASS),
@@ -60,10 +64,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource, make_backend
-from triton.runtime.jit import JITFunction, create_function_from_signature
+
+try:  # The tables of the recorded run (docs_tables.py) need no triton; compiling does.
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+except ImportError:
+    triton = None
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -73,6 +81,19 @@ KERNEL_MODULES = (
     "fused_mtl.kernels.launch_floor",
 )
 STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The uncertainty kernels' (losses, parameters) storage dtypes: a module's parameters stay
+# float32 whatever the model's dtype (bf16-true gives bf16 losses and float32 parameters); the
+# functional API takes both from the caller.
+UNCERTAINTY_DTYPES = [
+    (torch.float32, torch.float32),
+    (torch.float16, torch.float32),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.bfloat16),
+]
+# (parametrisation, with coefficients): only the log-variance form has coefficients (task
+# types, and the functional API's a and b); the library never gives the other two any.
+UNCERTAINTY_FORMS = [(0, False), (0, True), (1, False), (2, False)]
 # --quick: every tiling of the Gram and norms, and both sides of K % 16 == 0.
 QUICK_TASK_COUNTS = [1, 2, 3, 8, 16, 32, 64, 100, 256]
 
@@ -168,6 +189,13 @@ def _layouts(num_tasks: int) -> dict[str, list[tuple[int, ...]]]:
         "flat (K, 4096)": [(num_tasks, 4096)],
         "Linear(256, 64)": [(num_tasks, 64, 256), (num_tasks, 64)],
         "Linear(100, 10)": [(num_tasks, 10, 100), (num_tasks, 10)],
+        # Every parameter of a network is one tensor of the launch (NUM_TENSORS is a constexpr):
+        # the GradNorm toy's trunk, 250-100-100-100-100, 8 tensors of widths 25000, 100, 10000.
+        "toy trunk (8 tensors)": [
+            shape
+            for fan_in in (250, 100, 100, 100)
+            for shape in ((num_tasks, 100, fan_in), (num_tasks, 100))
+        ],
     }
 
 
@@ -201,22 +229,22 @@ def record_launches(arch: Arch, task_counts: list[int]) -> Iterator[Launch]:
         largest = max(uncertainty._MAX_FORWARD_BLOCK, uncertainty._MAX_BACKWARD_BLOCK)
         extra = [2**i for i in range(9, largest.bit_length() + 1) if 2**i > max(task_counts)]
         for num_tasks in [*task_counts, *extra]:
-            for dtype in STORAGE_DTYPES:
-                losses = torch.empty(num_tasks, dtype=dtype)
-                params = torch.empty(num_tasks, dtype=dtype)
-                grad_total = torch.empty((), dtype=dtype)
-                for parametrization in (0, 1, 2):
-                    for coefs in ((None, None), (torch.empty_like(params),) * 2):
-                        with_coefs = "with" if coefs[0] is not None else "without"
-                        case[0] = (
-                            f"uncertainty K={num_tasks} {_dtype_name(dtype)} "
-                            f"form {parametrization}, {with_coefs} coefficients"
-                        )
-                        args = (losses, params, *coefs, parametrization, 1e-4, 1e4)
-                        uncertainty.uncertainty_forward(*args)
-                        uncertainty.uncertainty_backward(grad_total, *args)
-                        yield from launches
-                        launches.clear()
+            for loss_dtype, param_dtype in UNCERTAINTY_DTYPES:
+                losses = torch.empty(num_tasks, dtype=loss_dtype)
+                params = torch.empty(num_tasks, dtype=param_dtype)
+                grad_total = torch.empty((), dtype=torch.promote_types(loss_dtype, param_dtype))
+                for parametrization, with_coefs in UNCERTAINTY_FORMS:
+                    coefs = (torch.empty(num_tasks),) * 2 if with_coefs else (None, None)
+                    case[0] = (
+                        f"uncertainty K={num_tasks} losses {_dtype_name(loss_dtype)} "
+                        f"parameters {_dtype_name(param_dtype)} form {parametrization}, "
+                        f"{'with' if with_coefs else 'without'} coefficients"
+                    )
+                    args = (losses, params, *coefs, parametrization, 1e-4, 1e4)
+                    uncertainty.uncertainty_forward(*args)
+                    uncertainty.uncertainty_backward(grad_total, *args)
+                    yield from launches
+                    launches.clear()
         case[0] = "launch floor"
         launch_floor.launch_empty_kernel(torch.empty(1))
         yield from launches
@@ -255,12 +283,16 @@ class Variant:
         parts = [f"{names[path[0]]}={value}" for path, value in sorted(self.constexprs.items())]
         pointers = sorted({v for v in _leaves(self.signature) if v.startswith("*")})
         parts.append("/".join(p[1:] for p in pointers))
-        divisible = [path for path, attr in self.attrs.items() if attr]
-        integer_paths = [p for p, v in _paths(self.signature) if not v.startswith("*")]
-        integer_paths = [p for p in integer_paths if p[0] not in {c[0] for c in self.constexprs}]
-        parts.append(f"ints %16: {sum(p in divisible for p in integer_paths)}/{len(integer_paths)}")
+        # Which integers and pointers Triton specialised as multiples of 16 (of elements for
+        # integers, of bytes for pointers): what decides the loads' width.
+        divisible = sorted(path for path, attr in self.attrs.items() if attr)
+        parts.append("÷16: " + (" ".join(_path_name(names, p) for p in divisible) or "none"))
         parts.append(f"warps={self.options['num_warps']}")
         return ", ".join(parts)
+
+
+def _path_name(names: list[str], path: tuple[int, ...]) -> str:
+    return names[path[0]] + "".join(f"[{i}]" for i in path[1:])
 
 
 def _paths(signature: dict) -> list[tuple[tuple[int, ...], str]]:
@@ -570,6 +602,9 @@ def run(archs: list[int], task_counts: list[int], jobs: int, only: str = "") -> 
             )
             row["bytes_in_flight_per_sm"] = _bytes_in_flight(variant, row)
         rows.append(row)
+    keys = Counter((row["kernel"], row["arch"], row["variant"]) for row in rows)
+    repeated = [key for key, count in keys.items() if count > 1]
+    assert not repeated, f"variants with the same label: {repeated}"
     return {
         "command": " ".join(["python benchmarks/kernel_resources.py", *sys.argv[1:]]),
         "revision": _git_revision(),
@@ -585,9 +620,10 @@ def run(archs: list[int], task_counts: list[int], jobs: int, only: str = "") -> 
 
 def _bytes_in_flight(variant: Variant, row: dict) -> int | None:
     """Bytes of gradient loads an SM has in flight in the Gram / norms kernel's column loop:
-    its resident programs, times the blocks each loads per step (two when the row and column
-    tiles differ), times the steps in flight (a cp.async pipeline of ``num_stages`` keeps
-    ``num_stages - 1`` ahead; plain loads one). None for the other kernels."""
+    its resident programs (at most the launcher's programs per SM), times the blocks each loads
+    per step (two when the row and column tiles differ), times the steps in flight (a cp.async
+    pipeline of ``num_stages`` keeps ``num_stages - 1`` ahead; plain loads one). None for the
+    other kernels."""
     names = importlib.import_module(variant.module).__dict__[variant.kernel].arg_names
     meta = {names[path[0]]: value for path, value in variant.constexprs.items()}
     if "BLOCK_P" not in meta:
@@ -596,7 +632,11 @@ def _bytes_in_flight(variant: Variant, row: dict) -> int | None:
     blocks = 1 if meta["DIAGONAL"] or meta["SINGLE_TILE"] else 2
     pipelined = any(op.startswith("LDGSTS") for op in row["global_loads"])
     steps = row["num_stages"] - 1 if pipelined else 1
-    programs = round(row["occupancy"] * 64) // row["num_warps"]
+    from fused_mtl.kernels import gram
+
+    # Resident programs, but no more than the launcher starts per SM.
+    resident = round(row["occupancy"] * 64) // row["num_warps"]
+    programs = min(resident, gram._PROGRAMS_PER_SM)
     return programs * blocks * steps * meta["BLOCK_K"] * meta["BLOCK_P"] * element
 
 
@@ -844,6 +884,13 @@ def main(argv: list[str]) -> int:
         name in sys.modules for name in KERNEL_MODULES
     ):
         raise SystemExit("unset TRITON_INTERPRET before the kernels are imported")
+    if triton is None:
+        raise SystemExit("compiling the kernels needs triton: pip install -e '.[triton]'")
+    partial = args.quick or args.tasks or args.only or args.arch != "80,90,100"
+    if partial and not args.check and args.out.resolve() == RESULTS.resolve():
+        raise SystemExit(
+            f"a partial run would overwrite the recorded table in {RESULTS}: give --out"
+        )
     archs = supported_archs([int(a) for a in args.arch.split(",")])
     if args.tasks:
         task_counts = [int(k) for k in args.tasks.split(",")]
@@ -888,10 +935,15 @@ def _stale(report: dict, recorded_path: Path) -> list[str]:
         return [
             f"{recorded_path}: recorded with triton {recorded['triton']}, not {report['triton']}"
         ]
+    out = [
+        f"{name} differs from the recorded one"
+        for name in ("ptxas", "roofline")
+        if recorded[name] != json.loads(json.dumps(report[name]))
+    ]
     key = lambda row: (row["kernel"], row["arch"], row["variant"])  # noqa: E731
     old = {key(row): row for row in recorded["variants"]}
     new = {key(row): row for row in report["variants"]}
-    out = [f"not recorded: {' / '.join(k)}" for k in new.keys() - old.keys()]
+    out += [f"not recorded: {' / '.join(k)}" for k in new.keys() - old.keys()]
     out += [f"no longer compiled: {' / '.join(k)}" for k in old.keys() - new.keys()]
     for k in new.keys() & old.keys():
         changed = [f for f in _COMPARED if new[k].get(f) != old[k].get(f)]

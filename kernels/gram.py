@@ -70,9 +70,8 @@ _WIDE_GRAM_COLUMNS = {32: 64, 64: 16}
 # The Gram's tl.dot of float64 operands widened from 16-bit loads does not compile for sm_80,
 # sm_90 or sm_100 with triton 3.7 or 3.8 (the MMA lowering asserts "fp64 don't support largeK
 # MMA": the operands keep the 16-bit loads' layout, whatever casts come between),
-# so fp16 / bf16 gradients are copied to float32 first, in groups of at most this many
-# elements (256 MiB of copies), each group one pair of launches. The norms read them as they
-# are.
+# so fp16 / bf16 gradients are copied to float32 first, into one buffer of at most this many
+# elements (256 MiB), each time it fills one pair of launches. The norms read them as they are.
 _UPCAST_GROUP_ELEMENTS = 1 << 26
 # The 16 x 16 Gram tile (every K <= 16) is computed by 2 warps: the float64 MMA instruction is
 # 16 x 8, so a 16 x 16 output has two instruction tiles, and at 8 warps each was computed by 4
@@ -166,10 +165,10 @@ def _task_gram_partials_kernel(
             # int64 row offsets: K rows of a 64 M-column matrix pass 2^31 elements.
             row_offsets = rows.to(tl.int64)[:, None] * row_strides[t]
             col_offsets = cols.to(tl.int64)[:, None] * row_strides[t]
-            # Whole steps first, without a column mask: the row mask is constant along a row,
-            # so the loads are 16-byte vectors wherever the rows are 16-byte aligned (the
-            # column mask `offsets < end` is not known to hold in groups of four). Then the
-            # last, partial step, masked.
+            # Whole steps first, without a column mask (the row mask is constant along a row):
+            # fewer instructions per element, and 16-byte loads wherever Triton knows the row
+            # stride to be a multiple of 16 elements, whatever the width. Then the last,
+            # partial step, masked.
             step: tl.constexpr = BLOCK_P * FOLD
             whole_end = start + (end - start) // step * step
             for block_start in range(start, whole_end, step):
@@ -276,30 +275,40 @@ def task_gram_or_norms(matrices: list[torch.Tensor], diagonal: bool) -> torch.Te
     """
     if diagonal or all(matrix.dtype == torch.float32 for matrix in matrices):
         return _launch_passes(matrices, diagonal)
-    # fp16 / bf16 gradients: the Gram reads float32 copies, made a group of columns at a time.
+    return _gram_through_float32(matrices)
+
+
+def _gram_through_float32(matrices: list[torch.Tensor]) -> torch.Tensor:
+    """The Gram of matrices some of which are fp16 / bf16: their columns are copied, in order,
+    into one float32 buffer of at most _UPCAST_GROUP_ELEMENTS, and each full buffer is one
+    pair of launches over one (K, width) matrix, the partial Grams summed in float64. The
+    buffer's rows are a multiple of 16 elements long, so its loads are 16-byte vectors."""
+    num_tasks, device = matrices[0].shape[0], matrices[0].device
+    total_width = sum(matrix.shape[1] for matrix in matrices)
+    width = min(total_width, max(16, _UPCAST_GROUP_ELEMENTS // num_tasks // 16 * 16))
+    buffer = torch.empty(
+        (num_tasks, triton.cdiv(width, 16) * 16), dtype=torch.float32, device=device
+    )
     gram = None
-    for group in _upcast_groups(matrices):
-        part = _launch_passes([piece.float() for piece in group], diagonal=False)
+    filled = 0
+
+    def flush() -> None:
+        nonlocal gram, filled
+        part = _launch_passes([buffer[:, :filled]], diagonal=False)
         gram = part if gram is None else gram + part
-    return gram
+        filled = 0
 
-
-def _upcast_groups(matrices: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """The matrices cut into column slices and grouped, each group under
-    _UPCAST_GROUP_ELEMENTS elements (a slice is a view; only its float32 copy is new)."""
-    num_tasks = matrices[0].shape[0]
-    slice_width = max(1, _UPCAST_GROUP_ELEMENTS // num_tasks)
-    groups: list[list[torch.Tensor]] = [[]]
-    group_width = 0
     for matrix in matrices:
-        for start in range(0, matrix.shape[1], slice_width):
-            piece = matrix[:, start : start + slice_width]
-            if group_width + piece.shape[1] > slice_width:
-                groups.append([])
-                group_width = 0
-            groups[-1].append(piece)
-            group_width += piece.shape[1]
-    return [group for group in groups if group]
+        copied = 0
+        while copied < matrix.shape[1]:
+            if filled == width:
+                flush()
+            take = min(width - filled, matrix.shape[1] - copied)
+            buffer[:, filled : filled + take].copy_(matrix[:, copied : copied + take])
+            filled, copied = filled + take, copied + take
+    if filled or gram is None:  # the last group; an empty one only if there are no columns
+        flush()
+    return gram
 
 
 def _launch_passes(matrices: list[torch.Tensor], diagonal: bool) -> torch.Tensor:

@@ -104,23 +104,33 @@ def test_check_names_a_variant_whose_registers_changed(tmp_path):
     assert "changed registers: _reduce_partials_kernel / sm_90" in result.stderr
 
 
-def test_half_gradients_gram_is_summed_over_float32_groups(device, monkeypatch):
-    """The Gram of fp16 / bf16 gradients reads float32 copies a group of columns at a time:
-    with groups of 21 elements (7 columns at K = 3) every column is still counted once, and
-    each group is one launch of each pass."""
+@pytest.mark.parametrize(
+    "dtypes", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)]
+)
+def test_half_gradients_gram_is_summed_over_float32_groups(dtypes, device, monkeypatch):
+    """The Gram of fp16 / bf16 gradients (alone or beside fp32 ones) reads their columns copied
+    into a float32 buffer, here of 16 columns at K = 3: the 29 columns take two launches, and
+    every column is counted once, as in the float64 Gram of the joined gradients."""
     from fused_mtl.kernels import gram as kernels
 
     from fused_mtl.functional import task_gram
 
-    monkeypatch.setattr(kernels, "_UPCAST_GROUP_ELEMENTS", 21)
+    monkeypatch.setattr(kernels, "_UPCAST_GROUP_ELEMENTS", 48)
     partials = LaunchCounter(kernels._task_gram_partials_kernel)
     monkeypatch.setattr(kernels, "_task_gram_partials_kernel", partials)
     gen = torch.Generator().manual_seed(3)
     grads = [
-        torch.randn(3, 4, 5, generator=gen).to(torch.bfloat16).to(device),
-        torch.randn(3, 9, generator=gen).to(torch.bfloat16).to(device),
+        torch.randn(3, 4, 5, generator=gen).to(dtypes[0]).to(device),
+        torch.randn(3, 9, generator=gen).to(dtypes[1]).to(device),
     ]
     got = task_gram(grads, backend="triton")
     expected, _ = gram(grads)  # float64, from the joined gradients
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    assert partials.launches == 5  # 20 + 9 columns in slices of 7: 7, 7, 6 | 7, 2 -> 5 groups
+    assert partials.launches == 2
+
+
+def test_half_gradients_without_columns_have_a_zero_gram(device):
+    from fused_mtl.functional import task_gram
+
+    got = task_gram([torch.zeros(3, 0, dtype=torch.float16, device=device)], backend="triton")
+    assert torch.equal(got, torch.zeros(3, 3, dtype=torch.float64, device=device))
