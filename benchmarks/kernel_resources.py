@@ -21,9 +21,9 @@ launches with the same specialisation are one variant, as in Triton's kernel cac
   ``(K, 4096)`` matrix (the flat Jacobian), the weight and bias of ``nn.Linear(256, 64)`` (every
   row stride a multiple of 16 elements), of ``nn.Linear(100, 10)`` (strides 1000 and 10, which
   Triton does not know to be multiples of 16 elements), and the 8 parameters of the GradNorm
-  toy's trunk (NUM_TENSORS is a constexpr: a network with another number of parameters compiles
-  another variant, alike but for that loop). The chunking uses the
-  arch's SM count (A100 108, H100 SXM 132, B200 148), as on that GPU.
+  toy's trunk in fp32 at one K per tiling (NUM_TENSORS is a constexpr: a network with another
+  number of parameters compiles another variant, alike but for that unrolled loop). The
+  chunking uses the arch's SM count (A100 108, H100 SXM 132, B200 148), as on that GPU.
 - Uncertainty weighting, forward and backward: K = 1..256 and powers of two up to 4096 (the
   largest block); the three parametrisations, the log-variance one with and without
   coefficients (the others never get any); losses in fp32, fp16 or bf16 with float32
@@ -94,6 +94,9 @@ UNCERTAINTY_DTYPES = [
 # (parametrisation, with coefficients): only the log-variance form has coefficients (task
 # types, and the functional API's a and b); the library never gives the other two any.
 UNCERTAINTY_FORMS = [(0, False), (0, True), (1, False), (2, False)]
+# One K per tiling of the Gram and of the norms (folds 16, 8, 4, 2; 16, 32 and 64 rows; tiles
+# over the grid), for the layout of many tensors.
+MANY_TENSORS_TASK_COUNTS = (1, 2, 4, 8, 16, 32, 64, 100)
 # --quick: every tiling of the Gram and norms, and both sides of K % 16 == 0.
 QUICK_TASK_COUNTS = [1, 2, 3, 8, 16, 32, 64, 100, 256]
 
@@ -183,20 +186,24 @@ def recording(sink: list[Launch], case: list[str]) -> Iterator[None]:
             setattr(module, name, kernel)
 
 
-def _layouts(num_tasks: int) -> dict[str, list[tuple[int, ...]]]:
+def _layouts(num_tasks: int, dtype: torch.dtype) -> dict[str, list[tuple[int, ...]]]:
     """Per-task gradient shapes ``(K, *param.shape)`` of the Gram cases, by layout."""
-    return {
+    layouts = {
         "flat (K, 4096)": [(num_tasks, 4096)],
         "Linear(256, 64)": [(num_tasks, 64, 256), (num_tasks, 64)],
         "Linear(100, 10)": [(num_tasks, 10, 100), (num_tasks, 10)],
-        # Every parameter of a network is one tensor of the launch (NUM_TENSORS is a constexpr):
-        # the GradNorm toy's trunk, 250-100-100-100-100, 8 tensors of widths 25000, 100, 10000.
-        "toy trunk (8 tensors)": [
+    }
+    if num_tasks in MANY_TENSORS_TASK_COUNTS and dtype == torch.float32:
+        # Every parameter of a network is one tensor of the launch (NUM_TENSORS is a constexpr,
+        # its loop unrolled): the GradNorm toy's trunk, 250-100-100-100-100, 8 tensors of
+        # widths 25000, 100, 10000, 100, ... At one K per tiling and in fp32 only: a variant
+        # of 8 tensors takes seconds to compile (8 minutes for all K and dtypes on sm_100).
+        layouts["toy trunk (8 tensors)"] = [
             shape
             for fan_in in (250, 100, 100, 100)
             for shape in ((num_tasks, 100, fan_in), (num_tasks, 100))
-        ],
-    }
+        ]
+    return layouts
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -217,7 +224,7 @@ def record_launches(arch: Arch, task_counts: list[int]) -> Iterator[Launch]:
     with recording(launches, case), _patched(gram, "_target_programs", lambda _: programs):
         for num_tasks in task_counts:
             for dtype in STORAGE_DTYPES:
-                for layout, shapes in _layouts(num_tasks).items():
+                for layout, shapes in _layouts(num_tasks, dtype).items():
                     grads = [torch.empty(shape, dtype=dtype) for shape in shapes]
                     matrices = [g.reshape(num_tasks, -1) for g in grads]
                     for diagonal in (True, False):
@@ -281,14 +288,24 @@ class Variant:
         """The constexprs, the storage dtypes and which arguments are multiples of 16."""
         names = importlib.import_module(self.module).__dict__[self.kernel].arg_names
         parts = [f"{names[path[0]]}={value}" for path, value in sorted(self.constexprs.items())]
-        pointers = sorted({v for v in _leaves(self.signature) if v.startswith("*")})
-        parts.append("/".join(p[1:] for p in pointers))
+        parts.append(_pointer_dtypes(self.signature))
         # Which integers and pointers Triton specialised as multiples of 16 (of elements for
         # integers, of bytes for pointers): what decides the loads' width.
         divisible = sorted(path for path, attr in self.attrs.items() if attr)
         parts.append("÷16: " + (" ".join(_path_name(names, p) for p in divisible) or "none"))
         parts.append(f"warps={self.options['num_warps']}")
         return ", ".join(parts)
+
+
+def _pointer_dtypes(signature: dict) -> str:
+    """The pointers' dtypes in argument order, repeats counted: ``fp32x8 fp64``."""
+    runs: list[list] = []
+    for dtype in (v[1:] for v in _leaves(signature) if v.startswith("*")):
+        if runs and runs[-1][0] == dtype:
+            runs[-1][1] += 1
+        else:
+            runs.append([dtype, 1])
+    return " ".join(dtype + (f"x{count}" if count > 1 else "") for dtype, count in runs)
 
 
 def _path_name(names: list[str], path: tuple[int, ...]) -> str:
@@ -604,7 +621,7 @@ def run(archs: list[int], task_counts: list[int], jobs: int, only: str = "") -> 
         rows.append(row)
     keys = Counter((row["kernel"], row["arch"], row["variant"]) for row in rows)
     repeated = [key for key, count in keys.items() if count > 1]
-    assert not repeated, f"variants with the same label: {repeated}"
+    assert not repeated, f"{len(repeated)} labels name several variants, e.g. {repeated[0]}"
     return {
         "command": " ".join(["python benchmarks/kernel_resources.py", *sys.argv[1:]]),
         "revision": _git_revision(),

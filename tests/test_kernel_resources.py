@@ -21,9 +21,10 @@ pytest.importorskip("triton")
 
 def compile_report(tmp_path, *args):
     """Run the script in a process of its own (the kernels must not be the interpreter's)."""
+    out = [] if tmp_path is None else ["--out", str(tmp_path)]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     return subprocess.run(
-        [sys.executable, str(SCRIPT), "--arch", "90", "--jobs", "2", "--out", str(tmp_path), *args],
+        [sys.executable, str(SCRIPT), "--arch", "90", "--jobs", "2", *out, *args],
         capture_output=True,
         text=True,
         env=env,
@@ -127,6 +128,14 @@ def test_half_gradients_gram_is_summed_over_float32_groups(dtypes, device, monke
     expected, _ = gram(grads)  # float64, from the joined gradients
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     assert partials.launches == 2
+
+
+def test_a_partial_run_leaves_the_recorded_table_alone():
+    recorded = ROOT / "benchmarks" / "results" / "kernel-resources.json"
+    before = recorded.read_bytes()
+    result = compile_report(None, "--tasks", "2", "--only", "_reduce")
+    assert result.returncode != 0 and "give --out" in result.stderr
+    assert recorded.read_bytes() == before
 
 
 def test_half_gradients_without_columns_have_a_zero_gram(device):
