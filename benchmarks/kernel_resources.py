@@ -547,7 +547,7 @@ def roofline() -> list[dict]:
         for num_tasks in cases.GRAM_TASK_COUNTS:
             for width in cases.GRAM_WIDTHS["cuda"]:
                 diagonal = op == "norms"
-                block_k, _, fold, _ = gram.tiling(num_tasks, diagonal)
+                block_k, _, fold, *_ = gram.tiling(num_tasks, diagonal)
                 elements = num_tasks * width
                 if diagonal:
                     flops = 2 * elements

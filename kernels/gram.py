@@ -62,11 +62,11 @@ _MAX_NORM_ROWS = 32
 # elementwise accumulator is as large again).
 _BLOCK_ELEMENTS = 4096
 # The Gram multiplies in float64 (see the module docstring), whose operands take twice the
-# registers: tiles of more than 16 rows load fewer columns at a time, at 8 warps. Compiled for
-# sm_90 (benchmarks/results/kernel-resources.md), 64 x 32 blocks took 154-186 registers (12%
-# occupancy) wherever the loads are 4 bytes wide, and spilled on sm_100; 64 x 16 blocks take at
-# most 126 on sm_90 (25%), 138 on sm_100, with no spills. 32 x 64 blocks take 64 (50%).
-_WIDE_GRAM_COLUMNS = {32: 64, 64: 16}
+# registers: tiles of more than 16 rows load fewer columns at a time, at 8 warps. Compiled
+# (benchmarks/results/kernel-resources.md): 64 x 32 blocks took up to 186 registers on sm_90
+# (12% occupancy) where the loads are 4 bytes wide, and 32 x 64 blocks spilled on sm_100
+# (float64 FMAs there, no MMA); 64 x 16 and 32 x 32 blocks neither.
+_WIDE_GRAM_COLUMNS = {32: 32, 64: 16}
 # The Gram's tl.dot of float64 operands widened from 16-bit loads does not compile for sm_80,
 # sm_90 or sm_100 with triton 3.7 or 3.8 (the MMA lowering asserts "fp64 don't support largeK
 # MMA": the operands keep the 16-bit loads' layout, whatever casts come between),
@@ -77,10 +77,12 @@ _UPCAST_GROUP_ELEMENTS = 1 << 26
 # 16 x 8, so a 16 x 16 output has two instruction tiles, and at 8 warps each was computed by 4
 # warps at once (4 times the DMMA and float32 -> float64 conversions per element read, seen in
 # the SASS; conversions run at 16 per clock per SM on sm_80 and sm_90). At 2 warps the loads
-# stay 16-byte cp.async copies, 94-128 registers, no spills, and the 3-stage pipeline keeps
-# 6 programs x 2 blocks x 16 KiB in flight per SM (benchmarks/results/kernel-resources.md).
+# stay 16-byte cp.async copies and the launcher's 4 programs per SM keep 4 x 2 blocks x 16 KiB
+# of loads in flight per SM (benchmarks/results/kernel-resources.md).
 _SMALL_GRAM_WARPS = 2
-# Programs per SM for the first pass: enough resident warps to cover memory latency.
+# Programs per SM for the first pass, each a cp.async pipeline of 2 blocks ahead: 128 KiB of
+# loads in flight per SM for the 16-row Gram tile (an H100 needs about 3.35 TB/s x 1 us / 132
+# SMs = 25 KiB per SM to cover a microsecond of memory latency).
 _PROGRAMS_PER_SM = 4
 # The interpreter runs programs one after another: a few chunks exercise the two-pass design
 # without multiplying interpreted Python work.
@@ -243,12 +245,17 @@ def _target_programs(device: torch.device) -> int:
 
 
 class Tiling(NamedTuple):
-    """How the first pass cuts the work: tile rows, tile columns, tile rows per task, warps."""
+    """How the first pass cuts the work: tile rows, tile columns, tile rows per task, warps,
+    and the registers a thread may take."""
 
     block_k: int
     block_p: int
     fold: int
     num_warps: int
+
+    # The register ceiling given to ptxas. Left to itself, ptxas held some variants to 48-96
+    # registers and spilled 8 to 24 bytes (56 spill instructions for 8 parameters on sm_100).
+    max_registers: int
 
 
 def tiling(num_tasks: int, diagonal: bool) -> Tiling:
@@ -261,11 +268,15 @@ def tiling(num_tasks: int, diagonal: bool) -> Tiling:
     else:
         block_k, fold = min(rows, _MAX_GRAM_ROWS), 1
     if not diagonal and block_k > _MIN_GRAM_ROWS:
-        return Tiling(block_k, _WIDE_GRAM_COLUMNS[block_k], fold, 8)
+        # 168 registers: one program of 8 warps per SM; at 128 a 32 x 64 tile spilled on sm_100.
+        return Tiling(block_k, _WIDE_GRAM_COLUMNS[block_k], fold, 8, 168)
     block_p = max(16, _BLOCK_ELEMENTS // block_k)
     if not diagonal:
-        return Tiling(block_k, block_p, fold, _SMALL_GRAM_WARPS)
-    return Tiling(block_k, block_p, fold, 8 if block_k * block_p >= _BLOCK_ELEMENTS else 4)
+        # 2 warps: the 4 programs per SM that the launcher starts fit at any register count.
+        return Tiling(block_k, block_p, fold, _SMALL_GRAM_WARPS, 255)
+    num_warps = 8 if block_k * block_p >= _BLOCK_ELEMENTS else 4
+    # Two programs of 8 warps per SM (the norms are memory-bound: more would wait in line).
+    return Tiling(block_k, block_p, fold, num_warps, 128)
 
 
 def task_gram_or_norms(matrices: list[torch.Tensor], diagonal: bool) -> torch.Tensor:
@@ -315,7 +326,7 @@ def _launch_passes(matrices: list[torch.Tensor], diagonal: bool) -> torch.Tensor
     """Launch both passes over the matrices (float32 ones for the Gram)."""
     num_tasks = matrices[0].shape[0]
     device = matrices[0].device
-    block_k, block_p, fold, num_warps = tiling(num_tasks, diagonal)
+    block_k, block_p, fold, num_warps, max_registers = tiling(num_tasks, diagonal)
     row_tiles = triton.cdiv(num_tasks, block_k // fold)
     col_tiles = 1 if diagonal else row_tiles
     total_width = sum(matrix.shape[1] for matrix in matrices)
@@ -348,6 +359,7 @@ def _launch_passes(matrices: list[torch.Tensor], diagonal: bool) -> torch.Tensor
             BLOCK_P=block_p,
             FOLD=fold,
             num_warps=num_warps,
+            maxnreg=max_registers,
         )
         _reduce_partials_kernel[(triton.cdiv(out.numel(), _REDUCE_BLOCK),)](
             partials,
