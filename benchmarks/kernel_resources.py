@@ -220,8 +220,16 @@ def record_launches(arch: Arch, task_counts: list[int]) -> Iterator[Launch]:
     launches: list[Launch] = []
     case = [""]
     programs = gram._PROGRAMS_PER_SM * arch.sm_count
-    # As on the GPU: the chunking targets this many programs (the interpreter's count otherwise).
-    with recording(launches, case), _patched(gram, "_target_programs", lambda _: programs):
+    capability = (arch.capability // 10, arch.capability % 10)
+    with _patched(torch.cuda, "get_device_capability", lambda device=None: capability):
+        mma = gram._has_fp64_mma.__wrapped__(torch.device("cuda"))
+    # As on the GPU: the chunking targets this many programs (the interpreter's count
+    # otherwise), and the tiling follows whether the arch multiplies float64 on MMA.
+    with (
+        recording(launches, case),
+        _patched(gram, "_target_programs", lambda _: programs),
+        _patched(gram, "_has_fp64_mma", lambda _: mma),
+    ):
         for num_tasks in task_counts:
             for dtype in STORAGE_DTYPES:
                 for layout, shapes in _layouts(num_tasks, dtype).items():

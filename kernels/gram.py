@@ -55,6 +55,9 @@ from fused_mtl.kernels._launch import on_device_of
 # the grid's second and third axes.
 _MIN_GRAM_ROWS = 16
 _MAX_GRAM_ROWS = 64
+# Where the float64 dot is FMAs (sm_100), 64-row tiles spilled at 168 registers; 32 rows did not.
+_MAX_FMA_GRAM_ROWS = 32
+_FMA_GRAM_COLUMNS = 16
 # Norms need no tl.dot: a tile of up to 32 rows, each row a plain sum of squares.
 _MAX_NORM_ROWS = 32
 # Each loaded block holds 4096 values (16 fp32 registers per thread at 8 warps): wide enough for
@@ -79,6 +82,8 @@ _UPCAST_GROUP_ELEMENTS = 1 << 26
 # the SASS; conversions run at 16 per clock per SM on sm_80 and sm_90). At 2 warps the loads
 # stay 16-byte cp.async copies and the launcher's 4 programs per SM keep 4 x 2 blocks x 16 KiB
 # of loads in flight per SM (benchmarks/results/kernel-resources.md).
+# Where the float64 dot is FMAs (sm_100), each thread computes its own outputs: 2 warps held
+# 16 x 16 / 64 outputs' operands per thread and spilled at 255 registers, 8 warps take 49.
 _SMALL_GRAM_WARPS = 2
 # Programs per SM for the first pass, each a cp.async pipeline of 2 blocks ahead: 128 KiB of
 # loads in flight per SM for the 16-row Gram tile (an H100 needs about 3.35 TB/s x 1 us / 132
@@ -258,25 +263,38 @@ class Tiling(NamedTuple):
     max_registers: int
 
 
-def tiling(num_tasks: int, diagonal: bool) -> Tiling:
-    """The first pass's tiling for K tasks (see the constants above for the reasons)."""
+def tiling(num_tasks: int, diagonal: bool, fp64_mma: bool = True) -> Tiling:
+    """The first pass's tiling for K tasks (see the constants above for the reasons).
+    ``fp64_mma``: the GPU multiplies float64 on its tensor cores (see _has_fp64_mma)."""
     rows = triton.next_power_of_2(num_tasks)
+    max_rows = _MAX_GRAM_ROWS if fp64_mma else _MAX_FMA_GRAM_ROWS
     if diagonal:
         block_k, fold = min(rows, _MAX_NORM_ROWS), 1
     elif rows < _MIN_GRAM_ROWS:
         block_k, fold = _MIN_GRAM_ROWS, _MIN_GRAM_ROWS // rows
     else:
-        block_k, fold = min(rows, _MAX_GRAM_ROWS), 1
+        block_k, fold = min(rows, max_rows), 1
     if not diagonal and block_k > _MIN_GRAM_ROWS:
-        # 168 registers: one program of 8 warps per SM; at 128 a 32 x 64 tile spilled on sm_100.
-        return Tiling(block_k, _WIDE_GRAM_COLUMNS[block_k], fold, 8, 168)
+        # 168 registers: one program of 8 warps per SM; at 128 a 32 x 64 tile spilled on sm_100,
+        # where a 32 x 32 one over a grid of tiles still did at 168, and 32 x 16 does not.
+        columns = _WIDE_GRAM_COLUMNS[block_k] if fp64_mma else _FMA_GRAM_COLUMNS
+        return Tiling(block_k, columns, fold, 8, 168)
     block_p = max(16, _BLOCK_ELEMENTS // block_k)
-    if not diagonal:
-        # 2 warps: the 4 programs per SM that the launcher starts fit at any register count.
-        return Tiling(block_k, block_p, fold, _SMALL_GRAM_WARPS, 255)
+    if not diagonal and fp64_mma:
+        return Tiling(block_k, block_p, fold, _SMALL_GRAM_WARPS, 168)
     num_warps = 8 if block_k * block_p >= _BLOCK_ELEMENTS else 4
     # Two programs of 8 warps per SM (the norms are memory-bound: more would wait in line).
     return Tiling(block_k, block_p, fold, num_warps, 128)
+
+
+@functools.cache
+def _has_fp64_mma(device: torch.device) -> bool:
+    """Whether triton lowers the Gram's float64 tl.dot to MMA: on sm_8x and sm_9x (DMMA), not on
+    sm_100, where it becomes float64 FMAs (benchmarks/results/kernel-resources.md). The
+    interpreter takes the MMA tiling."""
+    if device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device)[0] in (8, 9)
 
 
 def task_gram_or_norms(matrices: list[torch.Tensor], diagonal: bool) -> torch.Tensor:
@@ -326,7 +344,8 @@ def _launch_passes(matrices: list[torch.Tensor], diagonal: bool) -> torch.Tensor
     """Launch both passes over the matrices (float32 ones for the Gram)."""
     num_tasks = matrices[0].shape[0]
     device = matrices[0].device
-    block_k, block_p, fold, num_warps, max_registers = tiling(num_tasks, diagonal)
+    tiles = tiling(num_tasks, diagonal, _has_fp64_mma(device))
+    block_k, block_p, fold, num_warps, max_registers = tiles
     row_tiles = triton.cdiv(num_tasks, block_k // fold)
     col_tiles = 1 if diagonal else row_tiles
     total_width = sum(matrix.shape[1] for matrix in matrices)
