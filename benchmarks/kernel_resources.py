@@ -399,6 +399,13 @@ def supported_archs(wanted: list[int]) -> list[int]:
 
 
 _ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def _element_bytes(variant: Variant) -> int:
+    """Bytes per element of the kernel's first pointer (the data it streams)."""
+    return _ELEMENT_BYTES.get(_leaves(variant.signature)[0].lstrip("*"), 4)
+
+
 _LOAD = re.compile(r"^(LDG|LDGSTS)\b")
 _WIDTH = {".128": 16, ".64": 8, ".U16": 2, ".S16": 2, ".U8": 1, ".S8": 1}
 
@@ -480,8 +487,7 @@ def compile_variant(variant: Variant) -> dict:
     )
     loads = {op: n for op, n in opcodes.items() if _LOAD.match(op)}
     load_widths = sorted({_load_bytes(op) for op in loads})
-    element_bytes = _ELEMENT_BYTES.get(_leaves(variant.signature)[0].lstrip("*"), 4)
-    loop, per_element = _hot_loop(sass, element_bytes)
+    loop, per_element = _hot_loop(sass, _element_bytes(variant))
     return {
         "loop_instructions": loop,
         "loop_instructions_per_element": per_element,
@@ -653,7 +659,7 @@ def _bytes_in_flight(variant: Variant, row: dict) -> int | None:
     meta = {names[path[0]]: value for path, value in variant.constexprs.items()}
     if "BLOCK_P" not in meta:
         return None
-    element = _ELEMENT_BYTES[_leaves(variant.signature)[0].lstrip("*")]
+    element = _element_bytes(variant)
     blocks = 1 if meta["DIAGONAL"] or meta["SINGLE_TILE"] else 2
     pipelined = any(op.startswith("LDGSTS") for op in row["global_loads"])
     steps = row["num_stages"] - 1 if pipelined else 1
@@ -762,74 +768,121 @@ def summary(report: dict) -> list[dict]:
     return out
 
 
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Markdown table lines; a row may stop short (its last cell then spans the rest)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append("| " + " | ".join(row) + " " + "|" * (len(header) - len(row) + 1))
+    return lines
+
+
 def summary_markdown(report: dict) -> str:
     """The worst case of each kernel on each arch, and where the table comes from."""
-    lines = [
+    header = [
+        "kernel",
+        "arch",
+        "variants",
+        "registers (max)",
+        "occupancy (min)",
+        "global loads",
+        "spilling variants",
+        "shared memory (max)",
+        "loads in flight per SM (min)",
+        "loop instructions per element (max)",
+        "warps per MMA tile (max)",
+    ]
+    rows = [
+        [
+            f"`{s['kernel']}`",
+            s["arch"],
+            str(s["variants"]),
+            str(s["max_registers"]),
+            f"{s['min_occupancy']:.0%}",
+            f"{s['narrowest_load_bytes']}-{s['widest_load_bytes']} B"
+            if s["widest_load_bytes"]
+            else "-",
+            str(s["spill_variants"]),
+            f"{s['max_shared_bytes'] / 1024:.0f} KiB",
+            _kib(s["min_bytes_in_flight_per_sm"]),
+            _number(s["max_loop_instructions_per_element"] or None),
+            _replication(s["max_mma_replication"]),
+        ]
+        for s in summary(report)
+    ]
+    provenance = (
         f"`{report['command']}` at {report['revision']}, {report['date']}: triton "
         f"{report['triton']}, "
         + ", ".join(f"{a} ptxas {v.split(', ')[-1]}" for a, v in report["ptxas"].items())
-        + "; recorded in `benchmarks/results/kernel-resources.json`. Compiled, never run.",
-        "",
-        "| kernel | arch | variants | registers (max) | occupancy (min) | global loads "
-        "| spilling variants | shared memory (max) | loads in flight per SM (min) "
-        "| loop instructions per element (max) | warps per MMA tile (max) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for s in summary(report):
-        loads = f"{s['narrowest_load_bytes']}-{s['widest_load_bytes']} B"
-        lines.append(
-            f"| `{s['kernel']}` | {s['arch']} | {s['variants']} | {s['max_registers']} "
-            f"| {s['min_occupancy']:.0%} | {loads if s['widest_load_bytes'] else '-'} "
-            f"| {s['spill_variants']} | {s['max_shared_bytes'] / 1024:.0f} KiB "
-            f"| {_kib(s['min_bytes_in_flight_per_sm'])} "
-            f"| {_number(s['max_loop_instructions_per_element'] or None)} "
-            f"| {_replication(s['max_mma_replication'])} |"
-        )
-    return "\n".join(lines) + "\n"
+        + "; recorded in `benchmarks/results/kernel-resources.json`. Compiled, never run."
+    )
+    return "\n".join([provenance, "", *_table(header, rows)]) + "\n"
 
 
 def roofline_markdown(report: dict) -> str:
     """The predicted H100 time of each fused-op benchmark case."""
-    lines = [
+    header = ["case", "bytes", "FLOPs", "FLOP/byte", "bound by", "predicted time"]
+    rows = [
+        [
+            row["case"],
+            f"{_si(row['bytes'])}B",
+            _si(row["flops"]),
+            f"{row['flops_per_byte']:.2g}",
+            row["bound"],
+            _seconds(row["predicted_s"]),
+        ]
+        for row in report["roofline"]
+    ]
+    intro = (
         f"Predicted, not measured: at {BANDWIDTH_FRACTION:.0%} of "
         f"{H100_BANDWIDTH / 1e12:g} TB/s or at {H100_FLOPS / 1e12:g} TFLOP/s, whichever is "
         "longer; launch cost is not included (from `python benchmarks/kernel_resources.py`, "
-        "recorded in `benchmarks/results/kernel-resources.json`).",
-        "",
-        "| case | bytes | FLOPs | FLOP/byte | bound by | predicted time |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row in report["roofline"]:
-        lines.append(
-            f"| {row['case']} | {_si(row['bytes'])}B | {_si(row['flops'])} "
-            f"| {row['flops_per_byte']:.2g} | {row['bound']} | {_seconds(row['predicted_s'])} |"
-        )
-    return "\n".join(lines) + "\n"
+        "recorded in `benchmarks/results/kernel-resources.json`)."
+    )
+    return "\n".join([intro, "", *_table(header, rows)]) + "\n"
 
 
 def variants_markdown(report: dict) -> str:
     """One row per variant and arch."""
-    lines = [
-        "| kernel | arch | variant | cases | registers | spills | shared | occupancy "
-        "| loads (bytes) | in flight per SM | instructions | loop per element | to fp64 | MMA "
-        "| warps per MMA tile |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    header = [
+        "kernel",
+        "arch",
+        "variant",
+        "cases",
+        "registers",
+        "spills",
+        "shared",
+        "occupancy",
+        "loads (bytes)",
+        "in flight per SM",
+        "instructions",
+        "loop per element",
+        "to fp64",
+        "MMA",
+        "warps per MMA tile",
     ]
+    rows = []
     for row in report["variants"]:
-        head = f"| `{row['kernel']}` | {row['arch']} | {row['variant']} | {row['cases']} "
+        head = [f"`{row['kernel']}`", row["arch"], row["variant"], str(row["cases"])]
         if "error" in row:
-            lines.append(head + f"| compile error: {row['error']} |||||||||")
+            rows.append([*head, f"compile error: {row['error']}"])
             continue
-        lines.append(
-            head + f"| {row['registers']} | {row['spill_instructions']} "
-            f"| {row['shared_bytes'] / 1024:.0f} KiB | {row['occupancy']:.0%} "
-            f"| {row['narrowest_load_bytes']}-{row['widest_load_bytes']} "
-            f"| {_kib(row['bytes_in_flight_per_sm'])} | {row['instructions']} "
-            f"| {_number(row['loop_instructions_per_element'])} "
-            f"| {row['to_fp64']} | {row['tensor_core']} "
-            f"| {_replication(row['mma_replication'])} |"
+        rows.append(
+            [
+                *head,
+                str(row["registers"]),
+                str(row["spill_instructions"]),
+                f"{row['shared_bytes'] / 1024:.0f} KiB",
+                f"{row['occupancy']:.0%}",
+                f"{row['narrowest_load_bytes']}-{row['widest_load_bytes']}",
+                _kib(row["bytes_in_flight_per_sm"]),
+                str(row["instructions"]),
+                _number(row["loop_instructions_per_element"]),
+                str(row["to_fp64"]),
+                str(row["tensor_core"]),
+                _replication(row["mma_replication"]),
+            ]
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(_table(header, rows)) + "\n"
 
 
 def markdown(report: dict) -> str:

@@ -344,8 +344,9 @@ def _launch_passes(matrices: list[torch.Tensor], diagonal: bool) -> torch.Tensor
     """Launch both passes over the matrices (float32 ones for the Gram)."""
     num_tasks = matrices[0].shape[0]
     device = matrices[0].device
-    tiles = tiling(num_tasks, diagonal, _has_fp64_mma(device))
-    block_k, block_p, fold, num_warps, max_registers = tiles
+    block_k, block_p, fold, num_warps, max_registers = tiling(
+        num_tasks, diagonal, _has_fp64_mma(device)
+    )
     row_tiles = triton.cdiv(num_tasks, block_k // fold)
     col_tiles = 1 if diagonal else row_tiles
     total_width = sum(matrix.shape[1] for matrix in matrices)
