@@ -956,6 +956,13 @@ def main(argv: list[str]) -> int:
         "--check", action="store_true", help="compare with the recorded files instead of writing"
     )
     args = parser.parse_args(argv)
+    unknown = [a for a in args.arch.split(",") if not a.isdigit() or int(a) not in ARCHS]
+    if unknown:
+        raise SystemExit(
+            f"--arch {','.join(unknown)}: the report knows sm_"
+            + ", sm_".join(map(str, ARCHS))
+            + " (their register files, shared memory and SM counts); give those numbers"
+        )
     # The kernels must compile, not run in the interpreter: a JITFunction, not an
     # InterpretedFunction (the variable is read when the kernel modules are imported).
     if os.environ.pop("TRITON_INTERPRET", None) is not None and any(

@@ -143,3 +143,9 @@ def test_half_gradients_without_columns_have_a_zero_gram(device):
 
     got = task_gram([torch.zeros(3, 0, dtype=torch.float16, device=device)], backend="triton")
     assert torch.equal(got, torch.zeros(3, 3, dtype=torch.float64, device=device))
+
+
+@pytest.mark.parametrize("arch", ["75", "sm_90", "90,120"])
+def test_an_unknown_arch_is_named(arch):
+    with pytest.raises(SystemExit, match=r"--arch .*the report knows sm_80, sm_90, sm_100"):
+        load_script(SCRIPT).main(["--arch", arch])
