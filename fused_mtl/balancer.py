@@ -52,11 +52,11 @@ from fused_mtl._losses import (
 )
 from fused_mtl.ops.backend import Backend, check_backend, requested_backend
 from fused_mtl.ops.gram import task_gram_or_norms
+from fused_mtl.ops.layer_gram import PER_TASK_GRADIENTS, LayerGramChoice
 from fused_mtl.ops.task_gradients import (
-    LinearLayerGram,
     SharedParameters,
     TaskGradients,
-    linear_layers,
+    reaches,
     shared_parameters,
     task_graph_roots,
 )
@@ -723,6 +723,10 @@ class GradientBalancer(Balancer):
     ``sum_i w_i L_i`` with the current weights and changes nothing.
     """
 
+    #: Whether the method needs the per-task gradients only through their Gram (or norms): it
+    #: can then take the Gram one shared layer at a time (``per_task_gradients="layers"``).
+    _gram_only = True
+
     def __init__(
         self,
         shared: SharedParameters | None,
@@ -737,17 +741,33 @@ class GradientBalancer(Balancer):
         super().__init__(num_tasks, tasks, backend, sync, process_group)
         parameters, names = shared_parameters(shared) if shared is not None else ([], [])
         self.gram_by_layer = bool(gram_by_layer)
+        requested = "layers" if gram_by_layer else per_task_gradients
+        if requested not in PER_TASK_GRADIENTS:
+            raise ValueError(
+                f"per_task_gradients must be one of {PER_TASK_GRADIENTS}, got {requested!r}"
+            )
+        if requested == "layers" and not isinstance(shared, nn.Module):
+            raise TypeError(
+                "per_task_gradients='layers' (gram_by_layer=True) needs the shared layers as a "
+                f"module (e.g. model.trunk), whose layers it hooks; got {type(shared).__name__}"
+            )
+        if requested == "layers" and not self._gram_only:
+            raise ValueError(
+                f"{type(self).__name__} needs the per-task gradients themselves, not only their "
+                "Gram: per_task_gradients='layers' (gram_by_layer=True) cannot give them; use "
+                "'auto', 'batched' or 'loop'"
+            )
         self._layer_gram = (
-            LinearLayerGram(linear_layers(shared), per_task_gradients) if gram_by_layer else None
+            LayerGramChoice(shared, requested)
+            if requested in ("auto", "layers") and isinstance(shared, nn.Module) and self._gram_only
+            else None
         )
         self._shared = parameters
         # FSDP2 shards parameters into DTensors: their gradients are taken on the unsharded copy.
         self._sharded = any(is_sharded(parameter) for parameter in parameters)
-        if self._layer_gram is not None:
-            # The per-task gradients are those of the layers' outputs (gradient_mode reports them).
-            self._task_gradients = self._layer_gram.output_gradients
-        else:
-            self._task_gradients = TaskGradients(parameters, names, per_task_gradients)
+        self._task_gradients = TaskGradients(
+            parameters, names, "auto" if requested == "layers" else requested
+        )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -763,15 +783,34 @@ class GradientBalancer(Balancer):
         dtype = torch.promote_types(self._shared[0].dtype, torch.float32)
         return {"device": self._shared[0].device, "dtype": dtype}
 
+    def _layers_active(self) -> bool:
+        """Whether the Gram comes from the layers (``LayerGramChoice``) at the next call."""
+        layer_gram = getattr(self, "_layer_gram", None)
+        return layer_gram is not None and layer_gram.active
+
+    def _discard_layer_calls(self) -> None:
+        """Drop the layers' recorded calls (a call that takes the per-task gradients)."""
+        layer_gram = getattr(self, "_layer_gram", None)
+        if layer_gram is not None:
+            layer_gram.discard()
+
     @property
     def gradient_mode(self) -> str | None:
-        """``"batched"`` or ``"loop"`` once chosen on the first call (``None`` before)."""
+        """``"layers"``, ``"batched"`` or ``"loop"`` once chosen on the first call (``None``
+        before)."""
+        if self._layers_active():
+            return "layers" if self._layer_gram.checked else None
         return self._task_gradients.mode
 
     @property
     def gradient_mode_reason(self) -> str:
         """Why ``gradient_mode`` was chosen (the batched backward's failure, for example)."""
-        return self._task_gradients.reason
+        layer_gram = getattr(self, "_layer_gram", None)
+        if layer_gram is None:
+            return self._task_gradients.reason
+        if layer_gram.active:
+            return layer_gram.reason
+        return f"{layer_gram.reason}; {self._task_gradients.reason}"
 
     def _shared_device(self, alternative: str = "") -> torch.device:
         """The shared parameters' device; an error when none were given (``alternative``: what
@@ -789,9 +828,7 @@ class GradientBalancer(Balancer):
         grad disabled); ``None`` when it balances."""
         if self._updates():
             return None
-        layer_gram = getattr(self, "_layer_gram", None)
-        if layer_gram is not None:
-            layer_gram.discard()
+        self._discard_layer_calls()
         stacked, _ = check_losses(
             losses, num_tasks=self.num_tasks, names=self.tasks, reduction=None, device=device
         )
@@ -838,23 +875,23 @@ class GradientBalancer(Balancer):
         not the K tasks' (several mini-batches of them); the task names by default.
         """
         syncing = self._syncing()
-        layer_gram = getattr(self, "_layer_gram", None)
-        if layer_gram is not None and features is None:
-            if syncing:
-                raise NotImplementedError(
-                    f"{type(self).__name__}: gram_by_layer=True is not available under "
-                    "torch.distributed yet (the Gram of the global gradients needs them summed "
-                    "over ranks first); build it with gram_by_layer=False"
-                )
-            gram = layer_gram(losses, self.tasks, separate)
-            return (gram.diagonal().sqrt() if diagonal else gram), losses.detach()
-        if layer_gram is not None:
-            layer_gram.discard()  # features=z: the layers' calls are not used
-        if features is not None:
-            inputs: list[Tensor] | None = [features]
-        else:
-            inputs = unsharded_parameters(self._shared) if self._sharded else None
         agree = self._sync.smallest if syncing else None
+        parameters = unsharded_parameters(self._shared) if self._sharded else None
+        if self._layers_active() and features is None and names is None:
+            try:
+                gradients.check_trainable(parameters or self._shared)
+            except ValueError:
+                self._discard_layer_calls()
+                raise
+            self._check_reached(losses, separate, parameters or self._shared)
+            gram = self._layer_gram(
+                losses, parameters or self._shared, self._sync.mean if syncing else None, agree
+            )
+            if gram is not None:
+                current = self._sync.mean(losses.detach()) if syncing else losses.detach()
+                return (gram.diagonal().clamp(min=0).sqrt() if diagonal else gram), current
+        self._discard_layer_calls()  # features=z, or the per-task gradients: calls unused
+        inputs = [features] if features is not None else parameters
         names = names if names is not None else self.tasks
         task_grads = gradients(losses, names, separate, inputs, agree)
         if not syncing:
@@ -865,6 +902,22 @@ class GradientBalancer(Balancer):
             return self._sync.gram_of_samples(local, losses)
         return self._sync.gram(task_grads, losses, diagonal, self._requested_backend)
 
+    def _check_reached(
+        self, losses: Tensor, separate: list[Tensor] | None, parameters: Sequence[Tensor]
+    ) -> None:
+        """On the layers' first call: a task whose loss the graph shows not reaching the shared
+        parameters is named, as the per-task gradients' first call names it."""
+        if self._layer_gram.checked:
+            return
+        roots = task_graph_roots(losses, separate)
+        for index, root in enumerate(roots or ()):
+            if not reaches(root, parameters):
+                self._layer_gram.discard()
+                raise ValueError(
+                    f"task {task_label(index, self.tasks)}: its loss does not depend on the "
+                    "shared parameters (choose parameters that all tasks use)"
+                )
+
     def _step_gradients(
         self, window: StepWindow, losses: Tensor, separate: list[Tensor] | None
     ) -> tuple[list[Tensor], Tensor, Tensor]:
@@ -873,8 +926,8 @@ class GradientBalancer(Balancer):
         micro-batches so far (over all ranks when syncing), and their mean losses. The step
         holds the sum: K x P numbers in the state's dtype (as much as one call's gradients)."""
         name = type(self).__name__
-        if self._layer_gram is not None:
-            self._layer_gram.discard()
+        self._discard_layer_calls()
+        if self.gram_by_layer:
             raise NotImplementedError(
                 f"{name}: step_with(optimizer) cannot be used with gram_by_layer=True (a step "
                 "of several micro-batches needs their per-task gradients summed); build it with "
@@ -985,10 +1038,14 @@ class GramBalancer(GradientBalancer):
         num_tasks: K (may be omitted when ``tasks`` is given).
         tasks: task names; enables calling with a dict and names tasks in errors.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``, for the Gram matrix.
-        per_task_gradients: ``"auto"``, ``"batched"`` or ``"loop"`` (see ``TaskGradients``).
+        per_task_gradients: ``"auto"``, ``"layers"``, ``"batched"`` or ``"loop"``: the Gram one
+            shared layer at a time (``"layers"``, see ``fused_mtl.ops.layer_gram``; ``"auto"``
+            takes it when ``shared_parameters`` is a module and it passes its first-call
+            check), or from the per-task gradients of every shared parameter (see
+            ``TaskGradients``).
         sync: under ``torch.distributed``, use the Gram matrix of the gradients over all ranks.
         process_group: the group to sync over (``None``: the default group).
-        gram_by_layer: build the Gram one ``nn.Linear`` layer at a time (see ``MGDA``).
+        gram_by_layer: the older spelling of ``per_task_gradients="layers"``.
     """
 
     weights: Tensor
@@ -1097,8 +1154,8 @@ class SampledGramBalancer(GramBalancer):
         # Under step_with, each micro-batch computes the step again from its start: the state
         # advances once per optimizer step, with the last micro-batch's cross Gram.
         self._step_call()
-        if self._layer_gram is not None:
-            self._layer_gram.discard()
+        self._discard_layer_calls()
+        if self.gram_by_layer:
             raise NotImplementedError(
                 f"{name}: weight_losses cannot be used with gram_by_layer=True (the layers' "
                 "recorded calls are those of one mini-batch); build it with gram_by_layer=False"

@@ -63,6 +63,8 @@ class ExcessMTL(GradientBalancer):
         2.0
     """
 
+    _gram_only = False  # it combines the per-task gradients themselves
+
     squared_gradient_sums: Tensor
     initial_risks: Tensor
     weights: Tensor

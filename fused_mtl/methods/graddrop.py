@@ -61,6 +61,8 @@ class GradDrop(GradientBalancer):
         tensor([1., 1.])
     """
 
+    _gram_only = False  # it combines the per-task gradients themselves
+
     weights: Tensor
 
     def __init__(

@@ -73,12 +73,8 @@ class MGDA(GramBalancer):
         sync: under ``torch.distributed``, solve with the Gram matrix of the per-task gradients
             over all ranks (``False``: of this rank's own).
         process_group: the group to sync over (``None``: the default group).
-        gram_by_layer: build the Gram matrix one ``nn.Linear`` layer at a time from the layer's
-            inputs and the per-task gradients of its outputs, never holding the K per-task
-            gradients of all shared parameters: peak extra memory K x (layer outputs + the
-            largest layer) instead of K x (every shared parameter). ``shared_parameters`` must
-            then be a module whose parameters all belong to ``nn.Linear`` layers; the update is
-            the ordinary backward of the total, and torch.distributed is not supported.
+        gram_by_layer: the older spelling of ``per_task_gradients="layers"``: the Gram one shared
+            layer at a time (``fused_mtl.ops.layer_gram``), never falling back.
 
     Attributes:
         weights: the ``alpha`` of the last call (uniform before the first).
@@ -129,16 +125,22 @@ class MGDA(GramBalancer):
             )
         self.normalization = normalization
         self.solver_iterations = as_integer("solver_iterations", solver_iterations)
-        self._feature_gradients = TaskGradients([], ["features"], per_task_gradients)
+        self._feature_gradients = TaskGradients(
+            [], ["features"], "auto" if per_task_gradients == "layers" else per_task_gradients
+        )
         self._last_gradients = self._task_gradients
 
     @property
     def gradient_mode(self) -> str | None:
-        """How the last call's per-task gradients were computed: ``"batched"`` or ``"loop"``."""
+        """How the last call's Gram was computed: ``"layers"``, ``"batched"`` or ``"loop"``."""
+        if self._last_gradients is self._task_gradients:
+            return super().gradient_mode
         return self._last_gradients.mode
 
     @property
     def gradient_mode_reason(self) -> str:
+        if self._last_gradients is self._task_gradients:
+            return super().gradient_mode_reason
         return self._last_gradients.reason
 
     def forward(self, *losses: LossArgs, features: Tensor | None = None) -> Tensor:

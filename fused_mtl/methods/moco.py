@@ -73,6 +73,8 @@ class MoCo(GradientBalancer):
         torch.Size([2, 40])
     """
 
+    _gram_only = False  # it combines the per-task gradients themselves
+
     tracked_gradients: Tensor
     lambdas: Tensor
     steps: Tensor

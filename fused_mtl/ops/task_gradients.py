@@ -52,7 +52,6 @@ device; the two give the same gradients to rounding.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Literal
 
@@ -61,7 +60,6 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from fused_mtl._losses import task_label
-from fused_mtl.reference import compute_dtype
 
 GradientMode = Literal["batched", "loop"]
 SharedParameters = nn.Module | Tensor | Iterable[Tensor]
@@ -333,14 +331,7 @@ class TaskGradients:
         ``_choose_mode``).
         """
         parameters = self.parameters if inputs is None else list(inputs)
-        for name, parameter in zip(self.parameter_names, parameters, strict=False):
-            # A Python flag, no tensor read: a parameter frozen after construction.
-            if not parameter.requires_grad:
-                raise ValueError(
-                    f"shared parameter {name} does not require grad (it was frozen after the "
-                    "balancer was built); unfreeze it, or build the balancer from the "
-                    "parameters that are still trained"
-                )
+        self.check_trainable(parameters)
         if self.mode is None:
             return self._choose_mode(losses, task_names, separate_losses, parameters, agree)
         grads = None
@@ -418,6 +409,17 @@ class TaskGradients:
         self.mode = "batched"
         self.reason = "one batched backward agreed with per-task backward passes"
         return batched
+
+    def check_trainable(self, parameters: Sequence[Tensor]) -> None:
+        """An error naming a parameter frozen after construction (a Python flag, no tensor
+        read)."""
+        for name, parameter in zip(self.parameter_names, parameters, strict=False):
+            if not parameter.requires_grad:
+                raise ValueError(
+                    f"shared parameter {name} does not require grad (it was frozen after the "
+                    "balancer was built); unfreeze it, or build the balancer from the "
+                    "parameters that are still trained"
+                )
 
     def _watch(
         self,
@@ -580,159 +582,3 @@ class TaskGradients:
                     )
             per_task.append(grads)
         return [torch.stack(grads) for grads in zip(*per_task, strict=True)]
-
-
-class LinearLayerGram:
-    """The Gram matrix of the per-task gradients of ``nn.Linear`` layers, one layer at a time.
-
-    A linear layer ``y = x W^T + b`` has, for task i, ``dL_i/dW = delta_i^T x`` and
-    ``dL_i/db = sum_rows delta_i``, with ``delta_i = dL_i/dy``. So the Gram matrix
-    ``sum_layers J J^T`` needs the per-task gradients of the layers' *outputs*, ``(K, *y.shape)``
-    each, and the inputs that the forward pass recorded. Each layer's ``(K, *W.shape)``
-    gradients are then formed, used and freed before the next layer's: the peak extra memory is
-    K times the outputs plus K times the largest layer, instead of K times every shared
-    parameter (on a 4 x 1024 trunk at batch 128 and K = 8: 16 MiB of outputs and 32 MiB for one
-    layer, against 118 MiB).
-
-    The layers' forward hooks record their calls (while grad is enabled); a call of this object
-    uses the calls recorded since the previous one that the losses come from, and a layer
-    called several times has its calls summed. The final update is then the ordinary backward
-    of ``sum_i w_i L_i``: the per-task gradients of the parameters are never held, so there is
-    nothing to take it from.
-    """
-
-    def __init__(self, layers: Sequence[nn.Linear], requested: str) -> None:
-        self.layers = list(layers)
-        # (layer index, input, output, the output's version when recorded)
-        self._records: list[tuple[int, Tensor, Tensor, int]] = []
-        self.output_gradients = TaskGradients([], [], requested)
-        self._hooks = [
-            layer.register_forward_hook(_CallRecorder(self, index))
-            for index, layer in enumerate(self.layers)
-        ]
-
-    def _record(
-        self, index: int, module: nn.Module, args: tuple[Tensor, ...], output: Tensor
-    ) -> None:
-        # Training forward passes only: a validation pass in eval mode holds nothing.
-        if module.training and torch.is_grad_enabled() and output.requires_grad and args:
-            self._records.append((index, args[0], output, output._version))
-
-    def discard(self) -> None:
-        """Drop the recorded calls (a call of the balancer that does not use them)."""
-        self._records = []
-
-    def __getstate__(self) -> dict[str, object]:
-        # The recorded calls are a forward pass's non-leaf tensors: copy.deepcopy (an EMA
-        # model) refuses them, and a pickle would save the step's activations.
-        return {**self.__dict__, "_records": []}
-
-    def __call__(
-        self,
-        losses: Tensor,
-        task_names: Sequence[str] | None,
-        separate_losses: Sequence[Tensor] | None,
-        agree: Callable[[Tensor], Tensor] | None = None,
-    ) -> Tensor:
-        records, self._records = self._records, []
-        # Forward passes whose outputs the losses do not come from (another batch, a
-        # validation pass with grad) are left out.
-        graph = list(graph_nodes(losses.grad_fn))  # alive while their ids are compared
-        in_graph = {id(node) for node in graph}
-        records = [record for record in records if id(record[2].grad_fn) in in_graph]
-        del graph
-        for index, _, output, version in records:
-            if output._version != version:
-                raise ValueError(
-                    f"gram_by_layer: the output of shared layer {index} ({self.layers[index]}) "
-                    "was changed in place after the layer (an in-place activation such as "
-                    "nn.ReLU(inplace=True)), so its gradient is no longer the layer's; use the "
-                    "activation with inplace=False"
-                )
-        recorded = {index for index, _, _, _ in records}
-        missing = [index for index in range(len(self.layers)) if index not in recorded]
-        if missing:
-            raise ValueError(
-                f"gram_by_layer: shared layer {missing[0]} ({self.layers[missing[0]]}) ran no "
-                "forward pass with grad since the last call; compute the losses from a forward "
-                "pass of the model in training"
-            )
-        self.output_gradients.parameter_names = [
-            f"the output of shared layer {index} (call {n})"
-            for n, (index, _, _, _) in enumerate(records)
-        ]
-        deltas = self.output_gradients(
-            losses, task_names, separate_losses, [output for _, _, output, _ in records], agree
-        )
-        dtype = compute_dtype(self.layers[0].weight.dtype)
-        num_tasks = losses.shape[0]
-        gram = torch.zeros(num_tasks, num_tasks, dtype=dtype, device=losses.device)
-        for index in sorted(recorded):
-            layer = self.layers[index]
-            # The layer's per-task gradients, summed over its calls: the first call's product
-            # is the buffer (a zero buffer plus the product would be two layers' worth).
-            weight: Tensor | None = None
-            bias: Tensor | None = None
-            for (call_index, inputs, _, _), delta in zip(records, deltas, strict=True):
-                if call_index != index:
-                    continue
-                rows = delta.reshape(num_tasks, -1, layer.out_features).to(dtype)
-                columns = inputs.detach().reshape(-1, layer.in_features).to(dtype)
-                product = torch.einsum("kno,ni->koi", rows, columns)
-                weight = product if weight is None else weight.add_(product)
-                if layer.bias is not None:
-                    bias = rows.sum(1) if bias is None else bias.add_(rows.sum(1))
-                del product
-            flat = weight.reshape(num_tasks, -1)  # type: ignore[union-attr]
-            gram += flat @ flat.T
-            if bias is not None:
-                gram += bias @ bias.T
-            del weight, flat
-        return torch.triu(gram) + torch.triu(gram, diagonal=1).T
-
-    def remove(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-
-
-class _CallRecorder:
-    """A shared layer's forward hook. It lives on the user's module: it holds its
-    ``LinearLayerGram`` weakly (it keeps no balancer alive and does nothing once it is gone),
-    and a pickled or deep-copied model carries it inert, so the model saves and copies as
-    before."""
-
-    def __init__(self, owner: LinearLayerGram, index: int) -> None:
-        self.index = index
-        self._owner: weakref.ref[LinearLayerGram] | None = weakref.ref(owner)
-
-    def __call__(self, module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
-        owner = self._owner() if self._owner is not None else None
-        if owner is not None:
-            owner._record(self.index, module, args, output)
-
-    def __getstate__(self) -> dict[str, int]:
-        return {"index": self.index}
-
-    def __setstate__(self, state: dict[str, int]) -> None:
-        self.index, self._owner = state["index"], None
-
-
-def linear_layers(shared: object) -> list[nn.Linear]:
-    """The ``nn.Linear`` layers that hold every shared parameter, for ``gram_by_layer``."""
-    if not isinstance(shared, nn.Module):
-        raise TypeError(
-            "gram_by_layer=True needs the shared layers as a module (e.g. model.trunk), whose "
-            f"parameters all belong to nn.Linear layers; got {type(shared).__name__}"
-        )
-    layers = []
-    for name, module in shared.named_modules():
-        own = list(module.parameters(recurse=False))
-        if not own:
-            continue
-        if not isinstance(module, nn.Linear):
-            raise ValueError(
-                f"gram_by_layer=True supports nn.Linear layers only; shared module {name!r} is "
-                f"a {type(module).__name__}"
-            )
-        layers.append(module)
-    return layers

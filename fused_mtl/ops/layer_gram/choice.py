@@ -1,0 +1,111 @@
+"""Whether a balancer's Gram comes from the layers (``LayerGram``) or from the per-task
+gradients of every shared parameter (``TaskGradients``).
+
+``"auto"`` (the default of every gradient method) takes the layers when the shared parameters
+are given as a module, and checks their Gram on the first call against K + 1 ordinary backward
+passes (``LayerGram.verify``); it keeps the layers only if that check passes (on every rank),
+and otherwise takes the per-task gradients from then on, with ``reason`` saying why: a layer
+whose backward cannot be batched, a parameter used outside its layer's call, a first call that
+ran no shared layer (a model compiled by ``torch.compile``, whose hooks do not run). A later
+call that finds no recorded layer call also moves to the per-task gradients. ``"layers"``
+raises instead of moving.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fused_mtl.ops.layer_gram.engine import LayerGram
+
+#: ``per_task_gradients`` of the gradient methods: ``"layers"`` is this module's Gram, the
+#: others ``TaskGradients``' modes.
+PER_TASK_GRADIENTS = ("auto", "layers", "batched", "loop")
+
+
+class LayerGramChoice:
+    """The layers' Gram while it can be used; see the module docstring."""
+
+    def __init__(self, shared: nn.Module, requested: str) -> None:
+        self.engine = LayerGram(shared)
+        self.requested = requested
+        self.active = True
+        self.checked = False
+        self.reason = "not chosen yet: the layers' Gram is checked on the first call"
+
+    def discard(self) -> None:
+        self.engine.discard()
+
+    def __call__(
+        self,
+        losses: Tensor,
+        parameters: Sequence[Tensor],
+        reduce: Callable[[Tensor], Tensor] | None,
+        agree: Callable[[Tensor], Tensor] | None,
+    ) -> Tensor | None:
+        """The Gram ``(K, K)`` of the per-task gradients (over the ranks with ``reduce``), or
+        ``None`` when the per-task gradients must give it (from this call on)."""
+        if not self.checked:
+            return self._first(losses, parameters, reduce, agree)
+        if not self.engine.has_calls():
+            self._give_up(
+                "a call found no recorded call of a shared layer (a model compiled by "
+                "torch.compile after the first call, or losses computed under torch.no_grad)"
+            )
+            return None
+        return self.engine(losses, reduce)[0]
+
+    def _first(
+        self,
+        losses: Tensor,
+        parameters: Sequence[Tensor],
+        reduce: Callable[[Tensor], Tensor] | None,
+        agree: Callable[[Tensor], Tensor] | None,
+    ) -> Tensor | None:
+        gram: Tensor | None = None
+        problem: str | None
+        if not self.engine.has_calls():
+            problem = (
+                "no shared layer's call was recorded (a model compiled by torch.compile runs "
+                "no hooks)"
+            )
+        else:
+            try:
+                gram, local = self.engine(losses, reduce, keep_local=True)
+            except RuntimeError as error:
+                problem = f"the layers' batched backward failed: {_first_line(error)}"
+            else:
+                problem = self.engine.verify(losses, local, parameters)
+        if agree is not None:
+            # Every rank takes the layers, or none does: their Grams are summed over the ranks.
+            flag = torch.tensor([0.0 if problem else 1.0], device=losses.device)
+            if float(agree(flag)[0]) == 0.0 and problem is None:
+                problem = "another rank cannot use the layers' Gram"
+        self.checked = True
+        if problem is not None:
+            self._give_up(problem)
+            return None
+        self.reason = (
+            "the Gram of the shared layers, one layer at a time, from one batched backward of "
+            "the activation gradients; checked against per-task backward passes on the first call"
+        )
+        return gram
+
+    def _give_up(self, problem: str) -> None:
+        self.engine.discard()
+        if self.requested == "layers":
+            raise RuntimeError(
+                f"per_task_gradients='layers' cannot be used with this model: {problem}; build "
+                "the balancer with per_task_gradients='auto' (which then takes the per-task "
+                "gradients) or 'batched'"
+            )
+        self.active = False
+        self.reason = f"the per-task gradients of every shared parameter: {problem}"
+        self.engine.remove()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else repr(error)

@@ -1,0 +1,369 @@
+"""The per-task Gram of the shared layers, one layer at a time, in one batched backward.
+
+For K task losses and shared layers with parameters ``W_1 .. W_n``, ``LayerGram`` computes the
+Gram ``M = sum_l J_l J_l^T`` of the per-task gradients without ever holding them all:
+
+1. Each shared layer's forward hook records its call (``LayerCall``: inputs and outputs) and
+   passes its outputs through a tap, an identity whose backward, during step 2 only, hands the
+   layer's per-task output gradients to the layer's rule (``rules.rule_for``).
+2. One backward of the K losses, batched by ``torch.func.vmap`` over the K rows of the identity,
+   runs from the losses to the taps. It computes activation gradients only: no parameter is
+   differentiated, so no weight gradient is formed. Below the lowest tap nothing runs.
+3. As a layer's ``(K, *output)`` gradients arrive, its rule adds its share to ``M`` and they
+   are freed: the peak extra memory is about K times the largest layer's output gradient (and
+   the rule's own work, at most K times the layer's parameters), never K times all of them.
+
+A parameter used by several calls (a layer called twice, a weight tied between two layers) has
+gradients that are sums over its uses, whose Gram has cross terms: its per-task gradients are
+summed over the calls as they arrive and its share is added once, after the backward.
+
+Under ``torch.distributed`` the Gram is that of the *global* per-task gradients (the means over
+the ranks): each layer's per-task gradients are summed over the ranks as they arrive (one
+``all_reduce`` of K x the layer's parameters, in float32 at least) before their share is added,
+so what crosses the wire is K x P numbers per call, a layer at a time; every rank adds the same
+shares in the same order and gets the same ``M``.
+
+The final update is the ordinary backward of ``sum_i w_i L_i``, by the caller.
+
+Whether the engine's Gram is the Gram of the per-task gradients depends on the model calling
+its layers as modules: a parameter used outside its layer's call (a head that multiplies by a
+trunk's weight directly) has a share that no tap sees. ``verify`` checks one call's Gram
+against K + 1 ordinary backward passes (the per-task norms and the norm of the sum, one
+parameter-sized gradient at a time): the caller runs it on the first call.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from fused_mtl.ops.layer_gram.rule import LayerCall, LayerRule
+from fused_mtl.ops.layer_gram.rules import rule_for
+from fused_mtl.reference import compute_dtype
+
+
+class LayerGram:
+    """The Gram of the per-task gradients of a module's parameters; see the module docstring.
+
+    ``shared``: the module whose parameters are shared (e.g. ``model.trunk``); every one of its
+    sub-modules that owns parameters is hooked, with the rule of its type.
+    """
+
+    def __init__(self, shared: nn.Module) -> None:
+        self.layers: list[tuple[nn.Module, LayerRule, list[Tensor]]] = []
+        self._find_layers(shared, "")
+        # id(parameter) -> how many hooked layers hold it (a tied weight: more than one).
+        self._holders: dict[int, int] = {}
+        for _, _, parameters in self.layers:
+            for parameter in parameters:
+                self._holders[id(parameter)] = self._holders.get(id(parameter), 0) + 1
+        self._calls: list[LayerCall] = []
+        self._collecting = False
+        self._anchors: dict[torch.device, Tensor] = {}
+        self._reduce: Callable[[Tensor], Tensor] | None = None
+        self._received: dict[int, Any] = {}
+        recorder = _CallRecorder(self)
+        self._hooks = [
+            module.register_forward_hook(recorder, with_kwargs=True) for module, _, _ in self.layers
+        ]
+
+    def _find_layers(self, module: nn.Module, prefix: str) -> None:
+        rule = rule_for(module)
+        own = rule.parameters(module)
+        if own:
+            self.layers.append((module, rule, own))
+        if rule.owns_children:
+            return
+        for name, child in module.named_children():
+            self._find_layers(child, f"{prefix}{name}.")
+
+    @property
+    def parameters(self) -> list[Tensor]:
+        """Every parameter the engine covers, each once."""
+        seen: dict[int, Tensor] = {}
+        for _, _, parameters in self.layers:
+            for parameter in parameters:
+                seen.setdefault(id(parameter), parameter)
+        return list(seen.values())
+
+    # -- recording ------------------------------------------------------------------------
+
+    def _record(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return output
+        flat, spec = tree_flatten(output)
+        positions = [
+            index
+            for index, value in enumerate(flat)
+            if isinstance(value, Tensor) and value.requires_grad
+        ]
+        if not positions:
+            return output
+        tensors = [value for value in tree_flatten((args, kwargs))[0] if isinstance(value, Tensor)]
+        call = LayerCall(
+            module,
+            args,
+            kwargs,
+            tuple(flat[index] for index in positions),
+            module.training,
+            tuple(tensor._version for tensor in tensors),
+        )
+        self._calls.append(call)
+        anchor = self._anchor(flat[positions[0]].device)
+        tapped = _Tap.apply(self, call, anchor, *(flat[index] for index in positions))
+        for index, value in zip(positions, tapped, strict=True):
+            flat[index] = value
+        return tree_unflatten(flat, spec)
+
+    def _anchor(self, device: torch.device) -> Tensor:
+        """A leaf on ``device`` that every tap takes as an input: the batched backward
+        differentiates it, so that it reaches every tap and nothing below them."""
+        anchor = self._anchors.get(device)
+        if anchor is None:
+            anchor = torch.zeros((), device=device, requires_grad=True)
+            self._anchors[device] = anchor
+        return anchor
+
+    def discard(self) -> None:
+        """Drop the recorded calls (a call of the balancer that does not use them)."""
+        self._calls = []
+
+    def __getstate__(self) -> dict[str, object]:
+        # The recorded calls hold a forward pass's tensors: neither copied nor pickled.
+        return {**self.__dict__, "_calls": [], "_anchors": {}}
+
+    def remove(self) -> None:
+        """Take the hooks off the layers."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    # -- the Gram -------------------------------------------------------------------------
+
+    def has_calls(self) -> bool:
+        """Whether a shared layer's call was recorded since the last Gram."""
+        return bool(self._calls)
+
+    def __call__(
+        self,
+        losses: Tensor,
+        reduce: Callable[[Tensor], Tensor] | None = None,
+        keep_local: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """The ``(K, K)`` Gram of the per-task gradients of ``losses`` (``(K,)``, with a graph
+        through the recorded calls). ``reduce``: the mean over the ranks of a tensor (under
+        torch.distributed), whose Gram it is then; ``keep_local``: also return this rank's own
+        Gram (else ``None``), for ``verify``."""
+        calls, self._calls = self._calls, []
+        if not calls:
+            raise RuntimeError(
+                "no shared layer ran a forward pass with grad since the last call; compute "
+                "the losses from a forward pass of the model"
+            )
+        num_tasks = losses.shape[0]
+        dtype = compute_dtype(self.layers[0][2][0].dtype)
+        # The coarsest dtype the layers computed in (bfloat16 under autocast): verify's scale.
+        self.coarsest_eps = max(
+            torch.finfo(output.dtype).eps
+            for call in calls
+            for output in call.outputs
+            if output.is_floating_point()
+        )
+        uses: dict[int, int] = {}
+        for call in calls:
+            for parameter in self._rule(call.module).parameters(call.module):
+                uses[id(parameter)] = uses.get(id(parameter), 0) + 1
+        self._gram = torch.zeros(num_tasks, num_tasks, dtype=dtype, device=losses.device)
+        self._shared_calls = {
+            id(call) for call in calls if any(uses[id(p)] > 1 for p in self._parameters(call))
+        }
+        self._sums: dict[int, tuple[Tensor, Tensor]] = {}
+        self._reduce, self._dtype = reduce, dtype
+        self._local = self._gram.clone() if keep_local and reduce is not None else None
+        anchor = self._anchor(losses.device)
+        identity = torch.eye(num_tasks, dtype=losses.dtype, device=losses.device)
+
+        def backward(row: Tensor) -> Tensor:
+            (grad,) = torch.autograd.grad(
+                losses, [anchor], row, retain_graph=True, allow_unused=True, materialize_grads=True
+            )
+            return grad
+
+        self._collecting = True
+        try:
+            torch.func.vmap(backward)(identity)
+        finally:
+            self._collecting = False
+            sums, self._sums = self._sums, {}
+            self._reduce = None
+        gram, local = self._gram, self._local
+        for _, grads in sums.values():
+            flat = grads.reshape(num_tasks, -1)
+            if local is not None:
+                local += flat @ flat.T
+            if reduce is not None:
+                flat = reduce(flat)
+            gram += flat @ flat.T
+        del self._gram, self._local
+        if keep_local and local is None:
+            local = gram
+        return symmetric(gram), None if local is None else symmetric(local)
+
+    def _rule(self, module: nn.Module) -> LayerRule:
+        for layer, rule, _ in self.layers:
+            if layer is module:
+                return rule
+        raise KeyError(module)
+
+    def _parameters(self, call: LayerCall) -> list[Tensor]:
+        return self._rule(call.module).parameters(call.module)
+
+    def _receive(self, call: LayerCall, output_grads: list[Tensor]) -> None:
+        """A layer's ``(K, *output)`` gradients, during the batched backward."""
+        module, rule = call.module, self._rule(call.module)
+        for value, version in zip(_tensors(call), call.versions, strict=True):
+            if value._version != version:
+                raise RuntimeError(
+                    f"shared layer {module}: its input was changed in place after the layer "
+                    "ran (an in-place operation such as nn.ReLU(inplace=True) before it), so "
+                    "its recorded input is no longer the one its gradient came from; use the "
+                    "operation with inplace=False"
+                )
+        dtype = self._dtype
+        if id(call) in self._shared_calls:
+            grads = rule.task_gradients(call, output_grads, dtype)
+            for parameter, grad in zip(rule.parameters(module), grads, strict=True):
+                held = self._sums.get(id(parameter))
+                self._sums[id(parameter)] = (parameter, grad if held is None else held[1] + grad)
+            return
+        if self._reduce is not None:
+            grads = rule.task_gradients(call, output_grads, dtype)
+            flat = torch.cat([grad.reshape(grad.shape[0], -1) for grad in grads], 1)
+            if self._local is not None:
+                self._local += flat @ flat.T
+            flat = self._reduce(flat)
+            self._gram += flat @ flat.T
+            return
+        self._gram += rule.gram(call, output_grads, dtype)
+
+    def verify(self, losses: Tensor, gram: Tensor, parameters: Sequence[Tensor]) -> str | None:
+        """``None`` when ``gram`` agrees with ordinary backward passes through ``parameters``
+        (each task's squared norm, and that of the sum of the tasks); else what differs."""
+        squares = []
+        num_tasks = losses.shape[0]
+        for index in range(num_tasks + 1):
+            target = losses.sum() if index == num_tasks else losses[index]
+            grads = torch.autograd.grad(target, parameters, retain_graph=True, allow_unused=True)
+            squares.append(
+                sum(
+                    (g.detach().to(gram.dtype).square().sum() for g in grads if g is not None),
+                    torch.zeros((), dtype=gram.dtype, device=gram.device),
+                )
+            )
+        expected = torch.stack(squares)
+        found = torch.cat([gram.diagonal(), gram.sum().reshape(1)])
+        # The two add the same products in another order, and autograd rounds the products of
+        # layers that ran in a lower precision (autocast) to it: a few ulps of the coarsest
+        # dtype. Its square root (3e-4 in float32, 0.09 in bfloat16) is far above that, and
+        # below a missed share.
+        eps = max(getattr(self, "coarsest_eps", 0.0), torch.finfo(torch.float32).eps)
+        rtol = eps**0.5
+        scale = float(expected.abs().max())
+        if torch.allclose(found, expected, rtol=rtol, atol=rtol * scale):
+            return None
+        worst = int((found - expected).abs().argmax())
+        what = "the sum of the tasks" if worst == num_tasks else f"task {worst}"
+        return (
+            f"the layers' Gram disagrees with per-task backward passes on {what}'s squared "
+            f"gradient norm ({float(found[worst]):.6g} against {float(expected[worst]):.6g}): "
+            "a shared parameter is used outside its layer's call (a weight tied to a head, or "
+            "used directly by another module)"
+        )
+
+
+def symmetric(gram: Tensor) -> Tensor:
+    """``gram`` with its lower triangle the mirror of its upper one (their sums of products
+    are the same up to rounding)."""
+    return torch.triu(gram) + torch.triu(gram, diagonal=1).T
+
+
+def _tensors(call: LayerCall) -> list[Tensor]:
+    return [
+        value for value in tree_flatten((call.args, call.kwargs))[0] if isinstance(value, Tensor)
+    ]
+
+
+class _CallRecorder:
+    """The layers' forward hook. It lives on the user's modules: it holds its ``LayerGram``
+    weakly (it keeps no balancer alive and does nothing once it is gone), and a pickled or
+    deep-copied model carries it inert."""
+
+    def __init__(self, owner: LayerGram) -> None:
+        self._owner: weakref.ref[LayerGram] | None = weakref.ref(owner)
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        owner = self._owner() if self._owner is not None else None
+        if owner is None:
+            return output
+        return owner._record(module, args, kwargs, output)
+
+    def __getstate__(self) -> dict[str, object]:
+        return {}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self._owner = None
+
+
+class _Tap(torch.autograd.Function):
+    """The identity on a layer's outputs; in the engine's batched backward it hands their
+    gradients to the engine (``_Deliver``) and gives the anchor a zero gradient."""
+
+    @staticmethod
+    def forward(engine: LayerGram, call: LayerCall, anchor: Tensor, *outputs: Tensor) -> Any:
+        return tuple(output.detach() for output in outputs)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+        ctx.engine, ctx.call = inputs[0], inputs[1]
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple:
+        engine, call = ctx.engine, ctx.call
+        if not engine._collecting:
+            return (None, None, None, *grads)
+        present = [
+            grad if grad is not None else torch.zeros_like(output)
+            for grad, output in zip(grads, call.outputs, strict=True)
+        ]
+        anchor_grad = _Deliver.apply(engine, call, *present)
+        return (None, None, anchor_grad, *grads)
+
+
+class _Deliver(torch.autograd.Function):
+    """Called inside the vmapped backward: its ``vmap`` rule sees the K rows at once."""
+
+    @staticmethod
+    def forward(engine: LayerGram, call: LayerCall, *grads: Tensor) -> Tensor:
+        # Outside vmap (one task): the gradients of one row.
+        engine._receive(call, [grad.unsqueeze(0) for grad in grads])
+        return grads[0].new_zeros(())
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+        pass
+
+    @staticmethod
+    def vmap(
+        info: Any, in_dims: tuple, engine: LayerGram, call: LayerCall, *grads: Tensor
+    ) -> tuple:
+        rows = [
+            grad.movedim(dim, 0) if dim is not None else grad.expand(info.batch_size, *grad.shape)
+            for grad, dim in zip(grads, in_dims[2:], strict=True)
+        ]
+        engine._receive(call, rows)
+        return grads[0].new_zeros(()), None
