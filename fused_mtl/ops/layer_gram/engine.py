@@ -34,6 +34,7 @@ parameter-sized gradient at a time): the caller runs it on the first call.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -178,7 +179,10 @@ class LayerGram:
         for call in calls:
             for parameter in self._rule(call.module).parameters(call.module):
                 uses[id(parameter)] = uses.get(id(parameter), 0) + 1
-        self._gram = torch.zeros(num_tasks, num_tasks, dtype=dtype, device=losses.device)
+        # The layers' products are in ``dtype``; their sum, like the fused Gram, in float64.
+        self._gram = torch.zeros(
+            num_tasks, num_tasks, dtype=torch.float64, device=losses.device
+        )
         self._shared_calls = {
             id(call) for call in calls if any(uses[id(p)] > 1 for p in self._parameters(call))
         }
@@ -196,7 +200,11 @@ class LayerGram:
 
         self._collecting = True
         try:
-            torch.func.vmap(backward)(identity)
+            with warnings.catch_warnings():
+                # An operation without a batching rule (CPU attention's backward) runs once per
+                # task: slower, exact, and nothing the user's code can change.
+                warnings.filterwarnings("ignore", "There is a performance drop")
+                torch.func.vmap(backward)(identity)
         finally:
             self._collecting = False
             sums, self._sums = self._sums, {}
@@ -208,7 +216,7 @@ class LayerGram:
                 local += flat @ flat.T
             if reduce is not None:
                 flat = reduce(flat)
-            gram += flat @ flat.T
+            gram += (flat @ flat.T).double()
         del self._gram, self._local
         if keep_local and local is None:
             local = gram
@@ -247,9 +255,9 @@ class LayerGram:
             if self._local is not None:
                 self._local += flat @ flat.T
             flat = self._reduce(flat)
-            self._gram += flat @ flat.T
+            self._gram += (flat @ flat.T).double()
             return
-        self._gram += rule.gram(call, output_grads, dtype)
+        self._gram += rule.gram(call, output_grads, dtype).double()
 
     def verify(self, losses: Tensor, gram: Tensor, parameters: Sequence[Tensor]) -> str | None:
         """``None`` when ``gram`` agrees with ordinary backward passes through ``parameters``
