@@ -202,7 +202,16 @@ class TaskSync:
         backend: Backend,
     ) -> tuple[Tensor, Tensor]:
         """Gram ``(K, K)`` (or norms ``(K,)``) of the global per-task gradients, global losses."""
-        matrices = task_matrices(task_grads)
+        partial = self.shard_gram(task_matrices(task_grads), diagonal, backend)
+        return self.summed_gram(partial, losses, diagonal)
+
+    def shard_gram(
+        self, matrices: Sequence[Tensor], diagonal: bool = False, backend: Backend = "torch"
+    ) -> Tensor:
+        """This rank's share of the Gram (``diagonal``: of the squared norms) of the sum over
+        ranks of the ``(K, P)`` gradients ``matrices`` (side by side): one ``reduce_scatter``
+        of K x P numbers gives each rank the sum of a block of columns, whose Gram it
+        computes. The shares of the ranks add up to the Gram of the sum (``summed_gram``)."""
         num_tasks, world = matrices[0].shape[0], self.world_size
         send = _rank_major(matrices, world)
         columns = send.shape[2]
@@ -211,8 +220,14 @@ class TaskSync:
             shard, send.reshape(-1), group=self.process_group
         )
         partial = task_gram_or_norms(shard.reshape(num_tasks, columns), diagonal, backend)
-        if diagonal:
-            partial = partial.square()
+        return partial.square() if diagonal else partial
+
+    def summed_gram(
+        self, partial: Tensor, losses: Tensor, diagonal: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """The Gram of the mean gradients from the ranks' ``shard_gram`` shares, and the mean
+        losses: one ``all_reduce`` of K x K + K numbers."""
+        world = self.world_size
         packed = torch.cat([partial.reshape(-1), losses.detach().to(partial.dtype)])
         dist.all_reduce(packed, group=self.process_group)
         # The reduced gradients are sums over ranks: the means' Gram is the sums' over W^2.

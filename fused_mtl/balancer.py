@@ -885,10 +885,15 @@ class GradientBalancer(Balancer):
                 raise
             self._check_reached(losses, separate, parameters or self._shared)
             gram = self._layer_gram(
-                losses, parameters or self._shared, self._sync.mean if syncing else None, agree
+                losses,
+                parameters or self._shared,
+                self._sync.shard_gram if syncing else None,
+                agree,
             )
             if gram is not None:
-                current = self._sync.mean(losses.detach()) if syncing else losses.detach()
+                current = losses.detach()
+                if syncing:
+                    gram, current = self._sync.summed_gram(gram, current)
                 return (gram.diagonal().clamp(min=0).sqrt() if diagonal else gram), current
         self._discard_layer_calls()  # features=z, or the per-task gradients: calls unused
         inputs = [features] if features is not None else parameters

@@ -113,10 +113,14 @@ def make_balancer(method: str, net: Net, num_tasks: int = NUM_TASKS, **sync) -> 
         return DWA(num_tasks, period_steps=2, **sync)
     if method == "dtp":
         return DTP(num_tasks, gamma=1.0, decay=0.5, **sync)
+    # GradNorm, MGDA and UPGrad are given modules: their Gram comes one layer at a time
+    # (fused_mtl.ops.layer_gram); the other Gram methods are given the parameters.
     if method == "gradnorm":
-        return GradNorm(net.trunk[2].parameters(), num_tasks, **sync)
+        return GradNorm(net.trunk[2], num_tasks, **sync)
     if method == "mgda":
-        return MGDA(net.trunk.parameters(), num_tasks, **sync)
+        return MGDA(net.trunk, num_tasks, **sync)
+    if method == "upgrad":
+        return fused_mtl.UPGrad(net.trunk, num_tasks, **sync)
     if method == "mgda_ub":
         return MGDA(num_tasks=num_tasks, **sync)
     if method in LOSS_METHODS:

@@ -246,6 +246,11 @@ def test_communication_per_step(tmp_path):
     last_layer = sum(p.numel() for p in net.trunk[2].parameters())
     trunk = sum(p.numel() for p in net.trunk.parameters())
     gram_and_losses = ("all_reduce", num_tasks * num_tasks + num_tasks)
+    first_layer = sum(p.numel() for p in net.trunk[0].parameters())
+    by_layer = [
+        ("reduce_scatter", num_tasks * 2 * -(-last_layer // 2)),
+        ("reduce_scatter", num_tasks * 2 * -(-first_layer // 2)),
+    ]
     expected = {
         "uw": [("all_reduce", num_tasks)],
         "awl": [("all_reduce", num_tasks)],
@@ -254,11 +259,10 @@ def test_communication_per_step(tmp_path):
         "dtp": [("all_gather", num_tasks)],
         # reduce_scatter: each rank puts in its K x P gradients (P padded to a multiple
         # of W) and receives its K x P / W shard of the sum.
-        "gradnorm": [
-            ("reduce_scatter", num_tasks * 2 * -(-last_layer // 2)),
-            ("all_reduce", 2 * num_tasks),
-        ],
-        "mgda": [("reduce_scatter", num_tasks * 2 * -(-trunk // 2)), gram_and_losses],
+        # GradNorm, MGDA and UPGrad take the Gram one layer at a time: a reduce_scatter per
+        # layer, as its per-task gradients arrive (the last layer first), then the shares.
+        "gradnorm": [("reduce_scatter", num_tasks * 2 * -(-last_layer // 2)), gram_and_losses],
+        "mgda": [*by_layer, gram_and_losses],
         "mgda_ub": [gram_and_losses],
         # PCGrad: the Gram of MGDA, and rank 0's task orders (K x (K - 1) indices).
         "pcgrad": [
@@ -266,7 +270,7 @@ def test_communication_per_step(tmp_path):
             gram_and_losses,
             ("broadcast", num_tasks * (num_tasks - 1)),
         ],
-        "upgrad": [("reduce_scatter", num_tasks * 2 * -(-trunk // 2)), gram_and_losses],
+        "upgrad": [*by_layer, gram_and_losses],
         # The loss-level methods: the losses' mean (IMTL-L: its parameter's gradient, as UW),
         # RLW rank 0's draw.
         "famo": [("all_reduce", num_tasks)],

@@ -143,17 +143,33 @@ COMPILED_STEP_METHODS = ("equal", "uw", "dwa", "dtp", "gradnorm", "mgda")
 COMPILED_STEP_IMPLEMENTATIONS = ("eager", "compiled")
 STEP_TASKS = 8
 BATCH = 256
-# The whole-trunk MGDA step against the plain sum and TorchJD, on the toy's network and on a
-# wider trunk (4 x 1024, batch 128, heads 1024 -> 16: 3.7 M shared parameters).
+# The whole-trunk MGDA / UPGrad step against the plain sum, the per-task gradients of every
+# parameter and TorchJD: on the toy's network and on three benchmark trunks (trunk_network).
 TRUNK_STEP_IMPLEMENTATIONS = (
     "plain_sum",
-    "fused_auto",
-    "fused_gram_by_layer",
+    "fused_layers",
+    "fused_batched",
+    "fused_loop",
     "torchjd_autojac",
     "torchjd_autogram",
 )
-TRUNK_NETWORKS = ("toy", "wide")
+TRUNK_NETWORKS = ("toy", "mlp", "cnn", "transformer")
+TRUNK_LABELS = {"mlp": "4x1024 MLP", "cnn": "ResNet-style CNN", "transformer": "transformer"}
+TRUNK_METHODS = ("mgda", "upgrad")
+#: The task counts of the benchmark trunks; UPGrad runs at the middle one.
+TRUNK_TASK_COUNTS = (2, 8, 32)
+TRUNK_OUTPUTS = 16
 WIDE_TRUNK = {"input_dim": 1024, "output_dim": 16, "hidden": 1024, "depth": 4, "batch": 128}
+
+
+def trunk_cases() -> list[tuple[str, str, int]]:
+    """``(network, method, K)`` of the whole-trunk steps: the toy's network at K = 8 (MGDA),
+    each benchmark trunk with MGDA at every K of ``TRUNK_TASK_COUNTS`` and UPGrad at K = 8."""
+    cases = [("toy", "mgda", STEP_TASKS)]
+    for network in TRUNK_NETWORKS[1:]:
+        cases += [(network, "mgda", k) for k in TRUNK_TASK_COUNTS]
+        cases.append((network, "upgrad", STEP_TASKS))
+    return cases
 
 
 class Unavailable(Exception):
@@ -499,7 +515,12 @@ TRAINING_WARMUP_CALLS = 12
 
 
 def _training_step(
-    group: str, implementation: str, baseline: str, model: MultiTaskMLP, run: Callable[[], None]
+    group: str,
+    implementation: str,
+    baseline: str,
+    model: nn.Module,
+    run: Callable[[], None],
+    calls: int = TRAINING_WARMUP_CALLS,
 ) -> Case:
     device = str(next(model.parameters()).device)
     synchronize = _synchronizer(device)
@@ -509,7 +530,7 @@ def _training_step(
         run()
         synchronize()
 
-    case = _warmed(Case(group, implementation, step, baseline), calls=TRAINING_WARMUP_CALLS)
+    case = _warmed(Case(group, implementation, step, baseline), calls=calls)
     return replace(case, peak_bytes=live_bytes_peak(step, device))
 
 
@@ -600,83 +621,154 @@ def method_step_case(method: str, num_tasks: int, device: str) -> Case:
     return _training_step(group, method, "equal", model, run)
 
 
-def trunk_step_group(network: str, num_tasks: int) -> str:
+def trunk_step_group(network: str, num_tasks: int, method: str = "mgda") -> str:
     if network == "toy":
-        return f"mgda step K={num_tasks}, per-head losses"
-    return f"mgda trunk step K={num_tasks}, 4x1024"
+        return f"{method} step K={num_tasks}, per-head losses"
+    return f"{method} trunk step K={num_tasks}, {TRUNK_LABELS[network]}"
 
 
-def _head_losses(model: MultiTaskMLP, inputs: Tensor, targets: Tensor) -> list[Tensor]:
+class _Residual(nn.Module):
+    """Two 3 x 3 convolutions with BatchNorm, and the skip connection around them."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.norm1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(channels)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        hidden = torch.relu(self.norm1(self.conv1(inputs)))
+        return torch.relu(inputs + self.norm2(self.conv2(hidden)))
+
+
+class _MeanOverSequence(nn.Module):
+    """A transformer encoder whose output, averaged over the sequence, is the shared
+    representation."""
+
+    def __init__(self, width: int, heads: int, layers: int) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.encoder(inputs).mean(1)
+
+
+class TrunkNet(nn.Module):
+    """A benchmark trunk and K small heads (``width -> 16`` each)."""
+
+    def __init__(self, trunk: nn.Module, width: int, num_tasks: int) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.heads = nn.ModuleList(nn.Linear(width, TRUNK_OUTPUTS) for _ in range(num_tasks))
+
+
+def trunk_network(network: str, num_tasks: int, device: str) -> tuple[nn.Module, Tensor, Tensor]:
+    """The model (``.trunk``, ``.heads``), one batch of inputs and the targets ``(K, N, 16)``
+    of a benchmark trunk: ``mlp`` (4 x 1024, batch 128), ``cnn`` (a ResNet-style stem and 4
+    residual blocks of 32 channels with BatchNorm, 32 x 32 inputs, batch 64) or ``transformer``
+    (4 encoder layers, width 256, 4 heads, sequence 64, batch 32)."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    if network == "mlp":
+        sizes = {k: v for k, v in WIDE_TRUNK.items() if k != "batch"}
+        model: nn.Module = MultiTaskMLP(num_tasks, **sizes)
+        inputs = torch.randn(WIDE_TRUNK["batch"], sizes["input_dim"], generator=gen)
+    elif network == "cnn":
+        channels = 32
+        trunk = nn.Sequential(
+            nn.Conv2d(3, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(),
+            *[_Residual(channels) for _ in range(4)],
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        model = TrunkNet(trunk, channels, num_tasks)
+        inputs = torch.randn(64, 3, 32, 32, generator=gen)
+    elif network == "transformer":
+        model = TrunkNet(_MeanOverSequence(256, 4, 4), 256, num_tasks)
+        inputs = torch.randn(32, 64, 256, generator=gen)
+    else:
+        raise ValueError(f"unknown trunk {network!r}")
+    targets = torch.randn((num_tasks, inputs.shape[0], TRUNK_OUTPUTS), generator=gen)
+    return model.to(device), inputs.to(device), targets.to(device)
+
+
+def _head_losses(model: nn.Module, inputs: Tensor, targets: Tensor) -> list[Tensor]:
     """Each task's mean squared error from its own head: one graph per task above the trunk."""
     return _losses_of_features(model, model.trunk(inputs), targets)
 
 
-def _losses_of_features(model: MultiTaskMLP, features: Tensor, targets: Tensor) -> list[Tensor]:
+def _losses_of_features(model: nn.Module, features: Tensor, targets: Tensor) -> list[Tensor]:
     return [
         (head(features) - target).square().mean()
-        for head, target in zip(model.heads, targets, strict=True)
+        for head, target in zip(model.heads, targets, strict=True)  # type: ignore[arg-type]
     ]
 
 
-def trunk_step_case(network: str, implementation: str, num_tasks: int, device: str) -> Case:
-    """A training step (no optimiser update) of MGDA over the whole trunk, every task's loss
-    from its own head, on the toy's network or the 4 x 1024 trunk (``network``): the plain sum,
-    ``mgda.backward`` (``fused_auto``), the same with ``gram_by_layer=True``
-    (``fused_gram_by_layer``), or TorchJD's ``mtl_backward`` + ``jac_to_grad`` (autojac) or
-    ``autogram.Engine`` (autogram) with its MGDA."""
+def trunk_step_case(
+    network: str, implementation: str, num_tasks: int, device: str, method: str = "mgda"
+) -> Case:
+    """A training step (no optimiser update) of ``method`` (MGDA or UPGrad) over the whole
+    trunk, every task's loss from its own head, on the toy's network or a benchmark trunk
+    (``trunk_network``). Implementations: the plain sum; ``fused_layers``, the default (the
+    trunk as a module: its Gram one layer at a time); ``fused_batched`` and ``fused_loop``
+    (the trunk's parameters: the per-task gradients of every parameter, in one batched
+    backward or K of them, as LibMTL does); TorchJD's ``mtl_backward`` + ``jac_to_grad``
+    (autojac) and ``autogram.Engine`` (autogram) with its weighting of the same method."""
     if network not in TRUNK_NETWORKS or implementation not in TRUNK_STEP_IMPLEMENTATIONS:
         raise ValueError(f"unknown case {network!r} / {implementation!r}")
-    group = trunk_step_group(network, num_tasks)
+    if method not in TRUNK_METHODS:
+        raise ValueError(f"unknown method {method!r}; one of {TRUNK_METHODS}")
+    group = trunk_step_group(network, num_tasks, method)
     check_device(device, group, implementation)
     if implementation.startswith("torchjd") and importlib.util.find_spec("torchjd") is None:
         reason = "TorchJD is not installed (pip install fused-mtl[peers])"
         raise Unavailable(group, implementation, reason)
-    torch.manual_seed(0)
     if network == "toy":
         model, data = _toy(num_tasks, device)
         inputs, targets = data.inputs, data.targets
     else:
-        sizes = {k: v for k, v in WIDE_TRUNK.items() if k != "batch"}
-        model = MultiTaskMLP(num_tasks, **sizes).to(device)
-        gen = torch.Generator().manual_seed(0)
-        inputs = torch.randn(WIDE_TRUNK["batch"], sizes["input_dim"], generator=gen).to(device)
-        shape = (num_tasks, WIDE_TRUNK["batch"], sizes["output_dim"])
-        targets = torch.randn(shape, generator=gen).to(device)
-    shared = list(model.trunk.parameters())
-    run = _trunk_step(implementation, model, shared, inputs, targets)
-    return _training_step(group, implementation, "plain_sum", model, run)
+        model, inputs, targets = trunk_network(network, num_tasks, device)
+    run = _trunk_step(implementation, method, model, inputs, targets)
+    # The heavy trunks take seconds a step on a CPU: past the first call (its checks), the
+    # steady state is reached at once.
+    calls = TRAINING_WARMUP_CALLS if network == "toy" else 2
+    return _training_step(group, implementation, "plain_sum", model, run, calls)
 
 
 def _trunk_step(
-    implementation: str, model: MultiTaskMLP, shared: list[Tensor], inputs: Tensor, targets: Tensor
+    implementation: str, method: str, model: nn.Module, inputs: Tensor, targets: Tensor
 ) -> Callable[[], None]:
-    num_tasks = len(model.heads)
+    num_tasks = len(model.heads)  # type: ignore[arg-type]
+    trunk: nn.Module = model.trunk  # type: ignore[assignment]
+    shared = list(trunk.parameters())
     if implementation == "plain_sum":
         return lambda: sum(_head_losses(model, inputs, targets)).backward()  # type: ignore[union-attr]
-    if implementation == "fused_gram_by_layer":
-        by_layer = MGDA(model.trunk, num_tasks, gram_by_layer=True)
-        return lambda: by_layer.backward(_head_losses(model, inputs, targets))
-    if implementation == "fused_auto":
-        mgda = MGDA(shared, num_tasks)
-        return lambda: mgda.backward(_head_losses(model, inputs, targets))
-    from torchjd.aggregation import MGDA as TorchJDMGDA
-    from torchjd.aggregation import MGDAWeighting
+    ours = MGDA if method == "mgda" else UPGrad
+    if implementation.startswith("fused"):
+        mode = implementation.removeprefix("fused_")
+        balancer = ours(trunk if mode == "layers" else shared, num_tasks, per_task_gradients=mode)
+        return lambda: balancer.backward(_head_losses(model, inputs, targets))
+    from torchjd import aggregation
 
     if implementation == "torchjd_autojac":
         from torchjd.autojac import jac_to_grad, mtl_backward
 
-        aggregator = TorchJDMGDA()
+        aggregator = aggregation.MGDA() if method == "mgda" else aggregation.UPGrad()
 
         def autojac() -> None:
-            features = model.trunk(inputs)
+            features = trunk(inputs)
             mtl_backward(_losses_of_features(model, features, targets), features)
             jac_to_grad(shared, aggregator)
 
         return autojac
     from torchjd.autogram import Engine
 
-    engine = Engine(*[m for m in model.trunk if isinstance(m, nn.Linear)], batch_dim=None)
-    weighting = MGDAWeighting()
+    engine = Engine(trunk, batch_dim=None)
+    weighting = aggregation.MGDAWeighting() if method == "mgda" else aggregation.UPGradWeighting()
 
     def autogram() -> None:
         losses = torch.stack(_head_losses(model, inputs, targets))
@@ -747,9 +839,11 @@ def suite(device: str, quick: bool = False) -> Iterator[Callable[[], Case]]:
             yield lambda m=method, i=implementation: gradient_step_case(m, i, STEP_TASKS, device)
     for method in STEP_METHODS:
         yield lambda m=method: method_step_case(m, STEP_TASKS, device)
-    for network in TRUNK_NETWORKS[:1] if quick else TRUNK_NETWORKS:
+    for network, method, num_tasks in trunk_cases()[:1] if quick else trunk_cases():
         for implementation in TRUNK_STEP_IMPLEMENTATIONS:
-            yield lambda n=network, i=implementation: trunk_step_case(n, i, STEP_TASKS, device)
+            yield lambda n=network, i=implementation, m=method, k=num_tasks: trunk_step_case(
+                n, i, k, device, m
+            )
     if quick:  # compiling the steps with inductor takes minutes on a CPU
         return
     for method in COMPILED_STEP_METHODS:

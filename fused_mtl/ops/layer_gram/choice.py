@@ -42,11 +42,12 @@ class LayerGramChoice:
         self,
         losses: Tensor,
         parameters: Sequence[Tensor],
-        reduce: Callable[[Tensor], Tensor] | None,
+        reduce: Callable[[list[Tensor]], Tensor] | None,
         agree: Callable[[Tensor], Tensor] | None,
     ) -> Tensor | None:
-        """The Gram ``(K, K)`` of the per-task gradients (over the ranks with ``reduce``), or
-        ``None`` when the per-task gradients must give it (from this call on)."""
+        """The Gram ``(K, K)`` of the per-task gradients (with ``reduce``, this rank's share of
+        the global one: see ``LayerGram``), or ``None`` when the per-task gradients must give
+        it (from this call on)."""
         if not self.checked:
             return self._first(losses, parameters, reduce, agree)
         if not self.engine.has_calls():
@@ -61,7 +62,7 @@ class LayerGramChoice:
         self,
         losses: Tensor,
         parameters: Sequence[Tensor],
-        reduce: Callable[[Tensor], Tensor] | None,
+        reduce: Callable[[list[Tensor]], Tensor] | None,
         agree: Callable[[Tensor], Tensor] | None,
     ) -> Tensor | None:
         gram: Tensor | None = None

@@ -18,10 +18,14 @@ gradients that are sums over its uses, whose Gram has cross terms: its per-task 
 summed over the calls as they arrive and its share is added once, after the backward.
 
 Under ``torch.distributed`` the Gram is that of the *global* per-task gradients (the means over
-the ranks): each layer's per-task gradients are summed over the ranks as they arrive (one
-``all_reduce`` of K x the layer's parameters, in float32 at least) before their share is added,
-so what crosses the wire is K x P numbers per call, a layer at a time; every rank adds the same
-shares in the same order and gets the same ``M``.
+the ranks). Their products across ranks need the gradients themselves, so each layer's rule
+gives its per-task gradients (no row products), and as they arrive one ``reduce_scatter`` of
+K x the layer's parameters (in float32 at least) gives each rank the sum over ranks of a block
+of their columns, whose Gram it adds (``TaskSync.shard_gram``); the caller then sums the ranks'
+shares in one ``all_reduce`` of K x K numbers. What crosses the wire is what the per-task
+gradients of every parameter send (K x P numbers per call), a layer at a time: the held
+gradients never exceed one layer's. The layers arrive in the backward's order, the same on
+every rank for the same model.
 
 The final update is the ordinary backward of ``sum_i w_i L_i``, by the caller.
 
@@ -66,7 +70,7 @@ class LayerGram:
         self._calls: list[LayerCall] = []
         self._collecting = False
         self._anchors: dict[torch.device, Tensor] = {}
-        self._reduce: Callable[[Tensor], Tensor] | None = None
+        self._reduce: Callable[[list[Tensor]], Tensor] | None = None
         self._received: dict[int, Any] = {}
         recorder = _CallRecorder(self)
         self._hooks = [
@@ -153,12 +157,13 @@ class LayerGram:
     def __call__(
         self,
         losses: Tensor,
-        reduce: Callable[[Tensor], Tensor] | None = None,
+        reduce: Callable[[list[Tensor]], Tensor] | None = None,
         keep_local: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         """The ``(K, K)`` Gram of the per-task gradients of ``losses`` (``(K,)``, with a graph
-        through the recorded calls). ``reduce``: the mean over the ranks of a tensor (under
-        torch.distributed), whose Gram it is then; ``keep_local``: also return this rank's own
+        through the recorded calls). ``reduce`` (under torch.distributed): this rank's share of
+        the Gram of the sum over ranks of ``(K, P)`` gradients (``TaskSync.shard_gram``); the
+        result is then the sum of those shares. ``keep_local``: also return this rank's own
         Gram (else ``None``), for ``verify``."""
         calls, self._calls = self._calls, []
         if not calls:
@@ -180,9 +185,7 @@ class LayerGram:
             for parameter in self._rule(call.module).parameters(call.module):
                 uses[id(parameter)] = uses.get(id(parameter), 0) + 1
         # The layers' products are in ``dtype``; their sum, like the fused Gram, in float64.
-        self._gram = torch.zeros(
-            num_tasks, num_tasks, dtype=torch.float64, device=losses.device
-        )
+        self._gram = torch.zeros(num_tasks, num_tasks, dtype=torch.float64, device=losses.device)
         self._shared_calls = {
             id(call) for call in calls if any(uses[id(p)] > 1 for p in self._parameters(call))
         }
@@ -214,9 +217,7 @@ class LayerGram:
             flat = grads.reshape(num_tasks, -1)
             if local is not None:
                 local += flat @ flat.T
-            if reduce is not None:
-                flat = reduce(flat)
-            gram += (flat @ flat.T).double()
+            gram += reduce([flat]) if reduce is not None else (flat @ flat.T).double()
         del self._gram, self._local
         if keep_local and local is None:
             local = gram
@@ -254,8 +255,7 @@ class LayerGram:
             flat = torch.cat([grad.reshape(grad.shape[0], -1) for grad in grads], 1)
             if self._local is not None:
                 self._local += flat @ flat.T
-            flat = self._reduce(flat)
-            self._gram += (flat @ flat.T).double()
+            self._gram += self._reduce([flat])
             return
         self._gram += rule.gram(call, output_grads, dtype).double()
 
