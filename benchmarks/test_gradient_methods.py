@@ -18,7 +18,6 @@ from fused_mtl.app.benchmark_cases import (
     GRAM_WIDTHS,
     STEP_METHODS,
     STEP_TASKS,
-    TRUNK_NETWORKS,
     TRUNK_STEP_IMPLEMENTATIONS,
     compiled_step_case,
     copy_case,
@@ -26,6 +25,7 @@ from fused_mtl.app.benchmark_cases import (
     gradient_step_case,
     gram_case,
     method_step_case,
+    trunk_cases,
     trunk_step_case,
 )
 
@@ -43,9 +43,9 @@ def test_gradient_method_step(run_case, method, implementation):
 
 
 @pytest.mark.parametrize("implementation", TRUNK_STEP_IMPLEMENTATIONS)
-@pytest.mark.parametrize("network", TRUNK_NETWORKS)
-def test_whole_trunk_mgda_step(run_case, network, implementation):
-    run_case(lambda device: trunk_step_case(network, implementation, STEP_TASKS, device))
+@pytest.mark.parametrize(("network", "method", "num_tasks"), trunk_cases())
+def test_whole_trunk_step(run_case, network, method, num_tasks, implementation):
+    run_case(lambda device: trunk_step_case(network, implementation, num_tasks, device, method))
 
 
 @pytest.mark.parametrize("method", STEP_METHODS)

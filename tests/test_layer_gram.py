@@ -231,7 +231,9 @@ def test_a_weight_used_outside_its_layer_takes_the_per_task_gradients():
     assert not upgrad._layer_gram.engine.has_calls()
 
     strict = UPGrad(net.trunk, 3, per_task_gradients="layers")
-    with pytest.raises(RuntimeError, match="per_task_gradients='layers' cannot be used .* outside"):
+    with pytest.raises(
+        RuntimeError, match=r"per_task_gradients=.layers. cannot be used .* outside"
+    ):
         strict(net.losses(inputs))
 
 

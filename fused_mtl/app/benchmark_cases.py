@@ -21,10 +21,12 @@ Groups (``Case.group``), each with the implementation it is compared against (``
   against the per-task loop of common implementations (K backward passes, then norms or a Gram).
 - ``method step K=..``: one training step with each balancing method, against the plain sum: the
   price of balancing.
-- ``mgda step K=.., per-head losses`` (the toy's network) and ``mgda trunk step K=..`` (a
-  4 x 1024 trunk, batch 128, heads 1024 -> 16): MGDA over the whole trunk with each task's loss
-  computed from its own head, against the plain sum; ``mgda.backward``, with and without
-  ``gram_by_layer``, and TorchJD's autojac and autogram with its MGDA where ``torchjd`` is installed
+- ``mgda step K=.., per-head losses`` (the toy's network) and ``mgda trunk step K=.., <trunk>`` /
+  ``upgrad trunk step K=.., <trunk>`` (a 4 x 1024 MLP, a ResNet-style CNN, a transformer
+  encoder: ``trunk_network``): the method over the whole trunk with each task's loss computed
+  from its own head, against the plain sum; the default (the Gram one layer at a time), the
+  per-task gradients of every parameter (batched, or a loop of K backward passes as LibMTL
+  runs them), and TorchJD's autojac and autogram where ``torchjd`` is installed
   (``pip install fused-mtl[peers]``).
 
 Training steps also record their peak extra memory (``Case.peak_bytes``): what one step holds
@@ -60,6 +62,7 @@ from fused_mtl import (
     MGDA,
     GradNorm,
     UncertaintyWeighting,
+    UPGrad,
     __version__,
     reference,
 )

@@ -97,8 +97,8 @@ def measure(case: Case, min_run_time: float) -> Result:
     return measure_group([case], min_run_time)[0]
 
 
-def measure_group(cases: Sequence[Case], min_run_time: float) -> list[Result]:
-    """Time ``case.step`` of each case with ``torch.utils.benchmark`` in ``ROUNDS`` interleaved
+def measure_group(cases: Sequence[Case], min_run_time: float, rounds: int = ROUNDS) -> list[Result]:
+    """Time ``case.step`` of each case with ``torch.utils.benchmark`` in ``rounds`` interleaved
     rounds (blocks of calls for ``min_run_time / ROUNDS`` seconds per case and round, on as
     many threads as torch uses); each case's time is the median of its rounds' medians, and its
     spread the interquartile range of those."""
@@ -106,10 +106,10 @@ def measure_group(cases: Sequence[Case], min_run_time: float) -> list[Result]:
     timers = [Timer("step()", globals={"step": case.step}, num_threads=threads) for case in cases]
     medians: list[list[float]] = [[] for _ in cases]
     runs = [0 for _ in cases]
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         for index, (case, timer) in enumerate(zip(cases, timers, strict=True)):
             with case.timing_guard():
-                measurement = timer.blocked_autorange(min_run_time=min_run_time / ROUNDS)
+                measurement = timer.blocked_autorange(min_run_time=min_run_time / rounds)
             medians[index].append(measurement.median)
             runs[index] += measurement.number_per_run * len(measurement.times)
     results = []
