@@ -9,10 +9,17 @@ whose backward cannot be batched, a parameter used outside its layer's call, a f
 ran no shared layer (a model compiled by ``torch.compile``, whose hooks do not run). A later
 call that finds no recorded layer call also moves to the per-task gradients. ``"layers"``
 raises instead of moving.
+
+How the layers' backward runs (``LayerGram.batched``): on CUDA, batched (one walk of the graph
+for the K tasks). Elsewhere the first call runs it batched and the second one task at a time,
+and the faster is kept: on one CPU thread the loop was 2.7x faster on a ResNet-style CNN
+(functorch's batched BatchNorm and ReLU backward run about 5x slower than K native calls) and
+1.2x on a transformer encoder, the batched backward 1.2x faster on a 4 x 1024 MLP.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -33,6 +40,9 @@ class LayerGramChoice:
         self.requested = requested
         self.active = True
         self.checked = False
+        # Off CUDA, the wall time of the first call's batched backward and of the second
+        # call's loop over the tasks (LayerGram.batched): the faster is kept.
+        self._timed: dict[bool, float] = {}
         self.reason = "not chosen yet: the layers' Gram is checked on the first call"
 
     def discard(self) -> None:
@@ -56,7 +66,33 @@ class LayerGramChoice:
                 "torch.compile after the first call, or losses computed under torch.no_grad)"
             )
             return None
+        if self.engine.batched is None and losses.device.type != "cuda":
+            return self._timed_call(losses, reduce, agree, batched=False)
         return self.engine(losses, reduce)[0]
+
+    def _timed_call(
+        self,
+        losses: Tensor,
+        reduce: Callable[[list[Tensor]], Tensor] | None,
+        agree: Callable[[Tensor], Tensor] | None,
+        batched: bool,
+    ) -> Tensor:
+        """A call with the engine's backward ``batched`` or not, timed; after both were
+        timed, the faster is kept (on every rank: only if every rank found it faster)."""
+        self.engine.batched = batched
+        started = time.perf_counter()
+        try:
+            gram = self.engine(losses, reduce)[0]
+        finally:
+            self.engine.batched = None
+        self._timed[batched] = time.perf_counter() - started
+        if len(self._timed) == 2:
+            loop_faster = self._timed[False] < self._timed[True]
+            if agree is not None:
+                flag = torch.tensor([1.0 if loop_faster else 0.0], device=losses.device)
+                loop_faster = float(agree(flag)[0]) == 1.0
+            self.engine.batched = not loop_faster
+        return gram
 
     def _first(
         self,
@@ -73,12 +109,19 @@ class LayerGramChoice:
                 "no hooks)"
             )
         else:
+            off_cuda = losses.device.type != "cuda"
+            started = time.perf_counter()
             try:
+                self.engine.batched = True if off_cuda else None
                 gram, local = self.engine(losses, reduce, keep_local=True)
             except RuntimeError as error:
                 problem = f"the layers' batched backward failed: {_first_line(error)}"
             else:
+                if off_cuda:
+                    self._timed[True] = time.perf_counter() - started
                 problem = self.engine.verify(losses, local, parameters)
+            finally:
+                self.engine.batched = None
         if agree is not None:
             # Every rank takes the layers, or none does: their Grams are summed over the ranks.
             flag = torch.tensor([0.0 if problem else 1.0], device=losses.device)

@@ -27,6 +27,10 @@ class EmbeddingRule(LayerRule):
     ) -> list[Tensor]:
         return [self._rows(call, output_grads, dtype, compact=False)]
 
+    def prefers_output_gradients(self, call: LayerCall, num_tasks: int) -> bool:
+        module: nn.Embedding = call.module  # type: ignore[assignment]
+        return module.num_embeddings > first_tensor(call).numel()
+
     def gram(self, call: LayerCall, output_grads: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
         return gram_of([self._rows(call, output_grads, dtype, compact=True)])
 

@@ -59,19 +59,28 @@ class LayerGram:
     sub-modules that owns parameters is hooked, with the rule of its type.
     """
 
-    def __init__(self, shared: nn.Module) -> None:
+    def __init__(self, shared: nn.Module, batched: bool | None = None) -> None:
+        self.batched = batched
         self.layers: list[tuple[nn.Module, LayerRule, list[Tensor]]] = []
         self._find_layers(shared, "")
-        # id(parameter) -> how many hooked layers hold it (a tied weight: more than one).
-        self._holders: dict[int, int] = {}
-        for _, _, parameters in self.layers:
-            for parameter in parameters:
-                self._holders[id(parameter)] = self._holders.get(id(parameter), 0) + 1
+        self._by_module = {id(module): (rule, own) for module, rule, own in self.layers}
+        # The parameters of the layers whose rule has them differentiated by the engine's own
+        # backward (``ModuleJacobianRule``), each once.
+        direct: dict[int, Tensor] = {}
+        for _, rule, own in self.layers:
+            if rule.through_engine_backward:
+                for parameter in own:
+                    direct.setdefault(id(parameter), parameter)
+        self._direct = list(direct.values())
+        #: Maps the parameters to the tensors autograd differentiates (FSDP2's unsharded ones).
+        self.resolve: Callable[[list[Tensor]], list[Tensor]] = list
         self._calls: list[LayerCall] = []
         self._collecting = False
         self._anchors: dict[torch.device, Tensor] = {}
         self._reduce: Callable[[list[Tensor]], Tensor] | None = None
-        self._received: dict[int, Any] = {}
+        # Looping over the tasks: the rows of the current pass, and what each call holds.
+        self._rows: slice | None = None
+        self._held: dict[int, _Held] = {}
         recorder = _CallRecorder(self)
         self._hooks = [
             module.register_forward_hook(recorder, with_kwargs=True) for module, _, _ in self.layers
@@ -110,6 +119,7 @@ class LayerGram:
         if not positions:
             return output
         tensors = [value for value in tree_flatten((args, kwargs))[0] if isinstance(value, Tensor)]
+        rule, _ = self._by_module[id(module)]
         call = LayerCall(
             module,
             args,
@@ -117,8 +127,11 @@ class LayerGram:
             tuple(flat[index] for index in positions),
             module.training,
             tuple(tensor._version for tensor in tensors),
+            tapped=not rule.through_engine_backward,
         )
         self._calls.append(call)
+        if not call.tapped:
+            return output
         anchor = self._anchor(flat[positions[0]].device)
         tapped = _Tap.apply(self, call, anchor, *(flat[index] for index in positions))
         for index, value in zip(positions, tapped, strict=True):
@@ -180,9 +193,10 @@ class LayerGram:
             for output in call.outputs
             if output.is_floating_point()
         )
+        calls = [call for call in calls if call.tapped]
         uses: dict[int, int] = {}
         for call in calls:
-            for parameter in self._rule(call.module).parameters(call.module):
+            for parameter in self._parameters(call):
                 uses[id(parameter)] = uses.get(id(parameter), 0) + 1
         # The layers' products are in ``dtype``; their sum, like the fused Gram, in float64.
         self._gram = torch.zeros(num_tasks, num_tasks, dtype=torch.float64, device=losses.device)
@@ -194,22 +208,52 @@ class LayerGram:
         self._local = self._gram.clone() if keep_local and reduce is not None else None
         anchor = self._anchor(losses.device)
         identity = torch.eye(num_tasks, dtype=losses.dtype, device=losses.device)
+        self._num_tasks = num_tasks
 
-        def backward(row: Tensor) -> Tensor:
-            (grad,) = torch.autograd.grad(
-                losses, [anchor], row, retain_graph=True, allow_unused=True, materialize_grads=True
+        direct = self.resolve(self._direct)
+
+        def backward(row: Tensor) -> tuple[Tensor, ...]:
+            # Only the anchor and the direct parameters are differentiated: every tap is on
+            # the way to the anchor, and no other parameter's gradient is formed.
+            return torch.autograd.grad(
+                losses,
+                [anchor, *direct],
+                row,
+                retain_graph=True,
+                allow_unused=True,
+                materialize_grads=True,
             )
-            return grad
 
+        batched = self.batched if self.batched is not None else losses.device.type == "cuda"
         self._collecting = True
         try:
-            with warnings.catch_warnings():
-                # An operation without a batching rule (CPU attention's backward) runs once per
-                # task: slower, exact, and nothing the user's code can change.
-                warnings.filterwarnings("ignore", "There is a performance drop")
-                torch.func.vmap(backward)(identity)
+            if batched:
+                with warnings.catch_warnings():
+                    # An operation without a batching rule (CPU attention's backward) runs once
+                    # per task: slower, exact, and nothing the user's code can change.
+                    warnings.filterwarnings("ignore", "There is a performance drop")
+                    direct_grads = list(torch.func.vmap(backward)(identity)[1:])
+            else:
+                direct_grads = [p.new_empty((num_tasks, *p.shape), dtype=dtype) for p in direct]
+                for task in range(num_tasks):
+                    self._rows = slice(task, task + 1)
+                    grads = backward(identity[task])[1:]
+                    for buffer, grad in zip(direct_grads, grads, strict=True):
+                        buffer[task] = grad
+                self._rows = None
+                held, self._held = self._held, {}
+                for entry in held.values():
+                    if entry.output_grads is not None:
+                        self._add(entry.call, entry.output_grads)
+                    else:
+                        self._add_gradients(entry.call, entry.task_grads)  # type: ignore[arg-type]
+            if direct_grads:
+                self._add_flat(
+                    torch.cat([g.reshape(num_tasks, -1).to(dtype) for g in direct_grads], 1)
+                )
         finally:
             self._collecting = False
+            self._rows, self._held = None, {}
             sums, self._sums = self._sums, {}
             self._reduce = None
         gram, local = self._gram, self._local
@@ -224,13 +268,10 @@ class LayerGram:
         return symmetric(gram), None if local is None else symmetric(local)
 
     def _rule(self, module: nn.Module) -> LayerRule:
-        for layer, rule, _ in self.layers:
-            if layer is module:
-                return rule
-        raise KeyError(module)
+        return self._by_module[id(module)][0]
 
     def _parameters(self, call: LayerCall) -> list[Tensor]:
-        return self._rule(call.module).parameters(call.module)
+        return self._by_module[id(call.module)][1]
 
     def _receive(self, call: LayerCall, output_grads: list[Tensor]) -> None:
         """A layer's ``(K, *output)`` gradients, during the batched backward."""
@@ -243,21 +284,51 @@ class LayerGram:
                     "its recorded input is no longer the one its gradient came from; use the "
                     "operation with inplace=False"
                 )
-        dtype = self._dtype
+        if self._rows is None:
+            self._add(call, output_grads)
+            return
+        # One task's rows: held until every task's pass is done (``_Held``).
+        entry = self._held.get(id(call))
+        if entry is None:
+            keep_outputs = (
+                id(call) not in self._shared_calls
+                and self._reduce is None
+                and rule.prefers_output_gradients(call, self._num_tasks)
+            )
+            entry = _Held(call, keep_outputs)
+            self._held[id(call)] = entry
+        rows = (
+            output_grads
+            if entry.keep_outputs
+            else rule.task_gradients(call, output_grads, self._dtype)
+        )
+        entry.put(rows, self._rows, self._num_tasks)
+
+    def _add(self, call: LayerCall, output_grads: list[Tensor]) -> None:
+        """A call's share of the Gram, from every task's output gradients."""
+        rule = self._rule(call.module)
+        if id(call) in self._shared_calls or self._reduce is not None:
+            self._add_gradients(call, rule.task_gradients(call, output_grads, self._dtype))
+            return
+        self._gram += rule.gram(call, output_grads, self._dtype).double()
+
+    def _add_gradients(self, call: LayerCall, task_grads: list[Tensor]) -> None:
+        """A call's share of the Gram, from every task's gradients of its parameters."""
         if id(call) in self._shared_calls:
-            grads = rule.task_gradients(call, output_grads, dtype)
-            for parameter, grad in zip(rule.parameters(module), grads, strict=True):
+            for parameter, grad in zip(self._parameters(call), task_grads, strict=True):
                 held = self._sums.get(id(parameter))
                 self._sums[id(parameter)] = (parameter, grad if held is None else held[1] + grad)
             return
+        self._add_flat(torch.cat([grad.reshape(grad.shape[0], -1) for grad in task_grads], 1))
+
+    def _add_flat(self, flat: Tensor) -> None:
+        """The share of ``(K, P)`` per-task gradients (over the ranks with ``reduce``)."""
         if self._reduce is not None:
-            grads = rule.task_gradients(call, output_grads, dtype)
-            flat = torch.cat([grad.reshape(grad.shape[0], -1) for grad in grads], 1)
             if self._local is not None:
                 self._local += flat @ flat.T
             self._gram += self._reduce([flat])
             return
-        self._gram += rule.gram(call, output_grads, dtype).double()
+        self._gram += (flat @ flat.T).double()
 
     def verify(self, losses: Tensor, gram: Tensor, parameters: Sequence[Tensor]) -> str | None:
         """``None`` when ``gram`` agrees with ordinary backward passes through ``parameters``
@@ -292,6 +363,28 @@ class LayerGram:
             "a shared parameter is used outside its layer's call (a weight tied to a head, or "
             "used directly by another module)"
         )
+
+
+class _Held:
+    """What a layer's call holds while the tasks' backward passes run one at a time: every
+    task's output gradients (``keep_outputs``, for a rule whose Gram is cheaper from them, as
+    ``LinearRule``'s row products are), or every task's gradients of its parameters."""
+
+    def __init__(self, call: LayerCall, keep_outputs: bool) -> None:
+        self.call, self.keep_outputs = call, keep_outputs
+        self.output_grads: list[Tensor] | None = None
+        self.task_grads: list[Tensor] | None = None
+
+    def put(self, rows: list[Tensor], where: slice, num_tasks: int) -> None:
+        held = self.output_grads if self.keep_outputs else self.task_grads
+        if held is None:
+            held = [row.new_zeros((num_tasks, *row.shape[1:])) for row in rows]
+            if self.keep_outputs:
+                self.output_grads = held
+            else:
+                self.task_grads = held
+        for buffer, row in zip(held, rows, strict=True):
+            buffer[where] = row
 
 
 def symmetric(gram: Tensor) -> Tensor:

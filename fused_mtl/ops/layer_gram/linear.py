@@ -59,6 +59,13 @@ class LinearRule(LayerRule):
             result.pop(0)
         return result
 
+    def prefers_output_gradients(self, call: LayerCall, num_tasks: int) -> bool:
+        module: nn.Linear = call.module  # type: ignore[assignment]
+        rows = first_tensor(call).numel() // module.in_features
+        return module.weight.requires_grad and ghost_is_cheaper(
+            rows, module.in_features, module.out_features, num_tasks
+        )
+
     def gram(self, call: LayerCall, output_grads: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
         module: nn.Linear = call.module  # type: ignore[assignment]
         rows, grads = rows_and_gradients(call, output_grads, dtype)

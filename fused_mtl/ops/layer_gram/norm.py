@@ -54,7 +54,10 @@ class NormRule(LayerRule):
         self, call: LayerCall, output_grads: Sequence[Tensor], dtype: torch.dtype
     ) -> list[Tensor]:
         module = call.module
-        hat, trailing = normalised_input(call, dtype)
+        # The tasks' backward passes, one at a time, each bring a row: x_hat is computed once.
+        if "hat" not in call.cache:
+            call.cache["hat"], call.cache["trailing"] = normalised_input(call, dtype)
+        hat, trailing = call.cache["hat"], int(call.cache["trailing"])
         grads = output_grads[0].to(dtype)
         if trailing == -1:  # one parameter per channel: dimension 1 of (N, C, *spatial)
             summed = tuple(d for d in range(1, grads.dim()) if d != 2)

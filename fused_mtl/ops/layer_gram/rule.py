@@ -30,6 +30,11 @@ class LayerCall:
     training: bool
     #: The tensor arguments' versions at the call: an in-place change after it is refused.
     versions: tuple[int, ...] = field(default=())
+    #: Whether the outputs pass through a tap (not for ``through_engine_backward`` rules).
+    tapped: bool = True
+    #: What a rule computes from the call once and uses for every task (``NormRule``'s
+    #: normalised input), while the call's Gram is being taken.
+    cache: dict[str, Any] = field(default_factory=dict)
 
 
 class LayerRule:
@@ -42,6 +47,9 @@ class LayerRule:
     #: Whether the rule covers the parameters of the layer's children too (a layer that uses
     #: its children's parameters without calling them: ``nn.MultiheadAttention``'s ``out_proj``).
     owns_children = False
+    #: Whether the layer's parameters are differentiated by the engine's backward itself
+    #: (``ModuleJacobianRule``) instead of from the output gradients that a tap hands over.
+    through_engine_backward = False
 
     def parameters(self, module: nn.Module) -> list[Tensor]:
         """The parameters whose per-task gradients the rule gives, in its order."""
@@ -53,6 +61,11 @@ class LayerRule:
     ) -> list[Tensor]:
         """``(K, *parameter.shape)`` per parameter (``parameters``' order), in ``dtype``."""
         raise NotImplementedError
+
+    def prefers_output_gradients(self, call: LayerCall, num_tasks: int) -> bool:
+        """Whether ``gram`` is cheaper from the K output gradients than ``task_gradients``
+        are: when the tasks' backward passes run one at a time, a call then holds those."""
+        return False
 
     def gram(self, call: LayerCall, output_grads: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
         """The layer's share ``(K, K)`` of the Gram, for a call that is its parameters' only
