@@ -17,7 +17,9 @@ The recorded runs:
   method against the plain sum);
 - ``cpu-bench.json``: ``fused-mtl bench`` (every benchmark case);
 - ``kernel-resources.json``: ``python benchmarks/kernel_resources.py`` (every kernel variant
-  compiled for sm_80, sm_90 and sm_100, and the predicted H100 time of the benchmark cases).
+  compiled for sm_80, sm_90 and sm_100, and the predicted H100 time of the benchmark cases);
+- ``cpu-trunk-steps.json``: ``python benchmarks/trunk_steps.py`` (whole-trunk MGDA and UPGrad
+  steps on three trunks against the plain sum and TorchJD).
 """
 
 from __future__ import annotations
@@ -169,10 +171,10 @@ def bench_table() -> str:
     return markdown(results, record["environment"], record["command"])
 
 
-def _kernel_resources():
-    """``benchmarks/kernel_resources.py`` as a module (it formats its own tables)."""
-    path = ROOT / "benchmarks" / "kernel_resources.py"
-    spec = importlib.util.spec_from_file_location("kernel_resources", path)
+def _script(name: str):
+    """``benchmarks/<name>.py`` as a module (it formats its own tables)."""
+    path = ROOT / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -180,11 +182,19 @@ def _kernel_resources():
 
 
 def kernel_resources_summary() -> str:
-    return _kernel_resources().summary_markdown(load("kernel-resources.json"))
+    return _script("kernel_resources").summary_markdown(load("kernel-resources.json"))
 
 
 def predicted_h100_times() -> str:
-    return _kernel_resources().roofline_markdown(load("kernel-resources.json"))
+    return _script("kernel_resources").roofline_markdown(load("kernel-resources.json"))
+
+
+def trunk_steps_table() -> str:
+    """Each whole-trunk step's time over the plain sum's and autogram's, and its peak."""
+    record = load("cpu-trunk-steps.json")
+    results = [Result(**entry) for entry in record["results"]]
+    summary = _script("trunk_steps").summary(results)
+    return summary + "\n" + _provenance(record, "cpu-trunk-steps.json") + ".\n"
 
 
 #: Every generated block: its name and what fills it.
@@ -197,6 +207,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "bench-cpu": bench_table,
     "kernel-resources": kernel_resources_summary,
     "predicted-h100": predicted_h100_times,
+    "trunk-steps": trunk_steps_table,
 }
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 

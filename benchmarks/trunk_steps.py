@@ -8,6 +8,12 @@ the full benchmark.
 writes ``PREFIX.json`` and ``PREFIX.md`` (the runner's table, then one row per trunk, method
 and K: each implementation's time over the plain sum's and over autogram's, and its peak extra
 memory). On a CPU it runs on one thread (``--threads``), as the targets are stated.
+
+    python benchmarks/trunk_steps.py --phases [--networks cnn]
+
+prints where the time of the layers' Gram goes at K = 8 (median of 3 steps): the forward pass,
+the engine's backward of activation gradients, each rule's share by layer type, and the
+backward of the weighted sum; batched and one task at a time.
 """
 
 from __future__ import annotations
@@ -15,12 +21,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from fused_mtl.app.benchmark_cases import (
+    STEP_TASKS,
     TRUNK_STEP_IMPLEMENTATIONS,
     Unavailable,
     environment,
@@ -62,18 +71,71 @@ def summary(results: list[Result]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def phases(network: str, num_tasks: int, batched: bool) -> dict[str, float]:
+    """Seconds of one layers' Gram step on ``network``, by phase (the median of 3 steps)."""
+    from fused_mtl.app.benchmark_cases import losses_of_features, trunk_network
+    from fused_mtl.ops.layer_gram import LayerGram
+
+    model, inputs, targets = trunk_network(network, num_tasks, "cpu")
+    engine = LayerGram(model.trunk, batched=batched)  # type: ignore[arg-type]
+    spent: dict[str, float] = {}
+    receive = engine._receive
+
+    def timed(call, output_grads):  # type: ignore[no-untyped-def]
+        started = time.perf_counter()
+        receive(call, output_grads)
+        key = f"rule: {type(call.module).__name__}"
+        spent[key] = spent.get(key, 0.0) + time.perf_counter() - started
+
+    engine._receive = timed  # type: ignore[method-assign]
+    steps = []
+    for _ in range(4):
+        spent.clear()
+        model.zero_grad(set_to_none=True)
+        started = time.perf_counter()
+        features = model.trunk(inputs)  # type: ignore[operator]
+        losses = torch.stack(losses_of_features(model, features, targets))
+        forward = time.perf_counter()
+        engine(losses)
+        gram = time.perf_counter()
+        losses.sum().backward()
+        done = time.perf_counter()
+        rules = sum(spent.values())
+        steps.append(
+            {
+                "forward": forward - started,
+                "backward of activation gradients (and held rows)": gram - forward - rules,
+                **spent,
+                "backward of the weighted sum": done - gram,
+            }
+        )
+    return {key: statistics.median(step[key] for step in steps[1:]) for key in steps[-1]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("prefix", type=Path, help="where to write PREFIX.json and PREFIX.md")
+    parser.add_argument(
+        "prefix", type=Path, nargs="?", help="where to write PREFIX.json and PREFIX.md"
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--networks", default="mlp,cnn,transformer", help="comma-separated")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default: 1)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per group")
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per case")
+    parser.add_argument("--phases", action="store_true", help="where the time goes, K = 8")
     args = parser.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     networks = args.networks.split(",")
+    if args.phases:
+        for network in networks:
+            for batched in (True, False):
+                spent = phases(network, STEP_TASKS, batched)
+                way = "batched" if batched else "one task at a time"
+                total = sum(spent.values())
+                parts = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in spent.items())
+                print(f"{network}, {way}: {total * 1e3:.0f} ms = {parts}")
+        return
     results: list[Result] = []
     for network, method, num_tasks in trunk_cases():
         if network not in networks:

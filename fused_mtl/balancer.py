@@ -765,6 +765,8 @@ class GradientBalancer(Balancer):
         self._shared = parameters
         # FSDP2 shards parameters into DTensors: their gradients are taken on the unsharded copy.
         self._sharded = any(is_sharded(parameter) for parameter in parameters)
+        if self._layer_gram is not None and self._sharded:
+            self._layer_gram.engine.resolve = unsharded_parameters
         self._task_gradients = TaskGradients(
             parameters, names, "auto" if requested == "layers" else requested
         )

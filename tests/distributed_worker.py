@@ -361,6 +361,30 @@ def run_edge_cases(rank: int) -> dict[str, object]:
     from torch.distributed.tensor import Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (world,))
+
+    # The layers' Gram of an FSDP2-sharded trunk with a LayerNorm and a layer without a rule of
+    # its own (PReLU: differentiated through its unsharded copy), batched (first call) and one
+    # task at a time (second call): the Gram of the whole batch's per-task gradients.
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.PReLU(8), nn.Linear(8, 5))
+    heads = nn.Linear(5, NUM_TASKS)
+    whole = copy.deepcopy(trunk)
+    fully_shard(trunk, mesh=mesh)
+    upgrad = fused_mtl.UPGrad(trunk, NUM_TASKS)
+    grams = []
+    for _ in range(2):
+        upgrad(task_losses(heads(trunk(inputs[rows])), targets[rows])).backward()
+        grams.append(upgrad.gram.clone())
+    results["fsdp2_layers_grams"] = grams
+    results["fsdp2_layers_mode"] = upgrad.gradient_mode
+    shared = list(whole.parameters())
+    per_task = [
+        torch.cat([g.flatten() for g in torch.autograd.grad(loss, shared, retain_graph=True)])
+        for loss in task_losses(heads(whole(inputs)), targets)
+    ]
+    jacobian = torch.stack(per_task).double()
+    results["fsdp2_layers_reference"] = jacobian @ jacobian.T
+
     holder = nn.Module()
     holder.trunk = nn.Linear(4, 4)
     holder.uw = UncertaintyWeighting(tasks=["a", "b", "c"], init_log_var=[0.5, -0.5, 1.0])

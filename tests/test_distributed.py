@@ -215,6 +215,13 @@ def test_ranks_that_differ_in_data_or_state_still_agree(tmp_path):
     assert torch.allclose(zero["compiled_grad"], torch.full((3,), -0.5))
     assert "was pickled with a process group" in zero["pickled"]
     assert "set_process_group" in zero["pickled"]
+    # The layers' Gram of an FSDP2-sharded trunk: the whole batch's, on every rank.
+    for rank in (zero, one):
+        assert rank["fsdp2_layers_mode"] == "layers"
+        reference = rank["fsdp2_layers_reference"]
+        scale = float(reference.abs().max())
+        for gram in rank["fsdp2_layers_grams"]:
+            torch.testing.assert_close(gram, reference, rtol=RTOL, atol=RTOL * scale)
     # Inside an FSDP2 module: the round trip loads, a NaN is refused on every rank, unchanged.
     for rank in (zero, one):
         assert rank["fsdp2_round_trip"].tolist() == [0.5, -0.5, 1.0]

@@ -281,3 +281,47 @@ def test_methods_that_need_the_gradients_themselves_refuse_the_layers():
     with pytest.raises(ValueError, match="needs the per-task gradients themselves"):
         fused_mtl.MoCo(nn.Linear(3, 3), 2, per_task_gradients="layers")
     assert fused_mtl.MoCo(nn.Linear(3, 3), 2)._layer_gram is None
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "one_task_per_pass"])
+@pytest.mark.parametrize("name", ["mlp", "conv_batchnorm", "transformer", "tied_and_reused"])
+def test_both_ways_of_running_the_backward_give_the_gram(name, batched):
+    """The K tasks in one vmapped backward, or one backward per task (each call's rows held
+    until the last): the same Gram, the per-task gradients' (float64)."""
+    from fused_mtl.ops.layer_gram import LayerGram
+
+    torch.manual_seed(9)
+    trunk, inputs, width = TRUNKS[name]()
+    heads = nn.ModuleList(nn.Linear(width, 1) for _ in range(NUM_TASKS))
+    expected = _reference_gram(trunk, heads, inputs)
+    trunk, heads = trunk.double(), heads.double()
+    engine = LayerGram(trunk, batched=batched)
+    gram, _ = engine(torch.stack(_task_losses(trunk, heads, _cast(inputs, torch.float64))))
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(gram, expected, rtol=1e-10, atol=1e-10 * scale)
+
+
+def test_off_cuda_the_faster_way_is_kept_after_two_calls(monkeypatch):
+    """The first call runs the backward batched, the second one task at a time; the faster of
+    the two is kept from the third call on."""
+    from fused_mtl.ops.layer_gram import choice
+
+    clock = iter([0.0, 5.0, 10.0, 11.0])  # batched: 5 s, one task at a time: 1 s
+    monkeypatch.setattr(choice.time, "perf_counter", lambda: next(clock))
+    trunk = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+    heads = nn.ModuleList(nn.Linear(4, 1) for _ in range(2))
+    mgda = MGDA(trunk, 2)
+    engine = mgda._layer_gram.engine
+    seen = []
+    original = type(engine).__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.batched)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(engine), "__call__", spy)
+    for _ in range(3):
+        features = trunk(torch.randn(5, 4))
+        mgda([head(features).mean() for head in heads])
+    assert seen == [True, False, False]
+    assert engine.batched is False

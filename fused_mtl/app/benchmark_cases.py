@@ -699,12 +699,12 @@ def trunk_network(network: str, num_tasks: int, device: str) -> tuple[nn.Module,
     return model.to(device), inputs.to(device), targets.to(device)
 
 
-def _head_losses(model: nn.Module, inputs: Tensor, targets: Tensor) -> list[Tensor]:
+def head_losses(model: nn.Module, inputs: Tensor, targets: Tensor) -> list[Tensor]:
     """Each task's mean squared error from its own head: one graph per task above the trunk."""
-    return _losses_of_features(model, model.trunk(inputs), targets)
+    return losses_of_features(model, model.trunk(inputs), targets)
 
 
-def _losses_of_features(model: nn.Module, features: Tensor, targets: Tensor) -> list[Tensor]:
+def losses_of_features(model: nn.Module, features: Tensor, targets: Tensor) -> list[Tensor]:
     return [
         (head(features) - target).square().mean()
         for head, target in zip(model.heads, targets, strict=True)  # type: ignore[arg-type]
@@ -749,12 +749,12 @@ def _trunk_step(
     trunk: nn.Module = model.trunk  # type: ignore[assignment]
     shared = list(trunk.parameters())
     if implementation == "plain_sum":
-        return lambda: sum(_head_losses(model, inputs, targets)).backward()  # type: ignore[union-attr]
+        return lambda: sum(head_losses(model, inputs, targets)).backward()  # type: ignore[union-attr]
     ours = MGDA if method == "mgda" else UPGrad
     if implementation.startswith("fused"):
         mode = implementation.removeprefix("fused_")
         balancer = ours(trunk if mode == "layers" else shared, num_tasks, per_task_gradients=mode)
-        return lambda: balancer.backward(_head_losses(model, inputs, targets))
+        return lambda: balancer.backward(head_losses(model, inputs, targets))
     from torchjd import aggregation
 
     if implementation == "torchjd_autojac":
@@ -764,7 +764,7 @@ def _trunk_step(
 
         def autojac() -> None:
             features = trunk(inputs)
-            mtl_backward(_losses_of_features(model, features, targets), features)
+            mtl_backward(losses_of_features(model, features, targets), features)
             jac_to_grad(shared, aggregator)
 
         return autojac
@@ -774,7 +774,7 @@ def _trunk_step(
     weighting = aggregation.MGDAWeighting() if method == "mgda" else aggregation.UPGradWeighting()
 
     def autogram() -> None:
-        losses = torch.stack(_head_losses(model, inputs, targets))
+        losses = torch.stack(head_losses(model, inputs, targets))
         losses.backward(weighting(engine.compute_gramian(losses)))
 
     return autogram

@@ -1,4 +1,4 @@
-"""The per-task Gram of the shared layers, one layer at a time, in one batched backward.
+"""The per-task Gram of the shared layers, one layer at a time, from activation gradients.
 
 For K task losses and shared layers with parameters ``W_1 .. W_n``, ``LayerGram`` computes the
 Gram ``M = sum_l J_l J_l^T`` of the per-task gradients without ever holding them all:
@@ -6,12 +6,19 @@ Gram ``M = sum_l J_l J_l^T`` of the per-task gradients without ever holding them
 1. Each shared layer's forward hook records its call (``LayerCall``: inputs and outputs) and
    passes its outputs through a tap, an identity whose backward, during step 2 only, hands the
    layer's per-task output gradients to the layer's rule (``rules.rule_for``).
-2. One backward of the K losses, batched by ``torch.func.vmap`` over the K rows of the identity,
-   runs from the losses to the taps. It computes activation gradients only: no parameter is
-   differentiated, so no weight gradient is formed. Below the lowest tap nothing runs.
-3. As a layer's ``(K, *output)`` gradients arrive, its rule adds its share to ``M`` and they
-   are freed: the peak extra memory is about K times the largest layer's output gradient (and
-   the rule's own work, at most K times the layer's parameters), never K times all of them.
+2. A backward of the K losses runs from the losses to the taps: batched by ``torch.func.vmap``
+   over the K rows of the identity (``batched``), or one task at a time. It computes activation
+   gradients only: no parameter is differentiated but those of the layers whose rule asks for
+   it (``ModuleJacobianRule``: attention, any layer without a rule), so no other weight
+   gradient is formed. Below the lowest tap nothing runs.
+3. Batched, as a layer's ``(K, *output)`` gradients arrive its rule adds its share to ``M`` and
+   they are freed: the peak extra memory is about K times the largest layer's output gradient
+   (and the rule's own work, at most K times the layer's parameters), never K times all of
+   them. One task at a time, autograd's own backward of a layer (input and weight gradients in
+   one call) is cheaper than a rule's second pass over it: each pass differentiates every
+   parameter but those of the layers whose Gram is cheaper from their rows' products (wide
+   linear layers at a small batch), whose calls hold their K output gradients (``_Held``)
+   until the last pass; the others' K per-task gradients are held (K x their parameters).
 
 A parameter used by several calls (a layer called twice, a weight tied between two layers) has
 gradients that are sums over its uses, whose Gram has cross terms: its per-task gradients are
@@ -23,9 +30,8 @@ gives its per-task gradients (no row products), and as they arrive one ``reduce_
 K x the layer's parameters (in float32 at least) gives each rank the sum over ranks of a block
 of their columns, whose Gram it adds (``TaskSync.shard_gram``); the caller then sums the ranks'
 shares in one ``all_reduce`` of K x K numbers. What crosses the wire is what the per-task
-gradients of every parameter send (K x P numbers per call), a layer at a time: the held
-gradients never exceed one layer's. The layers arrive in the backward's order, the same on
-every rank for the same model.
+gradients of every parameter send (K x P numbers per call), a layer at a time. The layers
+arrive in the backward's order, the same on every rank for the same model.
 
 The final update is the ordinary backward of ``sum_i w_i L_i``, by the caller.
 
@@ -81,6 +87,7 @@ class LayerGram:
         # Looping over the tasks: the rows of the current pass, and what each call holds.
         self._rows: slice | None = None
         self._held: dict[int, _Held] = {}
+        self._delivered: set[int] = set()
         recorder = _CallRecorder(self)
         self._hooks = [
             module.register_forward_hook(recorder, with_kwargs=True) for module, _, _ in self.layers
@@ -210,7 +217,34 @@ class LayerGram:
         identity = torch.eye(num_tasks, dtype=losses.dtype, device=losses.device)
         self._num_tasks = num_tasks
 
-        direct = self.resolve(self._direct)
+        batched = self.batched if self.batched is not None else losses.device.type == "cuda"
+        direct_parameters = list(self._direct)
+        if batched:
+            self._delivered = {id(call) for call in calls}
+        else:
+            # One task at a time, autograd's own backward of a layer (its input and weight
+            # gradients in one call) is cheaper than a rule's second pass over the layer: every
+            # parameter is differentiated but those of the layers whose Gram is cheaper from
+            # their rows' products, which alone receive their output gradients.
+            self._delivered = set()
+            rowwise: dict[int, bool] = {}
+            for call in calls:
+                cheaper = (
+                    id(call) not in self._shared_calls
+                    and reduce is None
+                    and self._rule(call.module).prefers_output_gradients(call, num_tasks)
+                )
+                rowwise[id(call.module)] = rowwise.get(id(call.module), True) and cheaper
+            seen = {id(parameter) for parameter in direct_parameters}
+            for call in calls:
+                if rowwise[id(call.module)]:
+                    self._delivered.add(id(call))
+                    continue
+                for parameter in self._parameters(call):
+                    if id(parameter) not in seen:
+                        seen.add(id(parameter))
+                        direct_parameters.append(parameter)
+        direct = self.resolve(direct_parameters)
 
         def backward(row: Tensor) -> tuple[Tensor, ...]:
             # Only the anchor and the direct parameters are differentiated: every tap is on
@@ -224,7 +258,6 @@ class LayerGram:
                 materialize_grads=True,
             )
 
-        batched = self.batched if self.batched is not None else losses.device.type == "cuda"
         self._collecting = True
         try:
             if batched:
@@ -243,10 +276,7 @@ class LayerGram:
                 self._rows = None
                 held, self._held = self._held, {}
                 for entry in held.values():
-                    if entry.output_grads is not None:
-                        self._add(entry.call, entry.output_grads)
-                    else:
-                        self._add_gradients(entry.call, entry.task_grads)  # type: ignore[arg-type]
+                    self._add(entry.call, entry.output_grads)  # type: ignore[arg-type]
             if direct_grads:
                 self._add_flat(
                     torch.cat([g.reshape(num_tasks, -1).to(dtype) for g in direct_grads], 1)
@@ -274,8 +304,8 @@ class LayerGram:
         return self._by_module[id(call.module)][1]
 
     def _receive(self, call: LayerCall, output_grads: list[Tensor]) -> None:
-        """A layer's ``(K, *output)`` gradients, during the batched backward."""
-        module, rule = call.module, self._rule(call.module)
+        """A layer's ``(K, *output)`` gradients (one task's rows when looping)."""
+        module = call.module
         for value, version in zip(_tensors(call), call.versions, strict=True):
             if value._version != version:
                 raise RuntimeError(
@@ -286,23 +316,13 @@ class LayerGram:
                 )
         if self._rows is None:
             self._add(call, output_grads)
+            call.cache.clear()
             return
         # One task's rows: held until every task's pass is done (``_Held``).
         entry = self._held.get(id(call))
         if entry is None:
-            keep_outputs = (
-                id(call) not in self._shared_calls
-                and self._reduce is None
-                and rule.prefers_output_gradients(call, self._num_tasks)
-            )
-            entry = _Held(call, keep_outputs)
-            self._held[id(call)] = entry
-        rows = (
-            output_grads
-            if entry.keep_outputs
-            else rule.task_gradients(call, output_grads, self._dtype)
-        )
-        entry.put(rows, self._rows, self._num_tasks)
+            entry = self._held[id(call)] = _Held(call)
+        entry.put(output_grads, self._rows, self._num_tasks)
 
     def _add(self, call: LayerCall, output_grads: list[Tensor]) -> None:
         """A call's share of the Gram, from every task's output gradients."""
@@ -366,24 +386,17 @@ class LayerGram:
 
 
 class _Held:
-    """What a layer's call holds while the tasks' backward passes run one at a time: every
-    task's output gradients (``keep_outputs``, for a rule whose Gram is cheaper from them, as
-    ``LinearRule``'s row products are), or every task's gradients of its parameters."""
+    """A layer call's K output gradients, while the tasks' backward passes run one at a time
+    (for a rule whose Gram is cheaper from them: ``LinearRule``'s rows' products)."""
 
-    def __init__(self, call: LayerCall, keep_outputs: bool) -> None:
-        self.call, self.keep_outputs = call, keep_outputs
+    def __init__(self, call: LayerCall) -> None:
+        self.call = call
         self.output_grads: list[Tensor] | None = None
-        self.task_grads: list[Tensor] | None = None
 
     def put(self, rows: list[Tensor], where: slice, num_tasks: int) -> None:
-        held = self.output_grads if self.keep_outputs else self.task_grads
-        if held is None:
-            held = [row.new_zeros((num_tasks, *row.shape[1:])) for row in rows]
-            if self.keep_outputs:
-                self.output_grads = held
-            else:
-                self.task_grads = held
-        for buffer, row in zip(held, rows, strict=True):
+        if self.output_grads is None:
+            self.output_grads = [row.new_empty((num_tasks, *row.shape[1:])) for row in rows]
+        for buffer, row in zip(self.output_grads, rows, strict=True):
             buffer[where] = row
 
 
@@ -435,7 +448,7 @@ class _Tap(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple:
         engine, call = ctx.engine, ctx.call
-        if not engine._collecting:
+        if not engine._collecting or id(call) not in engine._delivered:
             return (None, None, None, *grads)
         present = [
             grad if grad is not None else torch.zeros_like(output)

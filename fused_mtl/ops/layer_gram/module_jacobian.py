@@ -11,8 +11,6 @@ ends (K x the parameters of such layers).
 
 from __future__ import annotations
 
-from torch import nn
-
 from fused_mtl.ops.layer_gram.rule import LayerRule
 
 
@@ -24,8 +22,3 @@ class ModuleJacobianRule(LayerRule):
 
     def __init__(self, owns_children: bool = False) -> None:
         self.owns_children = owns_children
-
-
-def owns_children(module: nn.Module) -> bool:
-    """Whether a layer uses parameters of children that it does not call."""
-    return isinstance(module, nn.MultiheadAttention)

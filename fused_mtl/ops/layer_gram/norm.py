@@ -54,7 +54,7 @@ class NormRule(LayerRule):
         self, call: LayerCall, output_grads: Sequence[Tensor], dtype: torch.dtype
     ) -> list[Tensor]:
         module = call.module
-        # The tasks' backward passes, one at a time, each bring a row: x_hat is computed once.
+        # x_hat once per call (a layer called twice, or the local and reduced shares).
         if "hat" not in call.cache:
             call.cache["hat"], call.cache["trailing"] = normalised_input(call, dtype)
         hat, trailing = call.cache["hat"], int(call.cache["trailing"])
