@@ -740,8 +740,9 @@ class GradientBalancer(Balancer):
     ) -> None:
         super().__init__(num_tasks, tasks, backend, sync, process_group)
         parameters, names = shared_parameters(shared) if shared is not None else ([], [])
-        self.gram_by_layer = bool(gram_by_layer)
         requested = "layers" if gram_by_layer else per_task_gradients
+        #: Whether the Gram must come from the layers (``per_task_gradients="layers"``).
+        self.gram_by_layer = requested == "layers"
         if requested not in PER_TASK_GRADIENTS:
             raise ValueError(
                 f"per_task_gradients must be one of {PER_TASK_GRADIENTS}, got {requested!r}"
@@ -790,12 +791,6 @@ class GradientBalancer(Balancer):
         layer_gram = getattr(self, "_layer_gram", None)
         return layer_gram is not None and layer_gram.active
 
-    def _discard_layer_calls(self) -> None:
-        """Drop the layers' recorded calls (a call that takes the per-task gradients)."""
-        layer_gram = getattr(self, "_layer_gram", None)
-        if layer_gram is not None:
-            layer_gram.discard()
-
     @property
     def gradient_mode(self) -> str | None:
         """``"layers"``, ``"batched"`` or ``"loop"`` once chosen on the first call (``None``
@@ -830,7 +825,6 @@ class GradientBalancer(Balancer):
         grad disabled); ``None`` when it balances."""
         if self._updates():
             return None
-        self._discard_layer_calls()
         stacked, _ = check_losses(
             losses, num_tasks=self.num_tasks, names=self.tasks, reduction=None, device=device
         )
@@ -880,11 +874,7 @@ class GradientBalancer(Balancer):
         agree = self._sync.smallest if syncing else None
         parameters = unsharded_parameters(self._shared) if self._sharded else None
         if self._layers_active() and features is None and names is None:
-            try:
-                gradients.check_trainable(parameters or self._shared)
-            except ValueError:
-                self._discard_layer_calls()
-                raise
+            gradients.check_trainable(parameters or self._shared)
             self._check_reached(losses, separate, parameters or self._shared)
             gram = self._layer_gram(
                 losses,
@@ -897,7 +887,6 @@ class GradientBalancer(Balancer):
                 if syncing:
                     gram, current = self._sync.summed_gram(gram, current)
                 return (gram.diagonal().clamp(min=0).sqrt() if diagonal else gram), current
-        self._discard_layer_calls()  # features=z, or the per-task gradients: calls unused
         inputs = [features] if features is not None else parameters
         names = names if names is not None else self.tasks
         task_grads = gradients(losses, names, separate, inputs, agree)
@@ -919,7 +908,6 @@ class GradientBalancer(Balancer):
         roots = task_graph_roots(losses, separate)
         for index, root in enumerate(roots or ()):
             if not reaches(root, parameters):
-                self._layer_gram.discard()
                 raise ValueError(
                     f"task {task_label(index, self.tasks)}: its loss does not depend on the "
                     "shared parameters (choose parameters that all tasks use)"
@@ -933,12 +921,11 @@ class GradientBalancer(Balancer):
         micro-batches so far (over all ranks when syncing), and their mean losses. The step
         holds the sum: K x P numbers in the state's dtype (as much as one call's gradients)."""
         name = type(self).__name__
-        self._discard_layer_calls()
         if self.gram_by_layer:
             raise NotImplementedError(
-                f"{name}: step_with(optimizer) cannot be used with gram_by_layer=True (a step "
-                "of several micro-batches needs their per-task gradients summed); build it with "
-                "gram_by_layer=False"
+                f"{name}: step_with(optimizer) cannot be used with per_task_gradients='layers' "
+                "(gram_by_layer=True; a step of several micro-batches needs their per-task "
+                "gradients summed); build it with per_task_gradients='auto'"
             )
         if self._sharded:
             raise NotImplementedError(
@@ -1161,11 +1148,11 @@ class SampledGramBalancer(GramBalancer):
         # Under step_with, each micro-batch computes the step again from its start: the state
         # advances once per optimizer step, with the last micro-batch's cross Gram.
         self._step_call()
-        self._discard_layer_calls()
         if self.gram_by_layer:
             raise NotImplementedError(
-                f"{name}: weight_losses cannot be used with gram_by_layer=True (the layers' "
-                "recorded calls are those of one mini-batch); build it with gram_by_layer=False"
+                f"{name}: weight_losses cannot be used with per_task_gradients='layers' "
+                "(gram_by_layer=True; the layers' recorded calls are those of one mini-batch); "
+                "build it with per_task_gradients='auto'"
             )
         device = self._shared_device()
         batches = [self._graph_losses(losses, device)]

@@ -227,8 +227,7 @@ def test_a_weight_used_outside_its_layer_takes_the_per_task_gradients():
     assert upgrad.gradient_mode == "batched"
     assert "used outside its layer's call" in upgrad.gradient_mode_reason
     torch.testing.assert_close(upgrad.gram, expected, rtol=1e-10, atol=1e-12)
-    upgrad(net.losses(inputs))  # the hooks are gone: nothing is recorded any more
-    assert not upgrad._layer_gram.engine.has_calls()
+    assert not upgrad._layer_gram.engine._hooks  # taken off the layers
 
     strict = UPGrad(net.trunk, 3, per_task_gradients="layers")
     with pytest.raises(
@@ -243,7 +242,6 @@ def test_a_task_that_does_not_reach_the_trunk_is_named():
     features = trunk(torch.randn(4, 3))
     with pytest.raises(ValueError, match="task 'b': its loss does not depend on the shared"):
         mgda([features.square().mean(), torch.randn(2, requires_grad=True).sum()])
-    assert not mgda._layer_gram.engine.has_calls()
 
 
 def test_a_compiled_model_takes_the_per_task_gradients():
@@ -296,7 +294,7 @@ def test_both_ways_of_running_the_backward_give_the_gram(name, batched):
     expected = _reference_gram(trunk, heads, inputs)
     trunk, heads = trunk.double(), heads.double()
     engine = LayerGram(trunk, batched=batched)
-    gram, _ = engine(torch.stack(_task_losses(trunk, heads, _cast(inputs, torch.float64))))
+    gram = engine(torch.stack(_task_losses(trunk, heads, _cast(inputs, torch.float64))))
     scale = float(expected.abs().max())
     torch.testing.assert_close(gram, expected, rtol=1e-10, atol=1e-10 * scale)
 
@@ -325,3 +323,173 @@ def test_off_cuda_the_faster_way_is_kept_after_two_calls(monkeypatch):
         mgda([head(features).mean() for head in heads])
     assert seen == [True, False, False]
     assert engine.batched is False
+
+
+class _ScaledByItsMean(torch.autograd.Function):
+    """``x * mean(x)`` with the mean held constant, whose backward reads its gradient on the
+    host: functorch cannot batch it."""
+
+    @staticmethod
+    def forward(ctx, inputs: torch.Tensor) -> torch.Tensor:
+        ctx.scale = float(inputs.mean())
+        return inputs * ctx.scale
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        finite = bool(torch.isfinite(grad).all())  # a host read of the gradient
+        return grad * ctx.scale if finite else grad
+
+
+class _HostReadingTrunk(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(4, 6), nn.Linear(6, 5)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.tanh(_ScaledByItsMean.apply(self.first(inputs)) + 1))
+
+
+def test_a_backward_that_cannot_be_batched_runs_one_task_at_a_time():
+    """The first call's batched backward fails (an operation functorch cannot batch): the
+    layers' Gram is taken one task at a time instead, from then on, and says so."""
+    torch.manual_seed(10)
+    trunk = _HostReadingTrunk().double()
+    heads = nn.ModuleList(nn.Linear(5, 1) for _ in range(NUM_TASKS)).double()
+    inputs = torch.randn(7, 4, dtype=torch.float64)
+    expected = _reference_gram(trunk, heads, inputs)
+    mgda = MGDA(trunk, NUM_TASKS)
+    for _ in range(2):
+        mgda(_task_losses(trunk, heads, inputs))
+        assert mgda.gradient_mode == "layers", mgda.gradient_mode_reason
+        assert "one task at a time: the batched backward failed" in mgda.gradient_mode_reason
+        assert mgda._layer_gram.engine.batched is False
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(mgda.gram, expected, rtol=1e-10, atol=1e-10 * scale)
+
+
+def _per_task_gram(losses: list[torch.Tensor], shared: list[torch.Tensor]) -> torch.Tensor:
+    rows = [
+        torch.cat([g.flatten() for g in torch.autograd.grad(loss, shared, retain_graph=True)])
+        for loss in losses
+    ]
+    return torch.stack(rows) @ torch.stack(rows).T
+
+
+def _assert_gram(gram: torch.Tensor, expected: torch.Tensor) -> None:
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(gram, expected, rtol=1e-10, atol=1e-10 * scale)
+
+
+def test_the_calls_are_those_of_the_losses_graph():
+    """The losses' own forward pass, found in their graph: not a later forward pass with grad
+    (validation, logging), and again for a second combination of the same outputs."""
+    torch.manual_seed(11)
+    trunk = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8)).double()
+    heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(3)).double()
+    inputs = torch.randn(6, 4, dtype=torch.float64)
+    mgda = MGDA(trunk, 3)
+    for _ in range(3):  # batched, one task at a time, then the faster
+        features = trunk(inputs)
+        first = [head(features).square().mean() for head in heads]
+        trunk(torch.randn(5, 4, dtype=torch.float64))  # another forward pass with grad
+        mgda(first)
+        _assert_gram(mgda.gram, _per_task_gram(first, list(trunk.parameters())))
+        second = [head(features).abs().mean() for head in heads]
+        mgda(second)
+        assert mgda.gradient_mode == "layers", mgda.gradient_mode_reason
+        _assert_gram(mgda.gram, _per_task_gram(second, list(trunk.parameters())))
+
+
+class _LoRALinear(nn.Linear):
+    """A linear layer with a low-rank adapter: extra parameters and its own forward."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__(width, width)
+        self.down = nn.Parameter(torch.randn(2, width) * 0.3)
+        self.up = nn.Parameter(torch.randn(width, 2) * 0.3)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return super().forward(inputs) + inputs @ self.down.T @ self.up.T
+
+
+def test_layers_that_are_not_torch_s_own_take_the_generic_rule():
+    """A parametrized layer (weight_norm: its weight is computed from two parameters), a
+    subclass with its own forward and parameters (LoRA), called twice, and a module registered
+    under two parents (hooked once): the Gram of their parameters' per-task gradients."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(12)
+    block = nn.Linear(6, 6)
+    trunk = nn.ModuleDict(
+        {
+            "normed": weight_norm(nn.Linear(6, 6)),
+            "adapted": _LoRALinear(6),
+            "first": nn.Sequential(block, nn.Tanh()),
+            "second": nn.Sequential(block),
+        }
+    ).double()
+
+    def forward(inputs: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh(trunk["normed"](inputs))
+        hidden = trunk["adapted"](torch.tanh(trunk["adapted"](hidden)))
+        return trunk["second"](trunk["first"](hidden))
+
+    heads = nn.ModuleList(nn.Linear(6, 1) for _ in range(3)).double()
+    inputs = torch.randn(4, 6, dtype=torch.float64)
+    upgrad = UPGrad(trunk, 3)
+    for _ in range(3):
+        features = forward(inputs)
+        losses = [(head(features) - index).square().mean() for index, head in enumerate(heads)]
+        expected = _per_task_gram(losses, list(trunk.parameters()))
+        upgrad(losses)
+        assert upgrad.gradient_mode == "layers", upgrad.gradient_mode_reason
+        _assert_gram(upgrad.gram, expected)
+
+
+def test_the_first_call_checks_each_task_against_its_own_norm():
+    """A task whose loss is 2000 times smaller than another's and that uses a trunk weight
+    outside its layer's call: the check sees its share missing, and the Gram is exact."""
+    torch.manual_seed(13)
+    trunk = nn.Sequential(nn.Linear(4, 8), nn.Tanh()).double()
+    head = nn.Linear(8, 1).double()
+    mgda = MGDA(trunk, 2)
+    features = trunk(torch.randn(6, 4, dtype=torch.float64))
+    losses = [
+        (head(features) - 3).square().mean() * 100,
+        (features @ trunk[0].weight).square().mean() * 0.05,
+    ]
+    expected = _per_task_gram(losses, list(trunk.parameters()))
+    mgda(losses)
+    assert mgda.gradient_mode == "batched"
+    assert "task 1" in mgda.gradient_mode_reason
+    _assert_gram(mgda.gram, expected)
+
+
+def test_a_copy_of_the_model_and_its_balancer_takes_the_layers_gram_and_torch_func_works():
+    """copy.deepcopy of model and balancer together: the copy hooks its own layers. The hooks
+    leave torch.func transforms of the model alone (per-sample gradients)."""
+    torch.manual_seed(14)
+    trunk = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8)).double()
+    heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(2)).double()
+    whole = nn.ModuleDict({"trunk": trunk, "heads": heads, "mgda": MGDA(trunk, 2)})
+    inputs = torch.randn(5, 4, dtype=torch.float64)
+    copied = copy.deepcopy(whole)
+    for model in (whole, copied):
+        features = model["trunk"](inputs)
+        losses = [head(features).square().mean() for head in model["heads"]]
+        expected = _per_task_gram(losses, list(model["trunk"].parameters()))
+        model["mgda"](losses)
+        assert model["mgda"].gradient_mode == "layers", model["mgda"].gradient_mode_reason
+        _assert_gram(model["mgda"].gram, expected)
+
+    parameters = dict(trunk.named_parameters())
+
+    def summed(values, sample):
+        return torch.func.functional_call(trunk, values, (sample,)).sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(summed), in_dims=(None, 0))(parameters, inputs)
+    for name, parameter in parameters.items():
+        expected = torch.stack(
+            [torch.autograd.grad(trunk(sample).sum(), parameter)[0] for sample in inputs]
+        )
+        torch.testing.assert_close(per_sample[name], expected)

@@ -105,7 +105,7 @@ def _retained_grad(*args: object, **kwargs: object) -> tuple[Tensor | None, ...]
         ) from error
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     """The first line of an error's message (vmap's run to a paragraph), for ``reason``."""
     text = str(error).strip()
     return text.splitlines()[0] if text else repr(error)
@@ -343,9 +343,7 @@ class TaskGradients:
                 # taken later, a backward that copies into a buffer), which vmap refuses. The
                 # attempt changed nothing: torch.autograd.grad writes no .grad and the graph
                 # was retained, so the loop runs on it as if it were the first choice.
-                self._fall_back(
-                    f"the batched backward failed at a later call: {_first_line(error)}"
-                )
+                self._fall_back(f"the batched backward failed at a later call: {first_line(error)}")
         if grads is None:
             grads = self._loop(separate_losses or losses, task_names, parameters)
         if self._watched and losses.shape[0] != self._watched_size:
@@ -460,7 +458,7 @@ class TaskGradients:
         try:
             batched = self._batched(losses, separate_losses, parameters)
         except RuntimeError as error:
-            return None, f"the batched backward failed: {_first_line(error)}"
+            return None, f"the batched backward failed: {first_line(error)}"
         for name, one, other in zip(self.parameter_names, batched, looped, strict=True):
             rtol = _agreement_rtol(other.dtype)
             scale = float(other.abs().max()) if other.numel() else 0.0

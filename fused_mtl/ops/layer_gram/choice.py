@@ -25,7 +25,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from fused_mtl.ops.layer_gram.engine import LayerGram
+from fused_mtl.ops.layer_gram.engine import LayerGram, NoLayerCalls
+from fused_mtl.ops.task_gradients import first_line
 
 #: ``per_task_gradients`` of the gradient methods: ``"layers"`` is this module's Gram, the
 #: others ``TaskGradients``' modes.
@@ -45,9 +46,6 @@ class LayerGramChoice:
         self._timed: dict[bool, float] = {}
         self.reason = "not chosen yet: the layers' Gram is checked on the first call"
 
-    def discard(self) -> None:
-        self.engine.discard()
-
     def __call__(
         self,
         losses: Tensor,
@@ -60,15 +58,13 @@ class LayerGramChoice:
         it (from this call on)."""
         if not self.checked:
             return self._first(losses, parameters, reduce, agree)
-        if not self.engine.has_calls():
-            self._give_up(
-                "a call found no recorded call of a shared layer (a model compiled by "
-                "torch.compile after the first call, or losses computed under torch.no_grad)"
-            )
+        try:
+            if self.engine.batched is None:
+                return self._timed_call(losses, reduce, agree, batched=False)
+            return self.engine(losses, reduce)
+        except NoLayerCalls as missing:  # found before any collective, alike on every rank
+            self._give_up(str(missing))
             return None
-        if self.engine.batched is None and losses.device.type != "cuda":
-            return self._timed_call(losses, reduce, agree, batched=False)
-        return self.engine(losses, reduce)[0]
 
     def _timed_call(
         self,
@@ -82,7 +78,7 @@ class LayerGramChoice:
         self.engine.batched = batched
         started = time.perf_counter()
         try:
-            gram = self.engine(losses, reduce)[0]
+            gram = self.engine(losses, reduce)
         finally:
             self.engine.batched = None
         self._timed[batched] = time.perf_counter() - started
@@ -102,26 +98,34 @@ class LayerGramChoice:
         agree: Callable[[Tensor], Tensor] | None,
     ) -> Tensor | None:
         gram: Tensor | None = None
-        problem: str | None
-        if not self.engine.has_calls():
-            problem = (
-                "no shared layer's call was recorded (a model compiled by torch.compile runs "
-                "no hooks)"
-            )
-        else:
-            off_cuda = losses.device.type != "cuda"
+        problem: str | None = None
+        way = ""
+        # This rank's own Gram first, with no collective: a rank whose backward fails leaves
+        # none of the others waiting in one. The calls stay in the losses' graph, for a
+        # second try and for the global Gram once the ranks agreed.
+        for batched in (True, False):
+            self.engine.batched = batched
             started = time.perf_counter()
             try:
-                self.engine.batched = True if off_cuda else None
-                gram, local = self.engine(losses, reduce, keep_local=True)
-            except RuntimeError as error:
-                problem = f"the layers' batched backward failed: {_first_line(error)}"
-            else:
-                if off_cuda:
-                    self._timed[True] = time.perf_counter() - started
-                problem = self.engine.verify(losses, local, parameters)
-            finally:
-                self.engine.batched = None
+                gram = self.engine(losses)
+            except NoLayerCalls as missing:
+                problem = str(missing)
+                break
+            except Exception as error:  # whatever the model's backward raises: noted
+                if not batched:
+                    problem = f"the layers' backward failed: {first_line(error)}"
+                    break
+                way = f" (one task at a time: the batched backward failed: {first_line(error)})"
+                continue
+            if batched and losses.device.type != "cuda":
+                self._timed[True] = time.perf_counter() - started
+            problem = self.engine.verify(losses, gram, parameters)
+            break
+        # Off CUDA after a batched first call: the second call is timed one task at a time.
+        # After a failed batched call: one task at a time from now on.
+        self.engine.batched = False if way else None
+        if not way and losses.device.type == "cuda":
+            self.engine.batched = True
         if agree is not None:
             # Every rank takes the layers, or none does: their Grams are summed over the ranks.
             flag = torch.tensor([0.0 if problem else 1.0], device=losses.device)
@@ -132,13 +136,15 @@ class LayerGramChoice:
             self._give_up(problem)
             return None
         self.reason = (
-            "the Gram of the shared layers, one layer at a time, from one batched backward of "
-            "the activation gradients; checked against per-task backward passes on the first call"
+            "the Gram of the shared layers, one layer at a time, from a backward of the "
+            f"activation gradients{way}; checked against per-task backward passes on the first "
+            "call"
         )
+        if reduce is not None:
+            gram = self.engine(losses, reduce)
         return gram
 
     def _give_up(self, problem: str) -> None:
-        self.engine.discard()
         if self.requested == "layers":
             raise RuntimeError(
                 f"per_task_gradients='layers' cannot be used with this model: {problem}; build "
@@ -148,8 +154,3 @@ class LayerGramChoice:
         self.active = False
         self.reason = f"the per-task gradients of every shared parameter: {problem}"
         self.engine.remove()
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else repr(error)

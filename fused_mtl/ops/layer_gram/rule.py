@@ -24,14 +24,16 @@ class LayerCall:
     module: nn.Module
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
-    #: The layer's outputs that require grad, as it returned them (before the tap).
-    outputs: tuple[Tensor, ...]
+    #: The shape, dtype and device of each of the layer's outputs that require grad (a tap
+    #: holds no output: the layer's backward keeps what it needs).
+    outputs: tuple[tuple[torch.Size, torch.dtype, torch.device], ...]
     #: The module's ``training`` flag during the call (BatchNorm's statistics depend on it).
     training: bool
     #: The tensor arguments' versions at the call: an in-place change after it is refused.
     versions: tuple[int, ...] = field(default=())
-    #: Whether the outputs pass through a tap (not for ``through_engine_backward`` rules).
-    tapped: bool = True
+    #: Whether the tap hands the output gradients to the rule (not for a rule whose layer
+    #: the engine's backward differentiates: ``through_engine_backward``).
+    delivers: bool = True
     #: What a rule computes from the call once and uses for every task (``NormRule``'s
     #: normalised input), while the call's Gram is being taken.
     cache: dict[str, Any] = field(default_factory=dict)
