@@ -5,9 +5,10 @@ the full benchmark.
 
     python benchmarks/trunk_steps.py benchmarks/results/cpu-trunk-steps [--networks cnn,mlp]
 
-writes ``PREFIX.json`` and ``PREFIX.md`` (the runner's table, then one row per trunk, method
-and K: each implementation's time over the plain sum's and over autogram's, and its peak extra
-memory). On a CPU it runs on one thread (``--threads``), as the targets are stated.
+writes ``PREFIX.json`` and ``PREFIX.md``: the runner's table, then one row per trunk, method
+and K (each implementation's time over the plain sum's and over autogram's, and its peak
+extra memory). On a CPU it runs on one thread (``--threads``), as the targets are stated.
+``PREFIX --merge A.json B.json`` writes them from runs made apart (one network each, at once).
 
     python benchmarks/trunk_steps.py --phases [--networks cnn]
 
@@ -112,6 +113,19 @@ def phases(network: str, num_tasks: int, batched: bool) -> dict[str, float]:
     return {key: statistics.median(step[key] for step in steps[1:]) for key in steps[-1]}
 
 
+def write_merged(prefix: Path, runs: list[dict]) -> None:
+    """One record of several runs of this script (each network in its own process, at once):
+    the first run's environment, every run's command and results."""
+    where = dict(runs[0]["environment"])
+    command = " & ".join(run["command"] for run in runs)
+    results = [Result(**entry) for run in runs for entry in run["results"]]
+    document = {"environment": where, "command": command}
+    document["results"] = [result.to_json() for result in results]
+    prefix.with_suffix(".json").write_text(json.dumps(document, indent=1) + "\n")
+    table = markdown(results, where, command) + "\n## Ratios\n\n" + summary(results)
+    prefix.with_suffix(".md").write_text(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -123,7 +137,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per group")
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per case")
     parser.add_argument("--phases", action="store_true", help="where the time goes, K = 8")
+    parser.add_argument(
+        "--merge", nargs="+", type=Path, help="write PREFIX from these runs' JSON (run apart)"
+    )
     args = parser.parse_args()
+    if args.merge:
+        write_merged(args.prefix, [json.loads(path.read_text()) for path in args.merge])
+        return
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     networks = args.networks.split(",")
