@@ -886,7 +886,10 @@ class GradientBalancer(Balancer):
                 current = losses.detach()
                 if syncing:
                     gram, current = self._sync.summed_gram(gram, current)
-                return (gram.diagonal().clamp(min=0).sqrt() if diagonal else gram), current
+                if diagonal:  # the norms in the gradients' compute dtype, as the fused op's
+                    norms = gram.diagonal().clamp(min=0).sqrt()
+                    return norms.to(compute_dtype(self._shared[0].dtype)), current
+                return gram, current
         inputs = [features] if features is not None else parameters
         names = names if names is not None else self.tasks
         task_grads = gradients(losses, names, separate, inputs, agree)
