@@ -207,6 +207,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "bench-cpu": bench_table,
     "kernel-resources": kernel_resources_summary,
     "predicted-h100": predicted_h100_times,
+    "trunk-steps": trunk_steps_table,
 }
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 

@@ -730,6 +730,12 @@ def trunk_step_case(
     if implementation.startswith("torchjd") and importlib.util.find_spec("torchjd") is None:
         reason = "TorchJD is not installed (pip install fused-mtl[peers])"
         raise Unavailable(group, implementation, reason)
+    needs = ("qpsolvers", "quadprog") if method == "upgrad" else ()
+    if implementation.startswith("torchjd") and any(
+        importlib.util.find_spec(name) is None for name in needs
+    ):
+        reason = "TorchJD's UPGrad needs its quadprog extra (pip install fused-mtl[peers])"
+        raise Unavailable(group, implementation, reason)
     if network == "toy":
         model, data = _toy(num_tasks, device)
         inputs, targets = data.inputs, data.targets
