@@ -3,9 +3,10 @@
 For K task losses and shared layers with parameters ``W_1 .. W_n``, ``LayerGram`` computes the
 Gram ``M = sum_l J_l J_l^T`` of the per-task gradients without ever holding them all:
 
-1. Each shared layer's forward hook records its call (``LayerCall``: inputs and outputs) and
-   passes its outputs through a tap, an identity whose backward, during step 2 only, hands the
-   layer's per-task output gradients to the layer's rule (``rules.rule_for``).
+1. Each shared layer's forward hook records its call (``LayerCall``: inputs, the outputs'
+   shapes) in a tap on its outputs, an identity whose backward, during step 2 only, hands the
+   layer's per-task output gradients to the layer's rule (``rules.rule_for``). The calls a
+   Gram uses are the taps in its losses' graph; nothing is kept between calls.
 2. A backward of the K losses runs from the losses to the taps: batched by ``torch.func.vmap``
    over the K rows of the identity (``batched``), or one task at a time. It computes activation
    gradients only: no parameter is differentiated but those of the layers whose rule asks for
@@ -115,15 +116,6 @@ class LayerGram:
             return
         for child in module.children():
             self._find_layers(child, seen)
-
-    @property
-    def parameters(self) -> list[Tensor]:
-        """Every parameter the engine covers, each once."""
-        seen: dict[int, Tensor] = {}
-        for _, _, parameters in self.layers:
-            for parameter in parameters:
-                seen.setdefault(id(parameter), parameter)
-        return list(seen.values())
 
     # -- recording ------------------------------------------------------------------------
 
