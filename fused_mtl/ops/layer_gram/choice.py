@@ -41,9 +41,9 @@ class LayerGramChoice:
         self.requested = requested
         self.active = True
         self.checked = False
-        # Off CUDA, the wall time of the first call's batched backward and of the second
-        # call's loop over the tasks (LayerGram.batched): the faster is kept.
-        self._timed: dict[bool, float] = {}
+        # Off CUDA, the wall time of the first call's batched backward, against which the
+        # second call's loop over the tasks is timed (LayerGram.batched).
+        self._batched_seconds = float("inf")
         self.reason = "not chosen yet: the layers' Gram is checked on the first call"
 
     def __call__(
@@ -60,34 +60,32 @@ class LayerGramChoice:
             return self._first(losses, parameters, reduce, agree)
         try:
             if self.engine.batched is None:
-                return self._timed_call(losses, reduce, agree, batched=False)
+                return self._timed_loop(losses, reduce, agree)
             return self.engine(losses, reduce)
         except NoLayerCalls as missing:  # found before any collective, alike on every rank
             self._give_up(str(missing))
             return None
 
-    def _timed_call(
+    def _timed_loop(
         self,
         losses: Tensor,
         reduce: Callable[[list[Tensor]], Tensor] | None,
         agree: Callable[[Tensor], Tensor] | None,
-        batched: bool,
     ) -> Tensor:
-        """A call with the engine's backward ``batched`` or not, timed; after both were
-        timed, the faster is kept (on every rank: only if every rank found it faster)."""
-        self.engine.batched = batched
+        """The second call off CUDA: one task at a time, timed; the faster of it and the first
+        call's batched backward is kept (on every rank: the loop only if every rank found it
+        faster)."""
+        self.engine.batched = False
         started = time.perf_counter()
         try:
             gram = self.engine(losses, reduce)
         finally:
             self.engine.batched = None
-        self._timed[batched] = time.perf_counter() - started
-        if len(self._timed) == 2:
-            loop_faster = self._timed[False] < self._timed[True]
-            if agree is not None:
-                flag = torch.tensor([1.0 if loop_faster else 0.0], device=losses.device)
-                loop_faster = float(agree(flag)[0]) == 1.0
-            self.engine.batched = not loop_faster
+        loop_faster = time.perf_counter() - started < self._batched_seconds
+        if agree is not None:
+            flag = torch.tensor([1.0 if loop_faster else 0.0], device=losses.device)
+            loop_faster = float(agree(flag)[0]) == 1.0
+        self.engine.batched = not loop_faster
         return gram
 
     def _first(
@@ -118,7 +116,7 @@ class LayerGramChoice:
                 way = f" (one task at a time: the batched backward failed: {first_line(error)})"
                 continue
             if batched and losses.device.type != "cuda":
-                self._timed[True] = time.perf_counter() - started
+                self._batched_seconds = time.perf_counter() - started
             problem = self.engine.verify(losses, gram, parameters)
             break
         # Off CUDA after a batched first call: the second call is timed one task at a time.
