@@ -511,6 +511,156 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- fused-mtl compare -----------------------------------------------------------------------
+
+
+def _problems(text: str) -> list[str]:
+    from fused_mtl.app.compare_problems import PROBLEMS
+
+    names = [name.strip() for name in text.split(",")]
+    if names == ["all"]:
+        return list(PROBLEMS)
+    for name in names:
+        if name not in PROBLEMS:
+            raise argparse.ArgumentTypeError(
+                f"unknown problem {name!r}; expected all or comma-separated names among "
+                f"{', '.join(PROBLEMS)}"
+            )
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError("a problem is named twice")
+    return names
+
+
+def _compare_methods(text: str) -> list[str]:
+    from fused_mtl.app.compare import resolve_methods
+
+    try:
+        return resolve_methods(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _default_jobs() -> int:
+    """One process per core this process may use, at most ``MAX_DEFAULT_JOBS``."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_DEFAULT_JOBS))
+
+
+def _compare(args: argparse.Namespace) -> int:
+    console, table_class = _rich()
+    try:
+        from fused_mtl.app import plots
+    except ImportError:
+        raise _missing_extra("matplotlib") from None
+    from fused_mtl.app import benchmark_cases, compare_problems, compare_report, datasets
+
+    out = _writable_directory(Path(args.out))
+    try:  # every data set read before any training: a missing package fails at once
+        problems = [compare_problems.make_problem(name) for name in args.problem]
+    except datasets.MissingData as missing:
+        raise UsageError(str(missing)) from None
+    jobs = args.jobs or (1 if torch.device(args.device).type == "cuda" else _default_jobs())
+    seeds = list(range(args.seeds))
+    methods = args.method
+    total = sum(args.seeds * (len(p.tasks) + len(methods)) for p in problems)
+    epochs = {p.name: args.epochs or p.epochs for p in problems}
+    console.print(
+        f"fused-mtl compare: {len(methods)} method(s) and single-task models on "
+        f"{len(problems)} problem(s) ({', '.join(f'{n}: {e} epochs' for n, e in epochs.items())}), "
+        f"{args.seeds} seed(s), {total} runs on {jobs} process(es), device {args.device}"
+    )
+    environment = benchmark_cases.environment(args.device)
+    environment["date"] = datetime.date.today().isoformat()
+    descriptions = {p.name: p.description for p in problems}
+    started = args.started
+    progress_done = [0]
+
+    def line(job: Any, result: Any) -> str:
+        progress_done[0] += 1
+        what = job.method if job.task is None else f"single-task {job.task}"
+        if result.diverged:
+            state = f"diverged: {result.diverged}"
+        else:
+            state = f"epoch {result.selected_epoch} kept, {result.seconds_per_epoch:.2f} s/epoch"
+        return f"{job.problem}: {what}, seed {job.seed}: {state}"
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if console.is_terminal:
+            with _progress(console) as progress:
+                bar = progress.add_task("compare", total=total)
+
+                def on_run(job: Any, result: Any) -> None:
+                    progress.update(bar, description=line(job, result)[:60])
+                    progress.advance(bar)
+
+                comparisons = compare_problems.run_jobs(
+                    problems, methods, seeds, args.device, jobs, args.epochs, on_run
+                )
+        else:
+
+            def on_run(job: Any, result: Any) -> None:
+                text = line(job, result)
+                elapsed = time.perf_counter() - started
+                left = elapsed / progress_done[0] * (total - progress_done[0])
+                print(f"[{progress_done[0]}/{total}, ~{left:.0f} s left] {text}", flush=True)
+
+            comparisons = compare_problems.run_jobs(
+                problems, methods, seeds, args.device, jobs, args.epochs, on_run
+            )
+    except FloatingPointError as error:
+        raise UsageError(str(error)) from None
+    finally:
+        torch.set_num_threads(threads)
+    wall = time.perf_counter() - started
+    for name, comparison in comparisons.items():
+        header, rows = compare_report.summary_table(comparison)
+        table = table_class(title=f"{name}: {descriptions[name]}")
+        for column in header:
+            table.add_column(column, justify="left" if column == "method" else "right")
+        for cells in rows:
+            table.add_row(*cells)
+        console.print(table)
+    command = " ".join(["fused-mtl compare", *args.argv])
+    summary = {
+        "command": command,
+        "seeds": seeds,
+        "methods": methods,
+        "jobs": jobs,
+        "device": args.device,
+        "environment": environment,
+        "wall_seconds": round(wall, 1),
+        "problems": {
+            name: {"description": descriptions[name], **comparison.to_json()}
+            for name, comparison in comparisons.items()
+        },
+    }
+    json_path, markdown_path, plot_path = (
+        out / "comparison.json",
+        out / "comparison.md",
+        out / "delta_m.png",
+    )
+    _write_atomically(json_path, json.dumps(summary, indent=1) + "\n")
+    header_lines = [
+        "# fused-mtl compare",
+        "",
+        f"`{command}` on {environment['device_name']}, torch {environment['torch']}, "
+        f"{jobs} process(es), {wall:.0f} s in all, {environment['date']}.",
+    ]
+    markdown_path.write_text(
+        compare_report.markdown(comparisons, descriptions, seeds, header_lines)
+    )
+    plots.plot_delta_m(comparisons, descriptions, plot_path)
+    for path in (json_path, markdown_path, plot_path):
+        console.print(f"wrote {path}")
+    console.print(f"{wall:.0f} s in all")
+    return 0
+
+
 # --- entry points ----------------------------------------------------------------------------
 
 
@@ -520,6 +670,11 @@ DEMO_EXAMPLES = """\
   fused-mtl demo --methods mgda,NashMTL,famo --steps 500
   fused-mtl demo --device cuda --out runs/demo
 """
+COMPARE_EXAMPLES = """\
+  fused-mtl compare                      12 methods, 3 real data sets, 3 seeds (~10 min, 2 cores)
+  fused-mtl compare --method all --seeds 5
+  fused-mtl compare --problem penguins --method equal,uw --epochs 20
+"""
 BENCH_EXAMPLES = """\
   fused-mtl bench --quick                a few small cases, short timings
   fused-mtl bench --json bench.json --markdown bench.md
@@ -527,6 +682,8 @@ BENCH_EXAMPLES = """\
 #: Without a terminal (a pipe, a file, CI) the demo prints a line every this many steps of a
 #: method instead of a progress bar, which only a terminal redraws.
 PROGRESS_LINE_STEPS = 500
+#: ``fused-mtl compare`` runs one process per core by default, up to this many.
+MAX_DEFAULT_JOBS = 8
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -546,11 +703,11 @@ def _parser() -> argparse.ArgumentParser:
         prog="fused-mtl",
         description="fused-mtl: train with each loss-balancing method (demo) or time the fused "
         "ops (bench).",
-        epilog="examples:\n" + DEMO_EXAMPLES + BENCH_EXAMPLES,
+        epilog="examples:\n" + DEMO_EXAMPLES + COMPARE_EXAMPLES + BENCH_EXAMPLES,
         formatter_class=_HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"fused-mtl {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,compare,bench}")
 
     demo = commands.add_parser(
         "demo",
@@ -593,6 +750,63 @@ def _parser() -> argparse.ArgumentParser:
         "--out", default="fused-mtl-demo", help="folder for the plots and summary.json (created)"
     )
     demo.set_defaults(run=_demo)
+
+    compare = commands.add_parser(
+        "compare",
+        help="which method helps on real data: each method against single-task models (Δm%%)",
+        description=textwrap.fill(
+            "Train a fixed small network with each balancing method and single-task models on "
+            "real multi-task data that ships with common packages (scikit-learn's digits as "
+            "MultiMNIST, river's yeast, palmerpenguins), several seeds, the epoch selected on "
+            "validation; print Δm%% against the single-task models and each task's test "
+            "metric; write comparison.json, comparison.md and delta_m.png to --out. Needs the "
+            'demo and data extras: pip install "fused-mtl[demo,data]".',
+            width=78,
+        ),
+        epilog="examples:\n" + COMPARE_EXAMPLES,
+        formatter_class=_HelpFormatter,
+    )
+    compare.add_argument(
+        "--problem",
+        "--problems",
+        dest="problem",
+        type=_problems,
+        default="all",
+        metavar="PROBLEMS",
+        help="comma-separated problems, or all: multi_digits, yeast, penguins",
+    )
+    compare.add_argument(
+        "--method",
+        "--methods",
+        dest="method",
+        type=_compare_methods,
+        default="default",
+        metavar="METHODS",
+        help="comma-separated methods (keys or class names), default, or all",
+    )
+    compare.add_argument(
+        "--seeds", type=_positive, default=3, help="runs per method: seeds 0 to SEEDS-1"
+    )
+    compare.add_argument(
+        "--epochs",
+        type=_positive,
+        default=None,
+        help="epochs of every run (default: each problem's own: 15, 30, 100)",
+    )
+    compare.add_argument(
+        "--jobs",
+        type=_positive,
+        default=None,
+        help="processes running at once, one torch thread each (default: one per core, at "
+        f"most {MAX_DEFAULT_JOBS}; 1 on CUDA)",
+    )
+    compare.add_argument("--device", type=_device, default=None, help=DEVICE_HELP)
+    compare.add_argument(
+        "--out",
+        default="fused-mtl-compare",
+        help="folder for comparison.json, comparison.md and delta_m.png (created)",
+    )
+    compare.set_defaults(run=_compare)
 
     bench = commands.add_parser(
         "bench",

@@ -31,11 +31,11 @@ Example:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 import fused_mtl
 from fused_mtl import DTP, DWA, MGDA, Balancer, EqualWeighting, GradNorm, UncertaintyWeighting
@@ -245,7 +245,29 @@ def resolve_methods(text: str) -> list[str]:
 
 
 def make_balancer(method: str, model: MultiTaskMLP, num_tasks: int, period_steps: int) -> Balancer:
-    """The balancer ``method`` (a key of :data:`METHODS`) for ``model``."""
+    """The balancer ``method`` (a key of :data:`METHODS`) for the demo's ``model``: the trunk's
+    parameters for the methods built on them (the per-task gradients), GradNorm on the last
+    shared layer."""
+    return build_balancer(
+        method,
+        model.trunk.parameters(),
+        model.last_shared_layer.parameters(),
+        num_tasks,
+        period_steps,
+    )
+
+
+def build_balancer(
+    method: str,
+    shared: nn.Module | Iterable[Tensor],
+    last_shared: Iterable[Tensor],
+    num_tasks: int,
+    period_steps: int,
+) -> Balancer:
+    """The balancer ``method`` (a key of :data:`METHODS`) with the demo's settings: the methods
+    built on the trunk take ``shared`` (its parameters, or the module itself for the per-task
+    Gram layer by layer), GradNorm ``last_shared``'s parameters, DWA a period of
+    ``period_steps``."""
     if method == "equal":
         return EqualWeighting(num_tasks)
     if method == "uw":
@@ -255,13 +277,13 @@ def make_balancer(method: str, model: MultiTaskMLP, num_tasks: int, period_steps
     if method == "dtp":
         return DTP(num_tasks)
     if method == "gradnorm":
-        return GradNorm(model.last_shared_layer.parameters(), num_tasks)
+        return GradNorm(last_shared, num_tasks)
     if method == "mgda":
-        return MGDA(model.trunk.parameters(), num_tasks, normalization="l2")
+        return MGDA(shared, num_tasks, normalization="l2")
     if method in LOSS_METHODS:
         return getattr(fused_mtl, LOSS_METHODS[method])(num_tasks)
     if method in TRUNK_METHODS:
-        return getattr(fused_mtl, TRUNK_METHODS[method])(model.trunk.parameters(), num_tasks)
+        return getattr(fused_mtl, TRUNK_METHODS[method])(shared, num_tasks)
     raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
 
 

@@ -12,12 +12,13 @@ figure's width.
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
 
+from fused_mtl.app.compare import Comparison
 from fused_mtl.app.demo import METHODS, MethodRun, Problem
 
 QUANTITIES = {
@@ -132,4 +133,54 @@ def figure(problem: Problem, runs: Sequence[MethodRun], quantity: str) -> Figure
     title = f"{problem.description}: {QUANTITIES[quantity]}"
     # About 11 characters of an 11-point title per inch of figure.
     drawing.suptitle(textwrap.fill(title, width=int(width * 11)), fontsize=11)
+    return drawing
+
+
+def plot_delta_m(
+    comparisons: Mapping[str, Comparison], descriptions: Mapping[str, str], path: Path
+) -> None:
+    """Write a PNG of each method's Δm% on each problem (``fused-mtl compare``)."""
+    delta_m_figure(comparisons, descriptions).savefig(path, dpi=90)
+
+
+def delta_m_figure(
+    comparisons: Mapping[str, Comparison], descriptions: Mapping[str, str]
+) -> Figure:
+    """One panel per problem, one row per method: its seeds' Δm% as dots, their mean as a bar
+    with the standard deviation as a whisker; the single-task models' spread around 0 shaded
+    (the noise floor)."""
+    from fused_mtl.app.compare_report import method_label
+
+    count = len(comparisons)
+    methods = max(len(comparison.runs) for comparison in comparisons.values())
+    drawing = Figure(figsize=(4.6 * count, 0.32 * methods + 1.6), layout="constrained")
+    axes = drawing.subplots(1, count, squeeze=False, sharey=True)[0]
+    for ax, (name, comparison) in zip(axes, comparisons.items(), strict=True):
+        rows = comparison.rows()
+        labels = [method_label(row["method"]) for row in rows]
+        positions = list(range(len(rows)))
+        floor = rows[0]["delta_m_std"]  # the single-task row comes first
+        ax.axvspan(-floor, floor, color="0.85", zorder=0, label="single-task ± std")
+        ax.axvline(0, color="0.4", linewidth=0.8)
+        means = [row["delta_m"] for row in rows]
+        colours = ["C2" if mean > floor else "C3" if mean < -floor else "C7" for mean in means]
+        ax.barh(
+            positions,
+            means,
+            xerr=[row["delta_m_std"] for row in rows],
+            color=colours,
+            alpha=0.6,
+            height=0.6,
+            error_kw={"linewidth": 0.8, "capsize": 2},
+        )
+        for position, row in zip(positions, rows, strict=True):
+            seeds = row["delta_m_per_seed"]
+            ax.plot(seeds, [position] * len(seeds), "k.", markersize=3)
+        ax.set_yticks(positions, labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("Δm% against single-task models (higher is better)", fontsize=8)
+        ax.set_title(textwrap.fill(f"{name}: {descriptions[name]}", 48), fontsize=9)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.grid(True, axis="x", alpha=0.3)
+    drawing.suptitle("fused-mtl compare: Δm% per method, dots = seeds, whiskers = std", fontsize=11)
     return drawing

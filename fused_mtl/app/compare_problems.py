@@ -1,0 +1,283 @@
+"""The problems behind ``fused-mtl compare``: each real data set of :mod:`fused_mtl.app.datasets`
+with a fixed small network, its tasks' losses and metrics, and how long it trains.
+
+- ``multi_digits``: a small CNN trunk (two 3×3 convolutions of 16 and 32 channels, a 2×2 max
+  pool, a 64-unit layer) and a 10-way head per digit; accuracy.
+- ``yeast``: a two-layer MLP trunk (128 units) and a logistic head per functional class;
+  accuracy of each class.
+- ``penguins``: a two-layer MLP trunk (32 units); species by cross-entropy, sex by logistic
+  loss, body mass by squared error **in grams** (the head predicts grams through the training
+  set's mean and deviation, fixed): losses near 1, 0.7 and 10⁵, the setting uncertainty weighting
+  was made for. Accuracy, accuracy, mean absolute error in grams.
+
+Every network trains with Adam at ``lr`` in batches of ``batch_size``, for ``epochs`` epochs,
+chosen so that the single-task models reach their best validation metric before the end.
+"""
+
+from __future__ import annotations
+
+import functools
+import multiprocessing
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fused_mtl.app import datasets
+from fused_mtl.app.compare import (
+    BALANCER_LR,
+    SINGLE_TASK,
+    Comparison,
+    MultiHeadNet,
+    Run,
+    Task,
+    TaskRun,
+    TensorBatches,
+    Trainer,
+    accuracy_task,
+    binary_task,
+    check_baseline,
+    regression_task,
+    single_task_run,
+)
+
+__all__ = ["PROBLEMS", "ComparisonProblem", "Job", "make_problem", "run_job", "run_jobs"]
+
+PROBLEMS = ("multi_digits", "yeast", "penguins")
+
+
+@dataclass(frozen=True)
+class ComparisonProblem:
+    """A data set, split, with the network, tasks and training of its comparison."""
+
+    name: str
+    description: str
+    data: datasets.MultiTaskData
+    tasks: tuple[Task, ...]
+    model_factory: Callable[[], nn.Module]
+    epochs: int
+    lr: float
+    batch_size: int
+
+    def batches(self, part: str) -> TensorBatches:
+        """The ``part`` ("train", "validation", "test") in batches; only training shuffles."""
+        split = getattr(self.data, part)
+        return TensorBatches(split.inputs, split.targets, self.batch_size, shuffle=part == "train")
+
+
+class Rescale(nn.Module):
+    """``mean + deviation * x``, both fixed: a head that predicts in the target's own unit."""
+
+    def __init__(self, mean: float, deviation: float) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean))
+        self.register_buffer("deviation", torch.tensor(deviation))
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.mean + self.deviation * inputs
+
+
+def _digits_network() -> MultiHeadNet:
+    pooled = 32 * (datasets.CANVAS_SIZE // 2) ** 2
+    trunk = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(pooled, 64),
+        nn.ReLU(),
+    )
+    return MultiHeadNet(trunk, [nn.Linear(64, 10), nn.Linear(64, 10)])
+
+
+def _mlp_trunk(inputs: int, width: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(inputs, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU())
+
+
+def make_problem(name: str, device: torch.device | str = "cpu") -> ComparisonProblem:
+    """The problem ``name`` (one of :data:`PROBLEMS`), its data on ``device``."""
+    if name not in PROBLEMS:
+        raise ValueError(f"unknown problem {name!r}; expected one of {', '.join(PROBLEMS)}")
+    data = datasets.load(name).to(device)
+    if name == "multi_digits":
+        tasks = tuple(accuracy_task(task) for task in data.task_names)
+        return ComparisonProblem(
+            name,
+            "MultiMNIST-style pairs of scikit-learn's 8×8 digits: left and right digit",
+            data,
+            tasks,
+            _digits_network,
+            epochs=15,
+            lr=1e-3,
+            batch_size=64,
+        )
+    if name == "yeast":
+        tasks = tuple(binary_task(task) for task in data.task_names)
+        features = data.train.inputs.shape[1]
+
+        def yeast_network() -> MultiHeadNet:
+            heads = [nn.Linear(128, 1) for _ in tasks]
+            return MultiHeadNet(_mlp_trunk(features, 128), heads)
+
+        return ComparisonProblem(
+            name,
+            "yeast gene functions (river): 14 binary classes from 103 features",
+            data,
+            tasks,
+            yeast_network,
+            epochs=30,
+            lr=1e-3,
+            batch_size=64,
+        )
+    mass = data.train.targets[2]
+    mass_mean, mass_deviation = float(mass.mean()), float(mass.std())
+    features = data.train.inputs.shape[1]
+
+    def penguins_network() -> MultiHeadNet:
+        heads = [
+            nn.Linear(32, 3),
+            nn.Linear(32, 1),
+            nn.Sequential(nn.Linear(32, 1), Rescale(mass_mean, mass_deviation)),
+        ]
+        return MultiHeadNet(_mlp_trunk(features, 32), heads)
+
+    tasks = (accuracy_task("species"), binary_task("sex"), regression_task("body mass", "g"))
+    return ComparisonProblem(
+        name,
+        "Palmer penguins: species (3 classes), sex, body mass in grams",
+        data,
+        tasks,
+        penguins_network,
+        epochs=100,
+        lr=1e-3,
+        batch_size=32,
+    )
+
+
+# --- the comparison's runs, each a job that a worker process can take ------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run of ``fused-mtl compare``: a single-task model (``task`` set) or a method (its
+    seed's single-task validation metrics as ``reference``)."""
+
+    problem: str
+    method: str  # compare.SINGLE_TASK for a single-task model
+    seed: int
+    epochs: int
+    device: str
+    task: int | None = None
+    reference: tuple[float, ...] | None = None
+
+
+@functools.lru_cache(maxsize=len(PROBLEMS))
+def _trainer(problem: str, epochs: int, device: str) -> Trainer:
+    made = make_problem(problem, device)
+    return Trainer(
+        made.model_factory,
+        made.tasks,
+        made.batches("train"),
+        made.batches("validation"),
+        made.batches("test"),
+        epochs=epochs,
+        lr=made.lr,
+        balancer_lr=BALANCER_LR,
+        device=torch.device(device),
+    )
+
+
+def run_job(job: Job) -> Run | TaskRun:
+    """Train the run ``job`` describes (its problem's data read once per process)."""
+    trainer = _trainer(job.problem, job.epochs, job.device)
+    if job.task is not None:
+        return trainer.single_task(job.seed, job.task)
+    if job.reference is None:
+        raise ValueError(f"{job.method} needs its seed's single-task validation metrics")
+    return trainer.method(job.method, job.seed, job.reference)
+
+
+def _worker_start(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def run_jobs(
+    problems: Sequence[ComparisonProblem],
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    device: str,
+    jobs: int,
+    epochs: int | None,
+    on_run: Callable[[Job, Run | TaskRun], None],
+) -> dict[str, Comparison]:
+    """Every run of the comparison of ``methods`` on ``problems``, on ``jobs`` processes of one
+    torch thread each (in this process when 1): first the single-task models, then, once a
+    problem's are done, its methods (whose epochs are selected against them). A run's numbers
+    do not depend on ``jobs``: each is seeded on its own. ``on_run`` sees every finished run."""
+    comparisons = {
+        problem.name: Comparison(
+            problem.name,
+            tuple(task.name for task in problem.tasks),
+            tuple(task.metric_name for task in problem.tasks),
+            tuple(task.higher_is_better for task in problem.tasks),
+            epochs or problem.epochs,
+        )
+        for problem in problems
+    }
+    task_runs: dict[str, dict[int, list[TaskRun]]] = {
+        p.name: {s: [] for s in seeds} for p in problems
+    }
+    method_runs: dict[tuple[str, str, int], Run] = {}
+    pending_tasks = {p.name: len(seeds) * len(p.tasks) for p in problems}
+    queue = [
+        Job(p.name, SINGLE_TASK, seed, epochs or p.epochs, device, task=task)
+        for p in problems
+        for seed in seeds
+        for task in range(len(p.tasks))
+    ]
+
+    def finished(job: Job, result: Run | TaskRun) -> list[Job]:
+        """Records ``result``; the jobs it makes ready (a problem's methods)."""
+        on_run(job, result)
+        if isinstance(result, Run):
+            method_runs[job.problem, job.method, job.seed] = result
+            return []
+        task_runs[job.problem][job.seed].append(result)
+        pending_tasks[job.problem] -= 1
+        if pending_tasks[job.problem]:
+            return []
+        comparison = comparisons[job.problem]
+        for seed in seeds:
+            comparison.runs.setdefault(SINGLE_TASK, []).append(
+                single_task_run(seed, task_runs[job.problem][seed])
+            )
+        check_baseline(comparison)
+        references = {run.seed: run.validation for run in comparison.runs[SINGLE_TASK]}
+        return [
+            Job(job.problem, method, seed, job.epochs, device, reference=references[seed])
+            for method in methods
+            for seed in seeds
+        ]
+
+    if jobs == 1:
+        while queue:
+            job = queue.pop(0)
+            queue.extend(finished(job, run_job(job)))
+    else:
+        context = multiprocessing.get_context("spawn")  # no fork of a process holding threads
+        with ProcessPoolExecutor(jobs, context, _worker_start, (1,)) as pool:
+            running = {pool.submit(run_job, job): job for job in queue}
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    job = running.pop(future)
+                    for ready in finished(job, future.result()):
+                        running[pool.submit(run_job, ready)] = ready
+    for name, comparison in comparisons.items():
+        for method in methods:
+            comparison.runs[method] = [method_runs[name, method, seed] for seed in seeds]
+    return comparisons
