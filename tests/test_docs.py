@@ -55,7 +55,9 @@ HELP_BLOCKS = re.findall(
 )
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["bench"]], ids=["main", "demo", "bench"])
+@pytest.mark.parametrize(
+    "command", [[], ["demo"], ["compare"], ["bench"]], ids=["main", "demo", "compare", "bench"]
+)
 def test_cli_page_shows_the_commands_help_as_it_is(command):
     result = subprocess.run(
         [sys.executable, "-m", "fused_mtl", *command, "--help"],

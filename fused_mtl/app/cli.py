@@ -30,6 +30,7 @@ from typing import Any, NoReturn
 import torch
 
 from fused_mtl import __version__
+from fused_mtl.app.compare import DEFAULT_METHODS as COMPARE_DEFAULT_METHODS
 from fused_mtl.app.demo import DEFAULT_METHODS, METHODS, resolve_methods
 
 USAGE_ERROR = 2
@@ -572,8 +573,6 @@ def _compare(args: argparse.Namespace) -> int:
         f"{len(problems)} problem(s) ({', '.join(f'{n}: {e} epochs' for n, e in epochs.items())}), "
         f"{args.seeds} seed(s), {total} runs on {jobs} process(es), device {args.device}"
     )
-    environment = benchmark_cases.environment(args.device)
-    environment["date"] = datetime.date.today().isoformat()
     descriptions = {p.name: p.description for p in problems}
     started = args.started
     progress_done = [0]
@@ -588,7 +587,10 @@ def _compare(args: argparse.Namespace) -> int:
         return f"{job.problem}: {what}, seed {job.seed}: {state}"
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # each run's: in every worker process, and here with one job
+    environment = benchmark_cases.environment(args.device)
+    environment["date"] = datetime.date.today().isoformat()
+    environment["data_packages"] = datasets.versions()
     try:
         if console.is_terminal:
             with _progress(console) as progress:
@@ -701,8 +703,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="fused-mtl",
-        description="fused-mtl: train with each loss-balancing method (demo) or time the fused "
-        "ops (bench).",
+        description="fused-mtl: train with each loss-balancing method (demo), compare them on "
+        "real data (compare) or time the fused ops (bench).",
         epilog="examples:\n" + DEMO_EXAMPLES + COMPARE_EXAMPLES + BENCH_EXAMPLES,
         formatter_class=_HelpFormatter,
     )
@@ -758,7 +760,7 @@ def _parser() -> argparse.ArgumentParser:
             "Train a fixed small network with each balancing method and single-task models on "
             "real multi-task data that ships with common packages (scikit-learn's digits as "
             "MultiMNIST, river's yeast, palmerpenguins), several seeds, the epoch selected on "
-            "validation; print Δm%% against the single-task models and each task's test "
+            "validation; print Δm% against the single-task models and each task's test "
             "metric; write comparison.json, comparison.md and delta_m.png to --out. Needs the "
             'demo and data extras: pip install "fused-mtl[demo,data]".',
             width=78,
@@ -782,7 +784,8 @@ def _parser() -> argparse.ArgumentParser:
         type=_compare_methods,
         default="default",
         metavar="METHODS",
-        help="comma-separated methods (keys or class names), default, or all",
+        help="comma-separated methods (keys or class names, as for demo), all, or default: "
+        f"{', '.join(COMPARE_DEFAULT_METHODS)}",
     )
     compare.add_argument(
         "--seeds", type=_positive, default=3, help="runs per method: seeds 0 to SEEDS-1"
@@ -791,7 +794,7 @@ def _parser() -> argparse.ArgumentParser:
         "--epochs",
         type=_positive,
         default=None,
-        help="epochs of every run (default: each problem's own: 15, 30, 100)",
+        help="epochs of every run (default: each problem's own: 18, 30, 150)",
     )
     compare.add_argument(
         "--jobs",

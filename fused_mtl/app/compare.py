@@ -237,7 +237,7 @@ class Run:
     seed: int
     validation: tuple[float, ...]  # per task, at the selected epoch
     test: tuple[float, ...]  # per task, from the selected epoch's weights
-    selected_epoch: int  # 1-based (the single-task models': the last task's)
+    selected_epoch: int  # 1-based (the single-task models': the median over the tasks)
     seconds_per_epoch: float  # median training time of an epoch (evaluation excluded)
     diverged: str | None = None  # why the run stopped early, if it did
 
@@ -256,8 +256,8 @@ class TaskRun:
 
 
 def single_task_run(seed: int, task_runs: Sequence[TaskRun]) -> Run:
-    """The single-task models of one seed as one row: task k's metrics from model k, the epoch
-    of the last, the seconds of an epoch of all of them together."""
+    """The single-task models of one seed as one row: task k's metrics from model k, the median
+    of their selected epochs, the seconds of an epoch of all of them together."""
     ordered = sorted(task_runs, key=lambda run: run.task)
     diverged = [f"task {run.task}: {run.diverged}" for run in ordered if run.diverged]
     return Run(
@@ -265,7 +265,7 @@ def single_task_run(seed: int, task_runs: Sequence[TaskRun]) -> Run:
         seed,
         tuple(run.validation for run in ordered),
         tuple(run.test for run in ordered),
-        ordered[-1].selected_epoch,
+        round(statistics.median(run.selected_epoch for run in ordered)),
         sum(run.seconds_per_epoch for run in ordered),
         "; ".join(diverged) or None,
     )
@@ -423,7 +423,7 @@ class Trainer:
         device: torch.device | str = "cpu",
         shared: str | Callable[[nn.Module], nn.Module] = "trunk",
         last_shared: Callable[[nn.Module], nn.Module] | None = None,
-        on_epoch: Callable[[str, int, int], None] | None = None,
+        on_epoch: Callable[[str, int, int, list[float]], None] | None = None,
     ) -> None:
         if not tasks:
             raise ValueError("a comparison needs at least one task")
@@ -444,21 +444,38 @@ class Trainer:
         torch.manual_seed(seed)
         return self.model_factory().to(self.device)
 
+    def unpack(self, batch: Any) -> tuple[Any, Any]:
+        """A batch's inputs and its K targets, on the device: ``(inputs, targets)`` with
+        ``targets`` a list or tuple of K tensors, or ``(inputs, target_1, ..., target_K)`` as a
+        ``DataLoader`` over a ``TensorDataset(inputs, target_1, ...)`` gives it."""
+        count = len(self.tasks)
+        if isinstance(batch, (list, tuple)):
+            if len(batch) == 2 and isinstance(batch[1], (list, tuple)):
+                return _to(batch[0], self.device), _to(batch[1], self.device)
+            if len(batch) == count + 1:
+                return _to(batch[0], self.device), _to(list(batch[1:]), self.device)
+        shape = (
+            f"{type(batch).__name__} of {len(batch)}"
+            if isinstance(batch, (list, tuple))
+            else type(batch).__name__
+        )
+        raise ValueError(
+            f"a batch must be (inputs, [one target per task]) or (inputs, target_1, ..., "
+            f"target_{count}) for {count} tasks; got a {shape}"
+        )
+
     def outputs(self, model: nn.Module, inputs: Any, targets: Any) -> tuple[list, list]:
         outputs = model(inputs)
         count = len(self.tasks)
         if not isinstance(outputs, (list, tuple)) or len(outputs) != count:
             got = f"{len(outputs)} outputs" if isinstance(outputs, (list, tuple)) else "a tensor"
             raise ValueError(f"the model returned {got} for {count} tasks; return one per task")
-        if not isinstance(targets, (list, tuple)) or len(targets) != count:
-            raise ValueError(
-                f"a batch's targets must be a sequence of {count} tensors (one per task), "
-                f"got {type(targets).__name__}"
-            )
+        if len(targets) != count:
+            raise ValueError(f"a batch holds {len(targets)} targets for {count} tasks")
         return list(outputs), list(targets)
 
     def losses(self, model: nn.Module, batch: Any) -> Tensor:
-        inputs, targets = _to(batch, self.device)
+        inputs, targets = self.unpack(batch)
         outputs, targets = self.outputs(model, inputs, targets)
         return torch.stack(
             [
@@ -476,7 +493,7 @@ class Trainer:
         model.eval()
         with torch.no_grad():
             for batch in data:
-                inputs, targets = _to(batch, self.device)
+                inputs, targets = self.unpack(batch)
                 outputs, targets = self.outputs(model, inputs, targets)
                 size = len(targets[0])
                 for k, (task, output, target) in enumerate(
@@ -526,7 +543,7 @@ class Trainer:
                 best_score, best_validation, best_epoch = current, validation, epoch
                 best_state = copy.deepcopy(model.state_dict())
             if self.on_epoch is not None:
-                self.on_epoch(label, seed, epoch)
+                self.on_epoch(label, seed, epoch, validation.tolist())
         if best_state is None:  # diverged in the first epoch
             nan = torch.full((len(self.tasks),), float("nan"), dtype=torch.float64)
             return nan, nan, 0, _median(seconds) if seconds else float("nan"), diverged
@@ -682,7 +699,7 @@ def compare(
     last_shared: Callable[[nn.Module], nn.Module] | None = None,
     device: torch.device | str = "cpu",
     problem: str = "problem",
-    on_epoch: Callable[[str, int, int], None] | None = None,
+    on_epoch: Callable[[str, int, int, list[float]], None] | None = None,
     on_run: Callable[[Run], None] | None = None,
 ) -> Comparison:
     """Train single-task models and each of ``methods`` on the same problem; see the module's
@@ -693,15 +710,18 @@ def compare(
             task, in the order of ``tasks``.
         tasks: the tasks' losses and metrics (:class:`Task`, or :func:`accuracy_task`,
             :func:`binary_task`, :func:`regression_task`).
-        train, validation, test: iterables of ``(inputs, targets)`` batches, ``targets`` a
-            sequence of one tensor per task; ``train`` is iterated once per epoch.
+        train, validation, test: iterables of batches, ``(inputs, [target per task])`` or
+            ``(inputs, target_1, ..., target_K)`` (a ``DataLoader`` over a ``TensorDataset``);
+            ``train`` is iterated once per epoch, shuffled by the global generator or by its
+            own.
         methods: method names as ``fused-mtl demo --method`` takes them (keys, class names,
             ``"default"``, ``"all"``), as a list or one comma-separated string.
         seeds: one run of each method (and K single-task models) per seed.
         shared: the layers every task shares (a sub-module's attribute name, or a function of
             the model): the Gram methods' per-task gradients and GradNorm's last layer.
         last_shared: GradNorm's layer (default: the last layer of ``shared`` with parameters).
-        on_epoch: called with ``(run label, seed, epoch)`` after every epoch of every run.
+        on_epoch: called after every epoch of every run with ``(run label, seed, epoch,
+            validation metrics)``: learning curves, or a progress bar.
         on_run: called with every finished :class:`Run`.
     """
     methods = resolve_methods(methods if isinstance(methods, str) else ",".join(methods))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import importlib.metadata
 import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,7 +36,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["DATASETS", "MissingData", "MultiTaskData", "Split", "load", "package_file"]
+__all__ = [
+    "DATASETS",
+    "MissingData",
+    "MultiTaskData",
+    "Split",
+    "load",
+    "package_file",
+    "versions",
+]
 
 #: Each data set: the package whose wheel carries its file, and the file inside that package.
 DATASETS: dict[str, tuple[str, str]] = {
@@ -113,6 +122,18 @@ def package_file(package: str, relative: str, dataset: str) -> Path:
             f"does not ship: {install}"
         )
     return path
+
+
+def versions() -> dict[str, str | None]:
+    """The installed version of each data set's package (None when it is absent)."""
+    found: dict[str, str | None] = {}
+    for package in dict.fromkeys(package for package, _ in DATASETS.values()):
+        distribution = DISTRIBUTIONS[package].split(">")[0]
+        try:
+            found[distribution] = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            found[distribution] = None
+    return found
 
 
 def load(name: str) -> MultiTaskData:
