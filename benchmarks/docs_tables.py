@@ -19,7 +19,10 @@ The recorded runs:
 - ``kernel-resources.json``: ``python benchmarks/kernel_resources.py`` (every kernel variant
   compiled for sm_80, sm_90 and sm_100, and the predicted H100 time of the benchmark cases);
 - ``cpu-trunk-steps.json``: ``python benchmarks/trunk_steps.py`` (whole-trunk MGDA and UPGrad
-  steps on three trunks against the plain sum and TorchJD).
+  steps on three trunks against the plain sum and TorchJD);
+- ``cpu-compare.json``: ``fused-mtl compare --method all`` (every method against single-task
+  models on the three real data sets, 3 seeds);
+- ``cpu-compare-default.json``: ``fused-mtl compare`` with no arguments, for its wall time.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from fused_mtl.app import compare_report
 from fused_mtl.app.benchmark_report import Result, markdown
+from fused_mtl.app.compare import Comparison
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -198,6 +203,44 @@ def trunk_steps_table() -> str:
 
 
 #: Every generated block: its name and what fills it.
+def _compare_provenance(record: dict, source: str) -> str:
+    where = record["environment"]
+    packages = ", ".join(f"{name} {version}" for name, version in where["data_packages"].items())
+    return (
+        f"`{record['command']}` at {where['git_revision']}, {where['date']}; CPU, "
+        f"{record['jobs']} processes of 1 thread, torch {where['torch']}, {packages}; "
+        f"{record['wall_seconds']:.0f} s in all; recorded in `benchmarks/results/{source}`"
+    )
+
+
+def compare_table(problem: str) -> str:
+    """A problem's table of the recorded comparison (and its per-task table, for many tasks)."""
+    record = load("cpu-compare.json")
+    entry = record["problems"][problem]
+    comparison = Comparison.from_json(entry)
+    lines = [
+        f"**{problem}**: {entry['description']}; {comparison.epochs} epochs, seeds "
+        f"{', '.join(map(str, record['seeds']))}.",
+        "",
+        *compare_report.markdown_table(*compare_report.summary_table(comparison)),
+    ]
+    if len(comparison.task_names) > compare_report.TASK_COLUMNS:
+        lines += ["", "Each task's test accuracy (%), mean over the seeds:", ""]
+        lines += compare_report.markdown_table(*compare_report.per_task_table(comparison))
+    return "\n".join(lines) + "\n"
+
+
+def compare_wall_time() -> str:
+    everything, default = load("cpu-compare.json"), load("cpu-compare-default.json")
+    return (
+        f"The default comparison ({len(default['methods'])} methods: "
+        f"{', '.join(default['methods'])}) took {default['wall_seconds']:.0f} s: "
+        f"{_compare_provenance(default, 'cpu-compare-default.json')}. The tables below, all "
+        f"{len(everything['methods'])} methods: "
+        f"{_compare_provenance(everything, 'cpu-compare.json')}.\n"
+    )
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
     "demo-gradnorm_toy": lambda: demo_table("gradnorm_toy"),
     "demo-known_noise": lambda: demo_table("known_noise"),
@@ -208,6 +251,10 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "kernel-resources": kernel_resources_summary,
     "predicted-h100": predicted_h100_times,
     "trunk-steps": trunk_steps_table,
+    "compare-wall-time": compare_wall_time,
+    "compare-multi_digits": lambda: compare_table("multi_digits"),
+    "compare-yeast": lambda: compare_table("yeast"),
+    "compare-penguins": lambda: compare_table("penguins"),
 }
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 

@@ -451,3 +451,36 @@ def test_the_command_writes_its_json_markdown_and_plot(tmp_path, capsys):
     assert "body mass: MAE (g)" in (tmp_path / "comparison.md").read_text()
     assert (tmp_path / "delta_m.png").read_bytes()[:4] == b"\x89PNG"
     assert "uncertainty weighting" in printed and "Δm%" in printed
+
+
+def test_a_comparison_reads_back_from_its_json():
+    comparison = Comparison("toy", ("a", "b"), ("accuracy", "MAE"), (True, False), epochs=2)
+    comparison.runs[SINGLE_TASK] = [_run(SINGLE_TASK, 0, (0.8, 10.0))]
+    comparison.runs["uw"] = [_run("uw", 0, (0.9, 9.0), diverged=None)]
+    again = Comparison.from_json(json.loads(json.dumps(comparison.to_json())))
+    assert again == comparison
+
+
+def test_ctrl_c_keeps_the_methods_whose_seeds_all_finished(monkeypatch, tmp_path, capsys):
+    real_run_job = compare_problems.run_job
+    started: list[str] = []
+
+    def interrupted_at_the_second_seed_of_uw(job):
+        started.append(job.method)
+        if job.method == "uw" and job.seed == 1:
+            raise KeyboardInterrupt
+        return real_run_job(job)
+
+    monkeypatch.setattr(compare_problems, "run_job", interrupted_at_the_second_seed_of_uw)
+    status = cli.main([
+        "compare", "--problem", "penguins", "--method", "equal,uw,mgda", "--seeds", "2",
+        "--epochs", "2", "--jobs", "1", "--out", str(tmp_path),
+    ])  # fmt: skip
+    assert status == 130
+    assert "interrupted" in capsys.readouterr().err
+    summary = json.loads((tmp_path / "comparison.json").read_text())
+    assert summary["complete"] is False
+    rows = summary["problems"]["penguins"]["rows"]
+    assert [row["method"] for row in rows] == [SINGLE_TASK, "equal"]  # uw lacks a seed
+    assert "mgda" not in started  # nothing ran after the interrupt
+    assert (tmp_path / "delta_m.png").exists()

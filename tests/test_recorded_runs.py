@@ -88,3 +88,20 @@ def test_the_recorded_demo_starts_as_the_code_does(method, problem):
             f"recorded run's by {worst:.2e} of a step's largest (at most {rtol:.0e}):\n"
             f"now {now.tolist()}\nrecorded {then.tolist()}"
         )
+
+
+def test_the_recorded_comparison_is_complete_and_its_rows_are_its_runs():
+    """``cpu-compare.json`` holds every method, the three problems and at least 3 seeds, and the
+    rows the docs show are what its runs give (nothing edited by hand)."""
+    from fused_mtl.app.compare import SINGLE_TASK, Comparison
+    from fused_mtl.app.compare_problems import PROBLEMS
+
+    record = json.loads((ROOT / "benchmarks" / "results" / "cpu-compare.json").read_text())
+    assert record["methods"] == list(demo.METHODS)
+    assert len(record["seeds"]) >= 3
+    assert list(record["problems"]) == list(PROBLEMS)
+    for entry in record["problems"].values():
+        comparison = Comparison.from_json(entry)
+        assert list(comparison.runs) == [SINGLE_TASK, *demo.METHODS]
+        assert all(len(runs) == len(record["seeds"]) for runs in comparison.runs.values())
+        assert json.loads(json.dumps(comparison.rows())) == entry["rows"]

@@ -614,11 +614,19 @@ def _compare(args: argparse.Namespace) -> int:
             comparisons = compare_problems.run_jobs(
                 problems, methods, seeds, args.device, jobs, args.epochs, on_run
             )
+        complete = True
+    except compare_problems.Interrupted as interrupted:  # Ctrl-C: what finished is kept
+        comparisons, complete = interrupted.comparisons, False
     except FloatingPointError as error:
         raise UsageError(str(error)) from None
     finally:
         torch.set_num_threads(threads)
     wall = time.perf_counter() - started
+    if not complete:
+        console.print(
+            "interrupted: the tables, files and plot below hold the problems and methods whose "
+            "runs all finished"
+        )
     for name, comparison in comparisons.items():
         header, rows = compare_report.summary_table(comparison)
         table = table_class(title=f"{name}: {descriptions[name]}")
@@ -636,6 +644,7 @@ def _compare(args: argparse.Namespace) -> int:
         "device": args.device,
         "environment": environment,
         "wall_seconds": round(wall, 1),
+        "complete": complete,
         "problems": {
             name: {"description": descriptions[name], **comparison.to_json()}
             for name, comparison in comparisons.items()
@@ -656,10 +665,16 @@ def _compare(args: argparse.Namespace) -> int:
     markdown_path.write_text(
         compare_report.markdown(comparisons, descriptions, seeds, header_lines)
     )
-    plots.plot_delta_m(comparisons, descriptions, plot_path)
-    for path in (json_path, markdown_path, plot_path):
+    written = [json_path, markdown_path]
+    if comparisons:
+        plots.plot_delta_m(comparisons, descriptions, plot_path)
+        written.append(plot_path)
+    for path in written:
         console.print(f"wrote {path}")
     console.print(f"{wall:.0f} s in all")
+    if not complete:
+        print("fused-mtl compare: interrupted", file=sys.stderr)
+        return 130  # the shell's status for SIGINT
     return 0
 
 

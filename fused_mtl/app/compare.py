@@ -322,6 +322,26 @@ class Comparison:
             )
         return rows
 
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> Comparison:
+        """The comparison :meth:`to_json` wrote (``comparison.json``'s entry of a problem)."""
+        tasks = record["tasks"]
+        runs = {
+            method: [
+                Run(**{**run, "validation": tuple(run["validation"]), "test": tuple(run["test"])})
+                for run in method_runs
+            ]
+            for method, method_runs in record["runs"].items()
+        }
+        return cls(
+            record["problem"],
+            tuple(task["name"] for task in tasks),
+            tuple(task["metric"] for task in tasks),
+            tuple(task["higher_is_better"] for task in tasks),
+            record["epochs"],
+            runs,
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "problem": self.problem,

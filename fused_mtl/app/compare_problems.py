@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
+import signal
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -47,7 +48,15 @@ from fused_mtl.app.compare import (
     single_task_run,
 )
 
-__all__ = ["PROBLEMS", "ComparisonProblem", "Job", "make_problem", "run_job", "run_jobs"]
+__all__ = [
+    "PROBLEMS",
+    "ComparisonProblem",
+    "Interrupted",
+    "Job",
+    "make_problem",
+    "run_job",
+    "run_jobs",
+]
 
 PROBLEMS = ("multi_digits", "yeast", "penguins")
 
@@ -207,6 +216,9 @@ def run_job(job: Job) -> Run | TaskRun:
 
 def _worker_start(threads: int) -> None:
     torch.set_num_threads(threads)
+    # Ctrl-C reaches the whole process group: the main process alone handles it (keeps what
+    # finished, then ends the workers).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def run_jobs(
@@ -267,21 +279,58 @@ def run_jobs(
             for seed in seeds
         ]
 
-    if jobs == 1:
-        while queue:
-            job = queue.pop(0)
-            queue.extend(finished(job, run_job(job)))
-    else:
-        context = multiprocessing.get_context("spawn")  # no fork of a process holding threads
-        with ProcessPoolExecutor(jobs, context, _worker_start, (1,)) as pool:
-            running = {pool.submit(run_job, job): job for job in queue}
-            while running:
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    job = running.pop(future)
-                    for ready in finished(job, future.result()):
-                        running[pool.submit(run_job, ready)] = ready
-    for name, comparison in comparisons.items():
-        for method in methods:
-            comparison.runs[method] = [method_runs[name, method, seed] for seed in seeds]
-    return comparisons
+    def assembled() -> dict[str, Comparison]:
+        """The comparisons of the problems whose single-task models are done, with every method
+        whose seeds all finished (all of them once every job ran)."""
+        done = {}
+        for name, comparison in comparisons.items():
+            if SINGLE_TASK not in comparison.runs:
+                continue
+            for method in methods:
+                if all((name, method, seed) in method_runs for seed in seeds):
+                    comparison.runs[method] = [method_runs[name, method, seed] for seed in seeds]
+            done[name] = comparison
+        return done
+
+    try:
+        if jobs == 1:
+            while queue:
+                job = queue.pop(0)
+                queue.extend(finished(job, run_job(job)))
+        else:
+            _run_in_processes(queue, jobs, finished)
+    except KeyboardInterrupt as interrupt:
+        raise Interrupted(assembled()) from interrupt
+    return assembled()
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`run_jobs`: ``comparisons`` holds what had finished."""
+
+    def __init__(self, comparisons: dict[str, Comparison]) -> None:
+        super().__init__()
+        self.comparisons = comparisons
+
+
+def _run_in_processes(
+    queue: list[Job], jobs: int, finished: Callable[[Job, Run | TaskRun], list[Job]]
+) -> None:
+    """Run ``queue`` on ``jobs`` worker processes, submitting what each finished job makes
+    ready; on any error or interrupt the queued jobs are cancelled, not waited for."""
+    context = multiprocessing.get_context("spawn")  # no fork of a process holding threads
+    pool = ProcessPoolExecutor(jobs, context, _worker_start, (1,))
+    completed = False
+    try:
+        running = {pool.submit(run_job, job): job for job in queue}
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                job = running.pop(future)
+                for ready in finished(job, future.result()):
+                    running[pool.submit(run_job, ready)] = ready
+        completed = True
+    finally:
+        if not completed:  # an error or Ctrl-C: no job left should hold the command up
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.terminate()
+        pool.shutdown(wait=completed, cancel_futures=True)

@@ -21,7 +21,14 @@ from typing import Any
 
 from fused_mtl.app.compare import SINGLE_TASK, Comparison
 
-__all__ = ["TASK_COLUMNS", "markdown", "method_label", "per_task_table", "summary_table"]
+__all__ = [
+    "TASK_COLUMNS",
+    "markdown",
+    "markdown_table",
+    "method_label",
+    "per_task_table",
+    "summary_table",
+]
 
 #: Above this many tasks a table shows their mean metric, and the tasks in a table of their own.
 TASK_COLUMNS = 4
@@ -112,7 +119,7 @@ def per_task_table(comparison: Comparison) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     return lines
@@ -135,9 +142,9 @@ def markdown(
             "(the single-task row: each seed against the mean, the noise floor).",
             "",
         ]
-        lines += _markdown_table(*summary_table(comparison))
+        lines += markdown_table(*summary_table(comparison))
         if len(comparison.task_names) > TASK_COLUMNS:
             lines += ["", "Each task's test metric, mean over seeds:", ""]
-            lines += _markdown_table(*per_task_table(comparison))
+            lines += markdown_table(*per_task_table(comparison))
         lines.append("")
     return "\n".join(lines)
