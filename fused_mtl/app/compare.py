@@ -525,30 +525,31 @@ class Trainer:
                     loss_sums[k] += float(_of_task(task, "loss", output, target)) * size
                 examples += size
         model.train()
-        return metric_sums / metric_counts, loss_sums / max(examples, 1)
+        if not examples:
+            raise ValueError("a validation or test loader gave no batch")
+        return metric_sums / metric_counts, loss_sums / examples
 
     def run(
         self,
         label: str,
         seed: int,
-        train_losses: Callable[[Tensor, int], None],
+        train_step: Callable[[Tensor], None],
         score: Callable[[Tensor], float],
         model: nn.Module,
         after_epoch: Callable[[Tensor], None] | None = None,
     ) -> tuple[Tensor, Tensor, int, float, str | None]:
-        """Train ``model`` for the epochs, ``train_losses(losses, step)`` doing each step's
-        backward and update; keep the weights of the epoch of best ``score(validation
+        """Train ``model`` for the epochs, ``train_step(losses)`` doing each step's backward and
+        update; keep the weights of the epoch of best ``score(validation
         metrics)``. Returns the validation and test metrics of that epoch, the epoch, the median
         seconds of an epoch's training and why it diverged (or None)."""
         best_score, best_state, best_validation, best_epoch = -float("inf"), None, None, 0
-        seconds, diverged, step = [], None, 0
+        seconds, diverged = [], None
         for epoch in range(1, self.epochs + 1):
             torch.manual_seed(_epoch_seed(seed, epoch))
             started = time.perf_counter()
             try:
                 for batch in self.train:
-                    step += 1
-                    train_losses(self.losses(model, batch), step)
+                    train_step(self.losses(model, batch))
             except FloatingPointError as error:
                 diverged = f"epoch {epoch}: {error}"
                 break
@@ -578,7 +579,7 @@ class Trainer:
         optimizer = torch.optim.Adam(model.parameters(), lr=self.lr)
         name = self.tasks[task].name
 
-        def step(losses: Tensor, _: int) -> None:
+        def step(losses: Tensor) -> None:
             optimizer.zero_grad(set_to_none=True)
             _check_finite(losses[task : task + 1], [name])
             losses[task].backward()
@@ -619,7 +620,7 @@ class Trainer:
             lr=self.lr,
         )
 
-        def step(losses: Tensor, _: int) -> None:
+        def step(losses: Tensor) -> None:
             optimizer.zero_grad(set_to_none=True)
             _check_finite(losses, names)
             balancer.backward(losses)
