@@ -230,6 +230,32 @@ def compare_table(problem: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def readme_compare() -> str:
+    """Per problem of the recorded comparison: the best three methods, equal weighting, the
+    single-task spread, and the worst method."""
+    record = load("cpu-compare.json")
+    parts = []
+    for name, entry in record["problems"].items():
+        rows = Comparison.from_json(entry).rows()
+        floor, methods = rows[0]["delta_m_std"], sorted(rows[1:], key=lambda r: -r["delta_m"])
+
+        def cell(row: dict) -> str:
+            label = compare_report.method_label(row["method"]).split(" (")[0]
+            return f"{label} {compare_report.signed(row['delta_m'], row['delta_m_std'])}"
+
+        equal = next(row for row in rows if row["method"] == "equal")
+        parts.append(
+            f"{name}: best {', '.join(cell(row) for row in methods[:3])}; {cell(equal)}; "
+            f"worst {cell(methods[-1])}; single-task spread ±{floor:.2f}"
+        )
+    return (
+        f"On the recorded comparison (Δm% against single-task models, mean ± std over "
+        f"{len(record['seeds'])} seeds; [docs/compare.md](docs/compare.md)): "
+        + ". ".join(parts)
+        + ".\n"
+    )
+
+
 def compare_wall_time() -> str:
     everything, default = load("cpu-compare.json"), load("cpu-compare-default.json")
     return (
@@ -252,6 +278,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "predicted-h100": predicted_h100_times,
     "trunk-steps": trunk_steps_table,
     "compare-wall-time": compare_wall_time,
+    "readme-compare": readme_compare,
     "compare-multi_digits": lambda: compare_table("multi_digits"),
     "compare-yeast": lambda: compare_table("yeast"),
     "compare-penguins": lambda: compare_table("penguins"),

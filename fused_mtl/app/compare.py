@@ -731,10 +731,11 @@ def compare(
             task, in the order of ``tasks``.
         tasks: the tasks' losses and metrics (:class:`Task`, or :func:`accuracy_task`,
             :func:`binary_task`, :func:`regression_task`).
-        train, validation, test: iterables of batches, ``(inputs, [target per task])`` or
-            ``(inputs, target_1, ..., target_K)`` (a ``DataLoader`` over a ``TensorDataset``);
-            ``train`` is iterated once per epoch, shuffled by the global generator or by its
-            own.
+        train: an iterable of batches, ``(inputs, [target per task])`` or ``(inputs,
+            target_1, ..., target_K)`` (a ``DataLoader`` over a ``TensorDataset``), iterated
+            once per epoch, shuffled by the global generator or by its own.
+        validation: batches of the same form, for selecting each run's epoch.
+        test: batches of the same form, measured once per run, at its selected epoch.
         methods: method names as ``fused-mtl demo --method`` takes them (keys, class names,
             ``"default"``, ``"all"``), as a list or one comma-separated string.
         seeds: one run of each method (and K single-task models) per seed.

@@ -18,9 +18,9 @@ method and seed sees the same split; the features are standardised with the trai
 statistics. The digits are split before they are paired: no digit image is in two parts.
 
 Example:
-    >>> data = load("penguins")  # doctest: +SKIP
-    >>> data.train.inputs.shape, [t.shape for t in data.train.targets]  # doctest: +SKIP
-    (torch.Size([199, 6]), [torch.Size([199]), torch.Size([199]), torch.Size([199])])
+    >>> data = load("penguins")  # needs palmerpenguins
+    >>> data.train.inputs.shape, data.task_names
+    (torch.Size([200, 6]), ('species', 'sex', 'body mass'))
 """
 
 from __future__ import annotations

@@ -182,5 +182,9 @@ def delta_m_figure(
         ax.set_title(textwrap.fill(f"{name}: {descriptions[name]}", 48), fontsize=9)
         ax.tick_params(axis="x", labelsize=7)
         ax.grid(True, axis="x", alpha=0.3)
-    drawing.suptitle("fused-mtl compare: Δm% per method, dots = seeds, whiskers = std", fontsize=11)
+    title = (
+        "fused-mtl compare: Δm% per method (bar: mean over seeds, whisker: std, dots: seeds; "
+        "shaded: the single-task models' spread, green/red bars lie beyond it)"
+    )
+    drawing.suptitle(textwrap.fill(title, width=int(4.6 * count * 11)), fontsize=10)
     return drawing
