@@ -152,6 +152,11 @@ def regression_task(name: str, unit: str = "") -> Task:
 
 
 def _right_class(output: Tensor, target: Tensor) -> Tensor:
+    if target.shape != output.shape[:1] + output.shape[2:]:
+        raise ValueError(
+            f"class indices of shape {tuple(target.shape)} do not match logits of shape "
+            f"{tuple(output.shape)} (the accuracy takes class indices, not one-hot targets)"
+        )
     return (output.argmax(dim=1) == target).float()
 
 
@@ -398,7 +403,8 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def _std(values: Sequence[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
+    """The sample standard deviation; NaN for fewer than two values (no spread measured)."""
+    return statistics.stdev(values) if len(values) > 1 else float("nan")
 
 
 def _median(values: Sequence[float]) -> float:
@@ -449,6 +455,12 @@ class Trainer:
             raise ValueError("a comparison needs at least one task")
         if epochs < 1:
             raise ValueError(f"epochs must be at least 1, got {epochs}")
+        for part, data in (("train", train), ("validation", validation), ("test", test)):
+            if iter(data) is data:
+                raise ValueError(
+                    f"the {part} data is an iterator, used up after one pass; pass something "
+                    "that iterates anew each time (a DataLoader, a list of batches)"
+                )
         self.model_factory, self.tasks = model_factory, tuple(tasks)
         self.train, self.validation, self.test = train, validation, test
         self.epochs, self.lr, self.balancer_lr = epochs, lr, balancer_lr
@@ -547,12 +559,16 @@ class Trainer:
         for epoch in range(1, self.epochs + 1):
             torch.manual_seed(_epoch_seed(seed, epoch))
             started = time.perf_counter()
+            batches = 0
             try:
                 for batch in self.train:
                     train_step(self.losses(model, batch))
+                    batches += 1
             except FloatingPointError as error:
                 diverged = f"epoch {epoch}: {error}"
                 break
+            if not batches:
+                raise ValueError("the train data gave no batch")
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             seconds.append(time.perf_counter() - started)
@@ -626,15 +642,15 @@ class Trainer:
             balancer.backward(losses)
             optimizer.step()
 
-        first_losses: list[Tensor] = []
+        after_epoch = None
+        if isinstance(balancer, DTP):  # its KPIs: the share of the initial validation loss gone
+            _, initial_losses = self.evaluate(model, self.validation)
 
-        def report_kpis(validation_losses: Tensor) -> None:
-            if not isinstance(balancer, DTP):
-                return
-            if not first_losses:
-                first_losses.append(validation_losses)
-            kpis = (1 - validation_losses / first_losses[0]).clamp(0, 1)
-            balancer.update_kpis(kpis.float().to(self.device))
+            def report_kpis(validation_losses: Tensor) -> None:
+                kpis = (1 - validation_losses / initial_losses).clamp(0, 1)
+                balancer.update_kpis(kpis.float().to(self.device))
+
+            after_epoch = report_kpis
 
         higher = [task.higher_is_better for task in self.tasks]
         result = self.run(
@@ -643,7 +659,7 @@ class Trainer:
             step,
             lambda metrics: delta_m(metrics.tolist(), reference, higher),
             model,
-            report_kpis,
+            after_epoch,
         )
         validation, test, epoch, seconds, diverged = result
         return Run(
@@ -677,6 +693,7 @@ def _check_finite(losses: Tensor, names: Sequence[str]) -> None:
 
 
 def _count_batches(data: Iterable[Any]) -> int:
+    """The batches of one pass over ``data`` (re-iterable: checked before)."""
     try:
         return max(1, len(data))  # type: ignore[arg-type]
     except TypeError:

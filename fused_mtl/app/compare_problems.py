@@ -292,8 +292,10 @@ def run_jobs(
             done[name] = comparison
         return done
 
+    threads = torch.get_num_threads()
     try:
-        if jobs == 1:
+        if jobs == 1:  # in this process, with the workers' one thread
+            torch.set_num_threads(1)
             while queue:
                 job = queue.pop(0)
                 queue.extend(finished(job, run_job(job)))
@@ -301,6 +303,8 @@ def run_jobs(
             _run_in_processes(queue, jobs, finished)
     except KeyboardInterrupt as interrupt:
         raise Interrupted(assembled()) from interrupt
+    finally:
+        torch.set_num_threads(threads)
     return assembled()
 
 

@@ -43,6 +43,8 @@ def method_label(method: str) -> str:
 def signed(mean: float, std: float) -> str:
     if math.isnan(mean):
         return "n/a"
+    if math.isnan(std):  # one seed: no spread measured
+        return f"{round(mean, 2) + 0.0:+.2f}"
     return f"{round(mean, 2) + 0.0:+.2f} ± {std:.2f}"  # + 0.0: no "-0.00"
 
 
@@ -59,7 +61,7 @@ def metric_cell(metric: str, means: Sequence[float], index: int, stds: Sequence[
     if index >= len(means):
         return "n/a"
     text = f"{scale * means[index]:.1f}" if scale == 100 else f"{means[index]:.4g}"
-    if stds:
+    if stds and not math.isnan(stds[index]):
         text += f" ± {scale * stds[index]:.1f}" if scale == 100 else f" ± {stds[index]:.3g}"
     return text
 

@@ -29,6 +29,7 @@ import csv
 import gzip
 import importlib.metadata
 import importlib.util
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +110,11 @@ def package_file(package: str, relative: str, dataset: str) -> Path:
     """The file ``relative`` inside the installed ``package``, found without importing it; a
     :class:`MissingData` naming the extra and the package when it is not there."""
     install = f'pip install "fused-mtl[data]" (or {DISTRIBUTIONS[package]})'
+    if package == "river" and sys.version_info < (3, 11):
+        install = (
+            "river 0.26, the first to ship it, needs Python 3.11 or newer; on this Python leave "
+            "the problem out (fused-mtl compare --problem multi_digits,penguins)"
+        )
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise MissingData(

@@ -11,6 +11,7 @@ figure's width.
 
 from __future__ import annotations
 
+import math
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -159,15 +160,20 @@ def delta_m_figure(
         rows = comparison.rows()
         labels = [method_label(row["method"]) for row in rows]
         positions = list(range(len(rows)))
-        floor = rows[0]["delta_m_std"]  # the single-task row comes first
-        ax.axvspan(-floor, floor, color="0.85", zorder=0, label="single-task ± std")
+        floor = rows[0]["delta_m_std"]  # the single-task row comes first; NaN for one seed
+        measured = not math.isnan(floor)
+        if measured:
+            ax.axvspan(-floor, floor, color="0.85", zorder=0, label="single-task ± std")
         ax.axvline(0, color="0.4", linewidth=0.8)
         means = [row["delta_m"] for row in rows]
-        colours = ["C2" if mean > floor else "C3" if mean < -floor else "C7" for mean in means]
+        colours = [
+            "C7" if not measured else "C2" if mean > floor else "C3" if mean < -floor else "C7"
+            for mean in means
+        ]
         ax.barh(
             positions,
             means,
-            xerr=[row["delta_m_std"] for row in rows],
+            xerr=[0.0 if math.isnan(row["delta_m_std"]) else row["delta_m_std"] for row in rows],
             color=colours,
             alpha=0.6,
             height=0.6,
