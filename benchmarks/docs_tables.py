@@ -260,7 +260,7 @@ def compare_wall_time() -> str:
     everything, default = load("cpu-compare.json"), load("cpu-compare-default.json")
     return (
         f"The default comparison ({len(default['methods'])} methods: "
-        f"{', '.join(default['methods'])}) took {default['wall_seconds']:.0f} s: "
+        f"{', '.join(default['methods'])}): "
         f"{_compare_provenance(default, 'cpu-compare-default.json')}. The tables below, all "
         f"{len(everything['methods'])} methods: "
         f"{_compare_provenance(everything, 'cpu-compare.json')}.\n"

@@ -688,7 +688,7 @@ DEMO_EXAMPLES = """\
   fused-mtl demo --device cuda --out runs/demo
 """
 COMPARE_EXAMPLES = """\
-  fused-mtl compare                      12 methods, 3 real data sets, 3 seeds (~10 min, 2 cores)
+  fused-mtl compare                      12 methods, 3 real data sets, 3 seeds, ~8 min
   fused-mtl compare --method all --seeds 5
   fused-mtl compare --problem penguins --method equal,uw --epochs 20
 """
