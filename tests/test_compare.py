@@ -326,64 +326,31 @@ def test_a_run_whose_losses_turn_non_finite_is_recorded_and_the_comparison_goes_
 
 def test_bad_batches_and_outputs_are_named():
     factory, tasks, train, validation, test = _user_problem()
-    one_task = [tasks[0]]
+
+    def one_epoch(tasks=tasks, train=train, validation=validation, method="equal", **options):
+        compare(factory, tasks, train, validation, test, methods=[method], seeds=[0], epochs=1,
+                **options)  # fmt: skip
+
     with pytest.raises(ValueError, match="the model returned 2 outputs for 1 tasks"):
-        compare(
-            factory,
-            one_task,
-            [(torch.randn(4, 5), [torch.zeros(4).long()])],
-            validation,
-            test,
-            methods=["equal"],
-            seeds=[0],
-            epochs=1,
-        )
+        one_epoch(tasks=[tasks[0]], train=[(torch.randn(4, 5), [torch.zeros(4).long()])])
     with pytest.raises(ValueError, match=r"a batch must be \(inputs, \[one target per task\]\)"):
-        compare(
-            factory,
-            tasks,
-            [torch.randn(4, 5)],
-            validation,
-            test,
-            methods=["equal"],
-            seeds=[0],
-            epochs=1,
-        )
+        one_epoch(train=[torch.randn(4, 5)])
     wrong = [(torch.randn(4, 5), [torch.zeros(4).long(), torch.zeros(4, 2)])]
     with pytest.raises(
         ValueError, match=r"task 'amount': its loss failed: outputs of shape \(4, 1\)"
     ):
-        compare(factory, tasks, wrong, validation, test, methods=["equal"], seeds=[0], epochs=1)
+        one_epoch(train=wrong)
     with pytest.raises(ValueError, match="the train data is an iterator"):
-        compare(
-            factory,
-            tasks,
-            iter(list(train)),
-            validation,
-            test,
-            methods=["equal"],
-            seeds=[0],
-            epochs=1,
-        )
+        one_epoch(train=iter(list(train)))
     with pytest.raises(ValueError, match="the train data gave no batch"):
-        compare(factory, tasks, [], validation, test, methods=["equal"], seeds=[0], epochs=1)
+        one_epoch(train=[])
     one_hot = [(torch.randn(3, 5), [torch.eye(3), torch.zeros(3)])]
     with pytest.raises(
         ValueError, match=r"task 'class': its metric failed: class indices of shape \(3, 3\)"
     ):
-        compare(factory, tasks, train, one_hot, test, methods=["equal"], seeds=[0], epochs=1)
+        one_epoch(validation=one_hot)
     with pytest.raises(ValueError, match="no sub-module 'body'"):
-        compare(
-            factory,
-            tasks,
-            train,
-            validation,
-            test,
-            methods=["mgda"],
-            seeds=[0],
-            epochs=1,
-            shared="body",
-        )
+        one_epoch(method="mgda", shared="body")
 
 
 def test_tensor_batches_shuffle_by_the_global_generator_and_cover_every_row():

@@ -31,6 +31,7 @@ import torch
 
 from fused_mtl import __version__
 from fused_mtl.app.compare import DEFAULT_METHODS as COMPARE_DEFAULT_METHODS
+from fused_mtl.app.compare import resolve_methods as compare_resolve_methods
 from fused_mtl.app.demo import DEFAULT_METHODS, METHODS, resolve_methods
 
 USAGE_ERROR = 2
@@ -72,11 +73,16 @@ def _steps(text: str) -> int:
     return value
 
 
-def _methods(text: str) -> list[str]:
-    try:
-        return resolve_methods(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+def _method_names(resolve: Callable[[str], list[str]]) -> Callable[[str], list[str]]:
+    """An argparse type from a resolver of method names: its ValueError as a usage error."""
+
+    def method_names(text: str) -> list[str]:
+        try:
+            return resolve(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return method_names
 
 
 def _seed(text: str) -> int:
@@ -532,15 +538,6 @@ def _problems(text: str) -> list[str]:
     return names
 
 
-def _compare_methods(text: str) -> list[str]:
-    from fused_mtl.app.compare import resolve_methods
-
-    try:
-        return resolve_methods(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
 def _default_jobs() -> int:
     """One process per core this process may use, at most ``MAX_DEFAULT_JOBS``."""
     try:
@@ -742,7 +739,7 @@ def _parser() -> argparse.ArgumentParser:
         "--method",
         "--methods",
         dest="method",
-        type=_methods,
+        type=_method_names(resolve_methods),
         default=",".join(DEFAULT_METHODS),
         metavar="METHODS",
         help="comma-separated methods, by key or class name (MGDA, NashMTL), or all: "
@@ -796,7 +793,7 @@ def _parser() -> argparse.ArgumentParser:
         "--method",
         "--methods",
         dest="method",
-        type=_compare_methods,
+        type=_method_names(compare_resolve_methods),
         default="default",
         metavar="METHODS",
         help="comma-separated methods (keys or class names, as for demo), all, or default: "

@@ -71,6 +71,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from fused_mtl import DTP
+from fused_mtl._losses import raise_if_not_finite
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -583,7 +584,7 @@ class Trainer:
                 self.on_epoch(label, seed, epoch, validation.tolist())
         if best_state is None:  # diverged in the first epoch
             nan = torch.full((len(self.tasks),), float("nan"), dtype=torch.float64)
-            return nan, nan, 0, _median(seconds) if seconds else float("nan"), diverged
+            return nan, nan, 0, _median(seconds), diverged
         model.load_state_dict(best_state)
         test, _ = self.evaluate(model, self.test)
         return best_validation, test, best_epoch, _median(seconds), diverged
@@ -597,7 +598,7 @@ class Trainer:
 
         def step(losses: Tensor) -> None:
             optimizer.zero_grad(set_to_none=True)
-            _check_finite(losses[task : task + 1], [name])
+            raise_if_not_finite(losses[task : task + 1], [name])
             losses[task].backward()
             optimizer.step()
 
@@ -638,7 +639,7 @@ class Trainer:
 
         def step(losses: Tensor) -> None:
             optimizer.zero_grad(set_to_none=True)
-            _check_finite(losses, names)
+            raise_if_not_finite(losses, names)
             balancer.backward(losses)
             optimizer.step()
 
@@ -680,16 +681,6 @@ def _of_task(task: Task, part: str, output: Tensor, target: Tensor) -> Tensor:
             "(a mean over the batch)"
         )
     return value
-
-
-def _check_finite(losses: Tensor, names: Sequence[str]) -> None:
-    bad = [
-        name
-        for name, finite in zip(names, torch.isfinite(losses).tolist(), strict=True)
-        if not finite
-    ]
-    if bad:
-        raise FloatingPointError(f"non-finite loss of task(s) {', '.join(bad)}")
 
 
 def _count_batches(data: Iterable[Any]) -> int:

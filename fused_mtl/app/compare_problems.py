@@ -32,7 +32,6 @@ from torch import Tensor, nn
 
 from fused_mtl.app import datasets
 from fused_mtl.app.compare import (
-    BALANCER_LR,
     SINGLE_TASK,
     Comparison,
     MultiHeadNet,
@@ -199,8 +198,7 @@ def _trainer(problem: str, epochs: int, device: str) -> Trainer:
         made.batches("test"),
         epochs=epochs,
         lr=made.lr,
-        balancer_lr=BALANCER_LR,
-        device=torch.device(device),
+        device=device,
     )
 
 

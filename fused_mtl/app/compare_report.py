@@ -52,8 +52,13 @@ def _scale(metric: str) -> float:
     return 100.0 if metric == "accuracy" else 1.0
 
 
+def metric_label(metric: str) -> str:
+    """A metric as a column shows it: accuracies in percent."""
+    return "accuracy %" if metric == "accuracy" else metric
+
+
 def metric_header(task: str, metric: str) -> str:
-    return f"{task}: {'accuracy %' if metric == 'accuracy' else metric}"
+    return f"{task}: {metric_label(metric)}"
 
 
 def metric_cell(metric: str, means: Sequence[float], index: int, stds: Sequence[float] = ()) -> str:
@@ -85,9 +90,7 @@ def summary_table(comparison: Comparison) -> tuple[list[str], list[list[str]]]:
         ]
     else:
         metrics = sorted(set(comparison.metric_names))
-        task_headers = [
-            f"mean {metric_header('', metric).lstrip(': ')} of the tasks" for metric in metrics
-        ]
+        task_headers = [f"mean {metric_label(metric)} of the tasks" for metric in metrics]
     header = ["method", "Δm% (test)", *task_headers, "selected epochs", "s / epoch"]
     rows = []
     for row in comparison.rows():
