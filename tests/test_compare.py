@@ -369,10 +369,14 @@ def test_tensor_batches_shuffle_by_the_global_generator_and_cover_every_row():
 
 
 def test_jobs_in_processes_give_the_numbers_of_one_process():
+    """Seeded runs, one thread each: the same numbers in a worker as here. (Not the Gram
+    methods': off CUDA their layers' Gram keeps whichever of its two ways ran faster on the
+    second call, and the two agree to float32 rounding only; under torch 2.14.1 MGDA's
+    penguin MAE differed in its eighth digit between two processes.)"""
     problem = compare_problems.make_problem("penguins")
     runs = [
         compare_problems.run_jobs(
-            [problem], ["equal", "mgda"], [0, 1], "cpu", jobs, 3, lambda *_: None
+            [problem], ["equal", "uw"], [0, 1], "cpu", jobs, 3, lambda *_: None
         )
         for jobs in (1, 2)
     ]

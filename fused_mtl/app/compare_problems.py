@@ -231,7 +231,8 @@ def run_jobs(
     """Every run of the comparison of ``methods`` on ``problems``, on ``jobs`` processes of one
     torch thread each (in this process when 1): first the single-task models, then, once a
     problem's are done, its methods (whose epochs are selected against them). A run's numbers
-    do not depend on ``jobs``: each is seeded on its own. ``on_run`` sees every finished run."""
+    do not depend on ``jobs``: each is seeded on its own (the Gram methods' up to float32
+    rounding, see docs/compare.md). ``on_run`` sees every finished run."""
     comparisons = {
         problem.name: Comparison(
             problem.name,
