@@ -16,7 +16,9 @@ The public surface::
     fused_mtl.FAMO, RandomWeighting,    # loss-level: weights from the loss values alone (FAMO,
       GeometricMean, IMTLL, STCH        #   RLW, GLS, IMTL-L, smooth Tchebycheff)
     fused_mtl.MoCo, SDMGrad, MoDo,      # stochastic gradient methods, with state across steps
-      ExcessMTL
+      ExcessMTL, DBMTL, CRMOGM          #   (CRMOGM: any Gram method's weights, smoothed)
+    fused_mtl.Krum, TrimmedMean         # robust aggregators: outlying task gradients left out
+    fused_mtl.PBI, COSMOS, UWSO         # loss-level: preference scalarisations, analytical UW
     fused_mtl.synthetic                 # the GradNorm paper's toy multi-task regression
     fused_mtl.functional                # the same math on tensors
     fused_mtl.compat                    # drop-ins: AutomaticWeightedLoss, MultiNoiseLoss
@@ -32,13 +34,18 @@ Triton is optional and imported only when a Triton kernel first runs.
 from fused_mtl import compat, functional, reference, synthetic
 from fused_mtl.balancer import Balancer, GramBalancer
 from fused_mtl.methods import (
+    COSMOS,
+    CRMOGM,
+    DBMTL,
     DTP,
     DWA,
     FAMO,
     IMTLG,
     IMTLL,
     MGDA,
+    PBI,
     STCH,
+    UWSO,
     AlignedMTL,
     CAGrad,
     ConFIG,
@@ -50,24 +57,31 @@ from fused_mtl.methods import (
     GradDrop,
     GradNorm,
     GradVac,
+    Krum,
     MoCo,
     MoDo,
     NashMTL,
     PCGrad,
     RandomWeighting,
     SDMGrad,
+    TrimmedMean,
     UncertaintyWeighting,
     UPGrad,
 )
 
 __all__ = [
+    "COSMOS",
+    "CRMOGM",
+    "DBMTL",
     "DTP",
     "DWA",
     "FAMO",
     "IMTLG",
     "IMTLL",
     "MGDA",
+    "PBI",
     "STCH",
+    "UWSO",
     "AlignedMTL",
     "Balancer",
     "CAGrad",
@@ -81,12 +95,14 @@ __all__ = [
     "GradNorm",
     "GradVac",
     "GramBalancer",
+    "Krum",
     "MoCo",
     "MoDo",
     "NashMTL",
     "PCGrad",
     "RandomWeighting",
     "SDMGrad",
+    "TrimmedMean",
     "UPGrad",
     "UncertaintyWeighting",
     "__version__",

@@ -34,7 +34,7 @@ import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from numbers import Real
+from numbers import Integral, Real
 from typing import Any
 
 import torch
@@ -947,7 +947,7 @@ class GradientBalancer(Balancer):
     def _complete_step(
         self,
         total: Tensor,
-        window: StepWindow,
+        window: StepWindow | None,
         task_grads: list[Tensor],
         weights: Tensor,
         update: Tensor,
@@ -956,10 +956,12 @@ class GradientBalancer(Balancer):
         backward completes the shared parameters' gradient to ``calls x update``: ``update``
         (``(P,)``) is the method's update for the mean gradients of the step's micro-batches
         so far. After the step's last micro-batch (each total scaled by 1 / calls, as
-        accumulation does) the gradient is the update of the whole batch."""
-        target = update * window.calls
-        deposited = window.deposited
-        window.deposited = target
+        accumulation does) the gradient is the update of the whole batch. Without a step
+        (``window`` None: one call per step) the gradient is ``update`` itself."""
+        target = update * window.calls if window is not None else update
+        deposited = window.deposited if window is not None else None
+        if window is not None:
+            window.deposited = target
         start = 0
         for parameter, grads in zip(self._shared, task_grads, strict=True):
             end = start + parameter.numel()
@@ -971,6 +973,39 @@ class GradientBalancer(Balancer):
             total = with_parameter_gradient(total, parameter, correction.reshape(parameter.shape))
             start = end
         return total
+
+    def _update_step(
+        self,
+        losses: tuple[object, ...],
+        update_of: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
+        value_of: Callable[[Tensor], Tensor] | None = None,
+        uses_losses: bool = False,
+    ) -> Tensor:
+        """A training call of a method whose update is not a combination of this call's
+        per-task gradients (MoCo, DB-MTL, the trimmed mean): ``update_of(matrix, losses)``
+        takes the ``(K, P)`` per-task gradients and the ``(K,)`` losses (both over all ranks
+        when syncing; under ``step_with`` the means of the step's micro-batches so far) and
+        returns the weights ``w`` of the total and the ``(P,)`` update; a method that does
+        not read the losses (``uses_losses`` False) is given this call's own, not synced. The total is ``sum_i
+        w_i L_i`` (each task-specific parameter gets ``w_i grad L_i``), and its backward puts
+        the update into the shared parameters' gradient. ``value_of(losses)``, when given, is
+        the total's value instead (DB-MTL's sum of log-losses); its gradient is the same."""
+        stacked, separate = self._graph_losses(losses, self._shared_device())
+        window = self._step_call()
+        if window is not None:
+            task_grads, matrix, mean_losses = self._step_gradients(window, stacked, separate)
+        else:
+            task_grads, matrix = self._task_matrix(stacked, separate)
+            seen = stacked.detach()
+            mean_losses = self._sync.mean(seen) if uses_losses and self._syncing() else seen
+        weights, update = update_of(matrix, mean_losses)
+        self.weights = weights
+        total = (
+            weighted_sum(weights, stacked)
+            if value_of is None
+            else objective_total(value_of(mean_losses), weights, stacked)
+        )
+        return self._complete_step(total, window, task_grads, weights, update)
 
     def _accumulated_step(
         self,
@@ -1205,6 +1240,14 @@ def check_number(
             f"{owner}: {name} must be a number in {bracket}{low}, {high}], got {value!r}"
         )
     return number
+
+
+def check_count(owner: str, name: str, value: object, *, low: int) -> int:
+    """``value`` as an int, or a ValueError naming ``owner``'s hyper-parameter ``name``: a
+    whole number ``>= low`` (Python's or numpy's integers; not a bool, not a float)."""
+    if isinstance(value, Integral) and not isinstance(value, bool) and value >= low:
+        return int(value)
+    raise ValueError(f"{owner}: {name} must be a whole number >= {low}, got {value!r}")
 
 
 def with_parameter_gradient(total: Tensor, parameter: Tensor, gradient: Tensor) -> Tensor:

@@ -53,18 +53,23 @@ METHODS = [
     "moco",
     "sdmgrad",
     "excess_mtl",
+    "db_mtl",
+    "cr_mogm",
+    "trimmed_mean",
+    "pbi",
 ]
 #: The methods built on the trunk by the names the tests use. Of the Gram family the
 #: distributed tests run PCGrad (a random draw shared by the ranks), UPGrad (a deterministic
-#: solver) and SDMGrad (state across steps): every Gram method shares their code path
-#: (GramBalancer; MoDo's is SDMGrad's). MoCo and ExcessMTL stand for the methods that need
+#: solver), SDMGrad (state across steps) and CR-MOGM (another method's weights, smoothed):
+#: every Gram method shares their code path (GramBalancer; MoDo's is SDMGrad's; Krum's is
+#: UPGrad's). MoCo, ExcessMTL, DB-MTL and the trimmed mean stand for the methods that need
 #: the K x P gradients themselves.
 GRAM_METHODS = {key: name for key, name in TRUNK_METHODS.items() if key != "graddrop"}
-#: The loss-level methods; FAMO, RLW, GLS (whose path STCH shares) and IMTL-L (UW's op) run
-#: in the distributed tests.
+#: The loss-level methods; FAMO, RLW, GLS (whose path STCH, COSMOS and UW-SO share), PBI
+#: and IMTL-L (UW's op) run in the distributed tests.
 LOSS_METHODS = dict(demo.LOSS_METHODS)
 #: Methods that refuse FSDP2-sharded shared parameters (tested on their own).
-NOT_SHARDED = ("moco",)
+NOT_SHARDED = ("moco", "db_mtl", "trimmed_mean")
 
 
 class Net(nn.Module):

@@ -640,3 +640,36 @@ def graddrop(J: Tensor, uniform: Tensor, leak: float | Tensor = 0.0) -> Tensor:
     masks = keep_positive[None, :] * (J > 0) + keep_negative[None, :] * (J < 0)
     factors = leak_t[:, None] + (1.0 - leak_t[:, None]) * masks
     return (factors * J).sum(dim=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Robust aggregators: Krum (Blanchard et al. 2017) and the trimmed mean (Yin et al. 2018)
+# --------------------------------------------------------------------------------------------
+
+
+def krum(J: Tensor, byzantine: int = 0, selected: int = 1) -> tuple[Tensor, Tensor]:
+    """Krum / Multi-Krum: score(i) = sum of the squared distances from g_i to its K - f - 2
+    closest other rows; the ``selected`` rows of lowest score (lowest index first on ties)
+    are averaged."""
+    J = _as64(J)
+    K = J.shape[0]
+    scores = []
+    for i in range(K):
+        distances = sorted(float(torch.sum((J[i] - J[j]) ** 2)) for j in range(K) if j != i)
+        scores.append(sum(distances[: K - byzantine - 2]))
+    chosen = sorted(range(K), key=lambda i: (scores[i], i))[:selected]
+    w = torch.zeros(K, dtype=torch.float64)
+    w[chosen] = 1.0 / selected
+    return J.T @ w, w
+
+
+def trimmed_mean(J: Tensor, trim: int) -> Tensor:
+    """The coordinate-wise trimmed mean: per column, the ``trim`` smallest and largest values
+    dropped, the rest averaged."""
+    J = _as64(J)
+    K = J.shape[0]
+    columns = []
+    for column in J.T.tolist():
+        kept = sorted(column)[trim : K - trim]
+        columns.append(sum(kept) / len(kept))
+    return torch.tensor(columns, dtype=torch.float64)

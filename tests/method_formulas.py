@@ -168,3 +168,51 @@ def excess_mtl(jacobians: Sequence[Tensor], step_size: float = 1e-2) -> list[Ten
             w = K * w / w.sum()
         out.append(w.clone())
     return out
+
+
+def penalty_boundary_intersection(theta: float, preferences: Tensor, ideal: Tensor):
+    """PBI (MOEA/D): d1 = <L - z*, u>, d2 = ||L - z* - d1 u||, f = d1 + theta d2 with
+    u = lambda / ||lambda||."""
+
+    def objective(L: Tensor) -> Tensor:
+        u = preferences / torch.sqrt(torch.sum(preferences**2))
+        d1 = torch.sum((L - ideal) * u)
+        d2 = torch.sqrt(torch.sum((L - ideal - d1 * u) ** 2))
+        return d1 + theta * d2
+
+    return objective
+
+
+def cosmos(mu: float, preferences: Tensor):
+    """COSMOS: sum_i lambda_i L_i - mu cos(lambda, L)."""
+
+    def objective(L: Tensor) -> Tensor:
+        linear = torch.sum(preferences * L)
+        cosine = linear / (torch.sqrt(torch.sum(preferences**2)) * torch.sqrt(torch.sum(L**2)))
+        return linear - mu * cosine
+
+    return objective
+
+
+def uw_so_weights(L: Tensor, temperature: float) -> Tensor:
+    """UW-SO: w_i = exp(1 / (T L_i)) / sum_j exp(1 / (T L_j))."""
+    e = torch.exp(1 / (temperature * L.detach().to(F64)))
+    return e / e.sum()
+
+
+def db_mtl(
+    log_jacobians: Sequence[Tensor], beta: float = 0.9, beta_sigma: float = 0.5
+) -> list[Tensor]:
+    """DB-MTL (Lin et al.): per step t and task i, y_i <- b_t y_i + (1 - b_t) grad log L_i with
+    b_t = beta / t^beta_sigma, from y = 0; the update is max_j ||y_j|| sum_i y_i / ||y_i||.
+    ``log_jacobians``: each step's K x P gradients of the log-losses. Returns the updates."""
+    K, P = log_jacobians[0].shape
+    y = torch.zeros(K, P, dtype=F64)
+    out = []
+    for t, J in enumerate(log_jacobians, start=1):
+        b = beta / t**beta_sigma
+        y = b * y + (1 - b) * J.to(F64)
+        norms = [float(torch.sqrt(torch.sum(y[i] ** 2))) for i in range(K)]
+        largest = max(norms)
+        out.append(sum(largest * y[i] / norms[i] for i in range(K) if norms[i] > 0))
+    return out

@@ -231,7 +231,8 @@ def test_ranks_that_differ_in_data_or_state_still_agree(tmp_path):
 
 #: The methods whose weights follow the data (RLW's are draws, the same on a rank with the
 #: same seed whether or not it syncs).
-ADAPTIVE = [method for method in worker.METHODS if method not in ("equal", "rlw")]
+# The methods whose weights change with the numbers they see (the trimmed mean's are 1 / K).
+ADAPTIVE = [m for m in worker.METHODS if m not in ("equal", "rlw", "trimmed_mean")]
 
 
 def test_process_group_and_sync_false(tmp_path):
@@ -290,6 +291,13 @@ def test_communication_per_step(tmp_path):
         "moco": [("all_reduce", num_tasks * trunk)],
         "sdmgrad": [("reduce_scatter", num_tasks * 2 * -(-trunk // 2)), gram_and_losses],
         "excess_mtl": [("all_reduce", num_tasks * trunk)],
+        # DB-MTL: the mean gradients and the mean losses (their logarithms' gradients); the
+        # trimmed mean: the mean gradients.
+        "db_mtl": [("all_reduce", num_tasks * trunk), ("all_reduce", num_tasks)],
+        "trimmed_mean": [("all_reduce", num_tasks * trunk)],
+        # CR-MOGM: its method's (MGDA's) Gram; PBI: the losses' mean.
+        "cr_mogm": [("reduce_scatter", num_tasks * 2 * -(-trunk // 2)), gram_and_losses],
+        "pbi": [("all_reduce", num_tasks)],
     }
     for method, calls in expected.items():
         steps = ranks[0][method]["steps"]

@@ -575,6 +575,21 @@ SECOND_ORDER = {
         lambda: fused_mtl.FAMO(3, min_losses=[0.0, 0.1, 0.2]),
         lambda L: famo_objective(L, torch.tensor([0.0, 0.1, 0.2], dtype=F64)),
     ),
+    "PBI": (
+        lambda: fused_mtl.PBI(
+            3, theta=2.0, ideal_point=ideal.tolist(), preferences=preferences.tolist()
+        ),
+        formulas.penalty_boundary_intersection(2.0, preferences.to(F64), ideal),
+    ),
+    "COSMOS": (
+        lambda: fused_mtl.COSMOS(3, mu=3.0, preferences=preferences.tolist()),
+        formulas.cosmos(3.0, preferences.to(F64)),
+    ),
+    # The weights are constants of the losses (detached, as in the paper).
+    "UWSO": (
+        lambda: fused_mtl.UWSO(3, temperature=0.5),
+        lambda L: (formulas.uw_so_weights(L, 0.5) * L).sum(),
+    ),
 }
 # float64 end to end: the same sums in another order (1e-13); float32: the losses and the
 # weights rounded (1e-5 of the entries' size ~1-10).

@@ -80,6 +80,13 @@ METHODS: dict[str, str] = {
     "sdmgrad": "SDMGrad (lambda = 0.3)",
     "modo": "MoDo (gamma = 0.001)",
     "excess_mtl": "ExcessMTL",
+    "db_mtl": "DB-MTL",
+    "cr_mogm": "CR-MOGM (MGDA, alpha = 0.9)",
+    "krum": "Krum",
+    "trimmed_mean": "trimmed mean (b = 1)",
+    "pbi": "PBI (theta = 5)",
+    "cosmos": "COSMOS (mu = 1)",
+    "uw_so": "UW-SO (T = 1)",
 }
 #: The public class of each loss-level method (built from the number of tasks alone).
 LOSS_METHODS = {
@@ -88,6 +95,9 @@ LOSS_METHODS = {
     "gls": "GeometricMean",
     "imtl_l": "IMTLL",
     "stch": "STCH",
+    "pbi": "PBI",
+    "cosmos": "COSMOS",
+    "uw_so": "UWSO",
 }
 #: The public class of each method built on the trunk's parameters: the Gram family, GradDrop
 #: and the stochastic gradient methods.
@@ -107,6 +117,10 @@ TRUNK_METHODS = {
     "sdmgrad": "SDMGrad",
     "modo": "MoDo",
     "excess_mtl": "ExcessMTL",
+    "db_mtl": "DBMTL",
+    "cr_mogm": "CRMOGM",
+    "krum": "Krum",
+    "trimmed_mean": "TrimmedMean",
 }
 #: The public class of each method: the names ``--method`` accepts besides the keys.
 METHOD_CLASSES = {

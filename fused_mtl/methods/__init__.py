@@ -6,6 +6,9 @@ for the math)."""
 from fused_mtl.methods.aligned_mtl import AlignedMTL
 from fused_mtl.methods.cagrad import CAGrad
 from fused_mtl.methods.config import ConFIG
+from fused_mtl.methods.cosmos import COSMOS
+from fused_mtl.methods.cr_mogm import CRMOGM
+from fused_mtl.methods.db_mtl import DBMTL
 from fused_mtl.methods.dtp import DTP
 from fused_mtl.methods.dualproj import DualProj
 from fused_mtl.methods.dwa import DWA
@@ -19,25 +22,34 @@ from fused_mtl.methods.gradnorm import GradNorm
 from fused_mtl.methods.gradvac import GradVac
 from fused_mtl.methods.imtl_g import IMTLG
 from fused_mtl.methods.imtl_l import IMTLL
+from fused_mtl.methods.krum import Krum
 from fused_mtl.methods.mgda import MGDA
 from fused_mtl.methods.moco import MoCo
 from fused_mtl.methods.modo import MoDo
 from fused_mtl.methods.nash_mtl import NashMTL
+from fused_mtl.methods.pbi import PBI
 from fused_mtl.methods.pcgrad import PCGrad
 from fused_mtl.methods.random_weighting import RandomWeighting
 from fused_mtl.methods.sdmgrad import SDMGrad
 from fused_mtl.methods.stch import STCH
+from fused_mtl.methods.trimmed_mean import TrimmedMean
 from fused_mtl.methods.uncertainty import UncertaintyWeighting
 from fused_mtl.methods.upgrad import UPGrad
+from fused_mtl.methods.uw_so import UWSO
 
 __all__ = [
+    "COSMOS",
+    "CRMOGM",
+    "DBMTL",
     "DTP",
     "DWA",
     "FAMO",
     "IMTLG",
     "IMTLL",
     "MGDA",
+    "PBI",
     "STCH",
+    "UWSO",
     "AlignedMTL",
     "CAGrad",
     "ConFIG",
@@ -49,12 +61,14 @@ __all__ = [
     "GradDrop",
     "GradNorm",
     "GradVac",
+    "Krum",
     "MoCo",
     "MoDo",
     "NashMTL",
     "PCGrad",
     "RandomWeighting",
     "SDMGrad",
+    "TrimmedMean",
     "UPGrad",
     "UncertaintyWeighting",
 ]

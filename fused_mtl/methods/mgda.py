@@ -184,6 +184,9 @@ class MGDA(GramBalancer):
         self.weights = alpha
         return weighted_sum(alpha, stacked)
 
+    def _weights_of(self, gram: Tensor, losses: Tensor) -> Tensor:
+        return self._normalized_weights(gram, losses)
+
     def _normalized_weights(self, gram: Tensor, losses: Tensor) -> Tensor:
         """``alpha`` of the Gram of the normalised gradients (``self.gram`` keeps it)."""
         if self.normalization in ("loss", "loss+"):

@@ -9,13 +9,7 @@ import torch
 from torch import Tensor
 
 from fused_mtl._distributed import ProcessGroup
-from fused_mtl.balancer import (
-    GradientBalancer,
-    LossArgs,
-    check_number,
-    weighted_sum,
-    with_parameter_gradient,
-)
+from fused_mtl.balancer import GradientBalancer, LossArgs, check_number
 from fused_mtl.ops.backend import Backend
 from fused_mtl.ops.gram import task_gram_or_norms
 from fused_mtl.ops.task_gradients import SharedParameters
@@ -126,13 +120,11 @@ class MoCo(GradientBalancer):
         reported = self._reported_total(losses, self.weights.device)
         if reported is not None:
             return reported
-        stacked, separate = self._graph_losses(losses, self._shared_device())
-        window = self._step_call()
-        if window is not None:
-            # A micro-batch of an optimizer step (step_with): the step's mean gradients so far.
-            task_grads, matrix, _ = self._step_gradients(window, stacked, separate)
-        else:
-            task_grads, matrix = self._task_matrix(stacked, separate)
+        return self._update_step(losses, self._tracked_update)
+
+    def _tracked_update(self, matrix: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
+        """One step of the tracking and the weights; returns ``lambda`` and ``d = Y^T
+        lambda``."""
         steps = self.steps + 1
         tracked = stochastic.moco_tracking(
             self.tracked_gradients, matrix, (self.beta / steps**self.beta_decay).to(matrix)
@@ -141,20 +133,8 @@ class MoCo(GradientBalancer):
         lambdas = stochastic.moco_lambdas(
             self.lambdas, tracked_gram, self.gamma / steps**self.gamma_decay, self.rho
         )
-        update = lambdas.to(tracked.dtype) @ tracked
-        total = weighted_sum(lambdas, stacked)
         self.tracked_gradients, self.lambdas, self.steps = tracked, lambdas, steps
-        self.weights = lambdas
-        if window is not None:
-            return self._complete_step(total, window, task_grads, lambdas, update)
-        start = 0
-        for parameter, grads in zip(self._shared, task_grads, strict=True):
-            local = lambdas.to(grads.dtype) @ grads.detach().reshape(self.num_tasks, -1)
-            end = start + local.numel()
-            correction = (update[start:end].to(grads.dtype) - local).reshape(parameter.shape)
-            total = with_parameter_gradient(total, parameter, correction)
-            start = end
-        return total
+        return lambdas, lambdas.to(tracked.dtype) @ tracked
 
     def _set_extra_state(self, state: dict[str, Any]) -> None:
         # After the buffers loaded: the weights of the resumed step, for eval-mode totals.

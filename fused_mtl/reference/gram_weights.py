@@ -35,8 +35,11 @@ __all__ = [
     "graddrop_update",
     "gradvac_weights",
     "imtl_g_weights",
+    "krum_weights",
     "pcgrad_weights",
     "projection_orders",
+    "smoothed_weights",
+    "trimmed_mean_update",
     "upgrad_weights",
 ]
 
@@ -747,3 +750,46 @@ def graddrop_update(task_grads: Tensor, uniform: Tensor, leak: float = 0.0) -> T
     purity = 0.5 * (1 + total / torch.where(size > 0, size, 1.0))
     keep = ((purity > uniform) & (task_grads > 0)) | ((purity < uniform) & (task_grads < 0))
     return ((leak + (1 - leak) * keep.to(task_grads.dtype)) * task_grads).sum(dim=0)
+
+
+# --- robust aggregators: Krum and the trimmed mean --------------------------------------------
+
+
+def krum_weights(gram: Tensor, byzantine: int, selected: int = 1) -> Tensor:
+    r"""Krum and Multi-Krum (Blanchard et al., NeurIPS 2017), from the Gram matrix.
+
+    Each gradient's score is the sum of its squared distances to its ``K - f - 2`` nearest
+    other gradients (``f``: ``byzantine``), ``||g_i - g_j||^2 = M_ii + M_jj - 2 M_ij``; the
+    ``m`` (``selected``) gradients of lowest score are averaged: ``w_i = 1 / m`` for them, 0
+    for the others. Ties go to the lower task index (a stable sort), so the choice does not
+    depend on the device's sort. Needs ``K >= f + 3``.
+    """
+    dtype, gram = gram.dtype, _float64(gram)
+    num_tasks = gram.shape[0]
+    diagonal = gram.diagonal()
+    squared = (diagonal[:, None] + diagonal[None, :] - 2 * gram).clamp_min(0)
+    # Each gradient is at distance 0 from itself: it sorts first in its row, and is skipped.
+    squared = squared + torch.diag(torch.full_like(diagonal, -1.0))
+    nearest = squared.sort(dim=1, stable=True).values[:, 1 : num_tasks - byzantine - 1]
+    scores = nearest.sum(dim=1)
+    chosen = scores.argsort(stable=True)[:selected]
+    weights = torch.zeros_like(diagonal).index_fill(0, chosen, 1.0 / selected)
+    return weights.to(dtype)
+
+
+def trimmed_mean_update(task_grads: Tensor, trim: int) -> Tensor:
+    r"""The coordinate-wise trimmed mean (Yin et al., ICML 2018) of the stacked gradients
+    ``(K, P)``: at every coordinate the ``b`` (``trim``) largest and ``b`` smallest of the K
+    values are removed and the other ``K - 2b`` averaged. Needs ``K >= 2b + 1``."""
+    num_tasks = task_grads.shape[0]
+    ordered = task_grads.sort(dim=0).values
+    return ordered[trim : num_tasks - trim].mean(dim=0)
+
+
+def smoothed_weights(previous: Tensor, weights: Tensor, alpha: float) -> Tensor:
+    r"""CR-MOGM (Zhou et al., NeurIPS 2022): the weights of a gradient method smoothed over
+    steps, ``lambda_t = alpha lambda_{t-1} + (1 - alpha) lambda_hat_t``; a ``previous`` of NaN
+    (no step yet) gives ``lambda_hat_t`` itself."""
+    previous = previous.to(weights.dtype)
+    blend = alpha * previous + (1 - alpha) * weights
+    return torch.where(torch.isnan(previous), weights, blend)

@@ -25,9 +25,14 @@ __all__ = [
     "famo_weights",
     "geometric_mean",
     "geometric_mean_gradient_weights",
+    "penalty_boundary_intersection",
+    "penalty_boundary_intersection_gradient_weights",
+    "preference_cosine",
+    "preference_cosine_gradient_weights",
     "random_weights",
     "smooth_tchebycheff",
     "smooth_tchebycheff_gradient_weights",
+    "soft_optimal_uncertainty_weights",
 ]
 
 #: Added to ``L_i - L_i*`` before FAMO's logarithm, as in the authors' code.
@@ -160,3 +165,96 @@ def adam_step(
     corrected_first = first / (1 - beta1**step)
     corrected_second = second / (1 - beta2**step)
     return parameter - lr * corrected_first / (corrected_second.sqrt() + eps), first, second
+
+
+def _pbi_parts(values: Tensor, theta: float, preferences: Tensor, ideal_point: Tensor):
+    """PBI's value and weights of ``values`` (differentiable when they are)."""
+    shifted = values - ideal_point.to(values)
+    direction = preferences.to(values) / preferences.to(values).norm()
+    along = (shifted * direction).sum(dim=-1, keepdim=True)
+    perpendicular = shifted - along * direction
+    distance = perpendicular.norm(dim=-1, keepdim=True)
+    # On the preference ray the norm has no gradient: 0 is taken (the smallest subgradient)
+    # rather than a NaN, or the direction of the rounding error of r - d_1 u, which is all a
+    # distance within a few ulps of |r| is.
+    off_ray = distance > 8 * torch.finfo(values.dtype).eps * shifted.norm(dim=-1, keepdim=True)
+    unit = torch.where(off_ray, perpendicular / torch.where(off_ray, distance, 1.0), 0.0)
+    value = (along + theta * distance).squeeze(-1)
+    return value, direction + theta * unit
+
+
+def penalty_boundary_intersection(
+    losses: Tensor, theta: float, preferences: Tensor, ideal_point: Tensor
+) -> tuple[Tensor, Tensor]:
+    r"""PBI (Zhang & Li, MOEA/D, 2007), the penalty-based boundary intersection: with the
+    unit preference direction ``u = lambda / ||lambda||`` and ``r = L - z*``,
+
+    .. math:: d_1 = \langle r, u\rangle, \qquad d_2 = \|r - d_1 u\|, \qquad
+              f = d_1 + \theta d_2, \qquad \frac{\partial f}{\partial L} = u + \theta
+              \frac{r - d_1 u}{d_2}.
+
+    ``d_1`` is the progress along the preference ray, ``d_2`` the distance to it. On the ray
+    (``d_2 = 0``) the weights are ``u``."""
+    return _pbi_parts(_computed(losses), theta, preferences, ideal_point)
+
+
+def penalty_boundary_intersection_gradient_weights(
+    losses: Tensor, theta: float, preferences: Tensor, ideal_point: Tensor
+) -> Tensor:
+    """PBI's weights ``u + theta (r - d_1 u) / d_2`` as a function of the losses,
+    differentiable: their derivatives are ``theta (I - u u^T - e e^T) / d_2`` with ``e`` the
+    unit vector from the ray to ``r``."""
+    values = losses.to(torch.promote_types(losses.dtype, torch.float32))
+    return _pbi_parts(values, theta, preferences, ideal_point)[1]
+
+
+def _cosine_parts(values: Tensor, penalty: float, preferences: Tensor):
+    """COSMOS's value and weights of ``values`` (differentiable when they are)."""
+    preferences = preferences.to(values)
+    linear = (preferences * values).sum(dim=-1, keepdim=True)
+    length = values.norm(dim=-1, keepdim=True)
+    scale = preferences.norm() * length
+    positive = scale > 0
+    safe_scale = torch.where(positive, scale, 1.0)
+    safe_length = torch.where(positive, length, 1.0)
+    cosine = torch.where(positive, linear / safe_scale, 0.0)
+    # d cos / dL = lambda / (||lambda|| ||L||) - cos L / ||L||^2; 0 where every loss is 0.
+    cosine_gradient = torch.where(
+        positive, preferences / safe_scale - cosine * values / safe_length.square(), 0.0
+    )
+    value = (linear - penalty * cosine).squeeze(-1)
+    return value, preferences - penalty * cosine_gradient
+
+
+def preference_cosine(losses: Tensor, penalty: float, preferences: Tensor) -> tuple[Tensor, Tensor]:
+    r"""COSMOS (Ruchte & Grabocka, ICDM 2021): the linear scalarisation minus a reward for
+    losses aligned with the preference vector,
+
+    .. math:: f = \langle\lambda, L\rangle - \mu \cos(\lambda, L), \qquad
+              \frac{\partial f}{\partial L} = \lambda - \mu\Big(\frac{\lambda}
+              {\|\lambda\|\,\|L\|} - \cos(\lambda, L) \frac{L}{\|L\|^2}\Big).
+
+    Where every loss is 0 the cosine is taken as 0, and so is its gradient."""
+    return _cosine_parts(_computed(losses), penalty, preferences)
+
+
+def preference_cosine_gradient_weights(
+    losses: Tensor, penalty: float, preferences: Tensor
+) -> Tensor:
+    """COSMOS's weights as a function of the losses, differentiable (their derivatives are
+    ``-mu`` times the Hessian of the cosine)."""
+    values = losses.to(torch.promote_types(losses.dtype, torch.float32))
+    return _cosine_parts(values, penalty, preferences)[1]
+
+
+def soft_optimal_uncertainty_weights(losses: Tensor, temperature: float) -> Tensor:
+    r"""UW-SO (Kirchdorfer et al., GCPR 2024): uncertainty weighting's optimal weight of each
+    task, ``1 / L_i`` (the ``sigma_i^2`` that minimises ``L_i / sigma_i^2 + log sigma_i^2`` is
+    ``L_i``), normalised by a softmax of temperature ``T``:
+    ``w_i = softmax(1 / (T L_i))``; they sum to 1.
+
+    A loss at or below the smallest normal number counts as that number: ``1 / L`` stays
+    finite, and the softmax, shifted by its largest term, too."""
+    values = _computed(losses)
+    inverse = 1 / (temperature * values).clamp_min(torch.finfo(values.dtype).tiny)
+    return torch.softmax(inverse, dim=-1)

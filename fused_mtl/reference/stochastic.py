@@ -16,7 +16,9 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "DB_MTL_EPSILON",
     "EXCESS_RISK_EPSILON",
+    "db_mtl_update",
     "excess_mtl_weights",
     "excess_risks",
     "moco_lambdas",
@@ -26,6 +28,9 @@ __all__ = [
     "sdmgrad_weights",
     "simplex_projection",
 ]
+
+#: Added to the losses under DB-MTL's logarithm, as in the authors' code.
+DB_MTL_EPSILON = 1e-8
 
 #: Added to the sums of squared gradients under ExcessMTL's square root, as in the authors' code.
 EXCESS_RISK_EPSILON = 1e-7
@@ -129,3 +134,13 @@ def excess_mtl_weights(
     exponent = torch.log(weights) + step_size * relative
     updated = torch.exp(exponent - exponent.max(dim=-1, keepdim=True).values)
     return weights.shape[-1] * updated / updated.sum(dim=-1, keepdim=True)
+
+
+def db_mtl_update(tracked: Tensor) -> Tensor:
+    r"""DB-MTL's gradient balance (Lin et al., 2023): every tracked log-loss gradient
+    rescaled to the largest one's norm, ``d = max_j ||y_j|| sum_i y_i / ||y_i||``; a zero
+    ``y_i`` adds nothing (the authors' code divides by ``||y_i|| + 1e-8``, the same up to
+    that term)."""
+    norms = tracked.norm(dim=1)
+    inverse = torch.where(norms > 0, 1 / torch.where(norms > 0, norms, 1.0), 0.0)
+    return norms.max() * (inverse @ tracked)
