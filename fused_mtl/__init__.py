@@ -16,9 +16,12 @@ The public surface::
     fused_mtl.FAMO, RandomWeighting,    # loss-level: weights from the loss values alone (FAMO,
       GeometricMean, IMTLL, STCH        #   RLW, GLS, IMTL-L, smooth Tchebycheff)
     fused_mtl.MoCo, SDMGrad, MoDo,      # stochastic gradient methods, with state across steps
-      ExcessMTL, DBMTL, CRMOGM          #   (CRMOGM: any Gram method's weights, smoothed)
+      ExcessMTL, DBMTL, CRMOGM,         #   (CRMOGM: any Gram method's weights, smoothed;
+      AutoLambda                        #   AutoLambda: weights meta-learned on validation)
     fused_mtl.Krum, TrimmedMean         # robust aggregators: outlying task gradients left out
-    fused_mtl.PBI, COSMOS, UWSO         # loss-level: preference scalarisations, analytical UW
+    fused_mtl.PBI, COSMOS, UWSO,        # loss-level: preference scalarisations, analytical UW,
+      GO4Align                          #   task groups by their progress
+    fused_mtl.NTKMTL                    # the tasks' NTK eigenvalues equalised (Gram family)
     fused_mtl.synthetic                 # the GradNorm paper's toy multi-task regression
     fused_mtl.functional                # the same math on tensors
     fused_mtl.compat                    # drop-ins: AutomaticWeightedLoss, MultiNoiseLoss
@@ -43,10 +46,12 @@ from fused_mtl.methods import (
     IMTLG,
     IMTLL,
     MGDA,
+    NTKMTL,
     PBI,
     STCH,
     UWSO,
     AlignedMTL,
+    AutoLambda,
     CAGrad,
     ConFIG,
     DualProj,
@@ -54,6 +59,7 @@ from fused_mtl.methods import (
     ExcessMTL,
     FairGrad,
     GeometricMean,
+    GO4Align,
     GradDrop,
     GradNorm,
     GradVac,
@@ -79,10 +85,12 @@ __all__ = [
     "IMTLG",
     "IMTLL",
     "MGDA",
+    "NTKMTL",
     "PBI",
     "STCH",
     "UWSO",
     "AlignedMTL",
+    "AutoLambda",
     "Balancer",
     "CAGrad",
     "ConFIG",
@@ -90,6 +98,7 @@ __all__ = [
     "EqualWeighting",
     "ExcessMTL",
     "FairGrad",
+    "GO4Align",
     "GeometricMean",
     "GradDrop",
     "GradNorm",

@@ -820,6 +820,22 @@ class GradientBalancer(Balancer):
             )
         return self._shared[0].device
 
+    def _check_features(self, features: object) -> torch.device:
+        """``features=z`` (a shared representation, MGDA-UB's and NTKMTL-SR's): a
+        floating-point tensor that the losses are computed from; its device."""
+        name = type(self).__name__
+        if not isinstance(features, Tensor) or not features.is_floating_point():
+            raise TypeError(
+                f"{name}: features must be a floating-point tensor, got "
+                f"{getattr(features, 'dtype', type(features).__name__)}"
+            )
+        if not features.requires_grad:
+            raise ValueError(
+                f"{name}: features does not require grad; pass the shared representation "
+                "z that the task losses are computed from (not detached)"
+            )
+        return features.device
+
     def _reported_total(self, losses: tuple[object, ...], device: torch.device) -> Tensor | None:
         """``sum_i w_i L_i`` with the current weights when the call only reports (eval mode or
         grad disabled); ``None`` when it balances."""
@@ -986,10 +1002,11 @@ class GradientBalancer(Balancer):
         takes the ``(K, P)`` per-task gradients and the ``(K,)`` losses (both over all ranks
         when syncing; under ``step_with`` the means of the step's micro-batches so far) and
         returns the weights ``w`` of the total and the ``(P,)`` update; a method that does
-        not read the losses (``uses_losses`` False) is given this call's own, not synced. The total is ``sum_i
-        w_i L_i`` (each task-specific parameter gets ``w_i grad L_i``), and its backward puts
-        the update into the shared parameters' gradient. ``value_of(losses)``, when given, is
-        the total's value instead (DB-MTL's sum of log-losses); its gradient is the same."""
+        not read the losses (``uses_losses`` False) is given this call's own, not synced. The
+        total is ``sum_i w_i L_i`` (each task-specific parameter gets ``w_i grad L_i``), and
+        its backward puts the update into the shared parameters' gradient. ``value_of(losses)``,
+        when given, is the total's value instead (DB-MTL's sum of log-losses); its gradient is
+        the same."""
         stacked, separate = self._graph_losses(losses, self._shared_device())
         window = self._step_call()
         if window is not None:

@@ -57,6 +57,9 @@ METHODS = [
     "cr_mogm",
     "trimmed_mean",
     "pbi",
+    "go4align",
+    "ntkmtl",
+    "auto_lambda",
 ]
 #: The methods built on the trunk by the names the tests use. Of the Gram family the
 #: distributed tests run PCGrad (a random draw shared by the ranks), UPGrad (a deterministic
@@ -69,7 +72,7 @@ GRAM_METHODS = {key: name for key, name in TRUNK_METHODS.items() if key != "grad
 #: and IMTL-L (UW's op) run in the distributed tests.
 LOSS_METHODS = dict(demo.LOSS_METHODS)
 #: Methods that refuse FSDP2-sharded shared parameters (tested on their own).
-NOT_SHARDED = ("moco", "db_mtl", "trimmed_mean")
+NOT_SHARDED = ("moco", "db_mtl", "trimmed_mean", "auto_lambda")
 
 
 class Net(nn.Module):

@@ -673,3 +673,24 @@ def trimmed_mean(J: Tensor, trim: int) -> Tensor:
         kept = sorted(column)[trim : K - trim]
         columns.append(sum(kept) / len(kept))
     return torch.tensor(columns, dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# NTKMTL (Qin et al., NeurIPS 2025), Eq. 15
+# --------------------------------------------------------------------------------------------
+
+
+def ntk_weights_from_kernels(kernels: Sequence[Tensor], exponent: float = 0.5) -> Tensor:
+    """w_i = (mean_j lambda_j / lambda_i)^p with lambda_i the largest eigenvalue of task i's
+    NTK (each given as a symmetric matrix), by eigvalsh in float64."""
+    largest = torch.stack([torch.linalg.eigvalsh(_as64(K))[-1] for K in kernels])
+    return (largest.mean() / largest) ** exponent
+
+
+def ntkmtl(J: Tensor, exponent: float = 0.5) -> tuple[Tensor, Tensor]:
+    """NTKMTL with the batch as one part: task i's NTK is the 1 x 1 matrix g_i g_i^T."""
+    J = _as64(J)
+    w = ntk_weights_from_kernels(
+        [J[i : i + 1] @ J[i : i + 1].T for i in range(J.shape[0])], exponent
+    )
+    return J.T @ w, w

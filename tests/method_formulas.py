@@ -8,6 +8,7 @@ package sorts), FAMO's logit step is ``torch.optim.Adam`` and SDMGrad's inner lo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -216,3 +217,27 @@ def db_mtl(
         largest = max(norms)
         out.append(sum(largest * y[i] / norms[i] for i in range(K) if norms[i] > 0))
     return out
+
+
+def go4align(loss_history: Sequence[Tensor], groups: int, beta: float) -> Tensor:
+    """GO4Align (Shen et al.): per step q <- q e^{-beta L} / sum(q e^{-beta L}) from q = 1/M,
+    p = mean(L)/L, gamma = p q; the weights of the last step: each task's group centre for the
+    K-means of gamma into ``groups`` groups, by trying every assignment."""
+    import itertools
+
+    M = loss_history[0].numel()
+    q = torch.full((M,), 1 / M, dtype=F64)
+    for L in loss_history:
+        L = L.to(F64)
+        q = q * torch.exp(-beta * L)
+        q = q / q.sum()
+    gamma = (L.mean() / L) * q
+    best, best_cost = None, math.inf
+    for labels in itertools.product(range(min(groups, M)), repeat=M):
+        if len(set(labels)) < min(groups, M):
+            continue
+        centres = {g: gamma[[i for i in range(M) if labels[i] == g]].mean() for g in set(labels)}
+        cost = sum(float((gamma[i] - centres[labels[i]]) ** 2) for i in range(M))
+        if cost < best_cost - 1e-18:
+            best, best_cost = torch.stack([centres[g] for g in labels]), cost
+    return best

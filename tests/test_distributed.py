@@ -298,6 +298,11 @@ def test_communication_per_step(tmp_path):
         # CR-MOGM: its method's (MGDA's) Gram; PBI: the losses' mean.
         "cr_mogm": [("reduce_scatter", num_tasks * 2 * -(-trunk // 2)), gram_and_losses],
         "pbi": [("all_reduce", num_tasks)],
+        # GO4Align: the losses' mean; NTKMTL: the Gram (its diagonal is the kernels'); Auto-
+        # Lambda without a closure: the mean per-task gradients (with one: K more numbers).
+        "go4align": [("all_reduce", num_tasks)],
+        "ntkmtl": [("reduce_scatter", num_tasks * 2 * -(-trunk // 2)), gram_and_losses],
+        "auto_lambda": [("all_reduce", num_tasks * trunk)],
     }
     for method, calls in expected.items():
         steps = ranks[0][method]["steps"]

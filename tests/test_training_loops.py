@@ -103,7 +103,8 @@ def test_moco_counts_steps_past_256_in_a_bfloat16_model():
 
 
 @pytest.mark.parametrize(
-    "method", ["famo", "rlw", "gls", "stch", "dwa", "uw", "imtl_l", "pbi", "cosmos", "uw_so"]
+    "method",
+    ["famo", "rlw", "gls", "stch", "dwa", "uw", "imtl_l", "pbi", "cosmos", "uw_so", "go4align"],
 )
 def test_loss_methods_in_a_bfloat16_model_weight_as_in_float32(method):
     """Fed the same losses, a balancer cast with its bfloat16 model gives the float32 one's
@@ -240,7 +241,7 @@ def test_accumulated_linear_loss_methods_equal_the_whole_batch(method):
     assert_same_state(whole_balancer, part_balancer, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("method", ["famo", "gls", "stch", "pbi", "cosmos", "uw_so"])
+@pytest.mark.parametrize("method", ["famo", "gls", "stch", "pbi", "cosmos", "uw_so", "go4align"])
 def test_accumulated_loss_objectives_end_at_the_whole_batch_weights_and_state(method):
     """A nonlinear objective weights each micro-batch at the mean losses of the step so far:
     the step's last weights and the state are the whole batch's (the earlier micro-batches'

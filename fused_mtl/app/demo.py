@@ -87,6 +87,9 @@ METHODS: dict[str, str] = {
     "pbi": "PBI (theta = 5)",
     "cosmos": "COSMOS (mu = 1)",
     "uw_so": "UW-SO (T = 1)",
+    "go4align": "GO4Align (2 groups)",
+    "ntkmtl": "NTKMTL",
+    "auto_lambda": "Auto-Lambda (first order)",
 }
 #: The public class of each loss-level method (built from the number of tasks alone).
 LOSS_METHODS = {
@@ -98,6 +101,7 @@ LOSS_METHODS = {
     "pbi": "PBI",
     "cosmos": "COSMOS",
     "uw_so": "UWSO",
+    "go4align": "GO4Align",
 }
 #: The public class of each method built on the trunk's parameters: the Gram family, GradDrop
 #: and the stochastic gradient methods.
@@ -121,6 +125,8 @@ TRUNK_METHODS = {
     "cr_mogm": "CRMOGM",
     "krum": "Krum",
     "trimmed_mean": "TrimmedMean",
+    "ntkmtl": "NTKMTL",
+    "auto_lambda": "AutoLambda",
 }
 #: The public class of each method: the names ``--method`` accepts besides the keys.
 METHOD_CLASSES = {

@@ -4,6 +4,7 @@ interface, ``fused_mtl.ops`` for the per-task gradients and fused ops, ``fused_m
 for the math)."""
 
 from fused_mtl.methods.aligned_mtl import AlignedMTL
+from fused_mtl.methods.auto_lambda import AutoLambda
 from fused_mtl.methods.cagrad import CAGrad
 from fused_mtl.methods.config import ConFIG
 from fused_mtl.methods.cosmos import COSMOS
@@ -17,6 +18,7 @@ from fused_mtl.methods.excess_mtl import ExcessMTL
 from fused_mtl.methods.fairgrad import FairGrad
 from fused_mtl.methods.famo import FAMO
 from fused_mtl.methods.geometric_mean import GeometricMean
+from fused_mtl.methods.go4align import GO4Align
 from fused_mtl.methods.graddrop import GradDrop
 from fused_mtl.methods.gradnorm import GradNorm
 from fused_mtl.methods.gradvac import GradVac
@@ -27,6 +29,7 @@ from fused_mtl.methods.mgda import MGDA
 from fused_mtl.methods.moco import MoCo
 from fused_mtl.methods.modo import MoDo
 from fused_mtl.methods.nash_mtl import NashMTL
+from fused_mtl.methods.ntkmtl import NTKMTL
 from fused_mtl.methods.pbi import PBI
 from fused_mtl.methods.pcgrad import PCGrad
 from fused_mtl.methods.random_weighting import RandomWeighting
@@ -47,16 +50,19 @@ __all__ = [
     "IMTLG",
     "IMTLL",
     "MGDA",
+    "NTKMTL",
     "PBI",
     "STCH",
     "UWSO",
     "AlignedMTL",
+    "AutoLambda",
     "CAGrad",
     "ConFIG",
     "DualProj",
     "EqualWeighting",
     "ExcessMTL",
     "FairGrad",
+    "GO4Align",
     "GeometricMean",
     "GradDrop",
     "GradNorm",

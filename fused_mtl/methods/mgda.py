@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
 from fused_mtl import reference
@@ -204,19 +203,6 @@ class MGDA(GramBalancer):
         total = self(*losses, features=features)
         total.backward()
         return total.detach()
-
-    def _check_features(self, features: object) -> torch.device:
-        if not isinstance(features, Tensor) or not features.is_floating_point():
-            raise TypeError(
-                f"MGDA: features must be a floating-point tensor, got "
-                f"{getattr(features, 'dtype', type(features).__name__)}"
-            )
-        if not features.requires_grad:
-            raise ValueError(
-                "MGDA: features does not require grad; pass the shared representation "
-                "z that the task losses are computed from (not detached)"
-            )
-        return features.device
 
     def _check_positive(self, losses: Tensor) -> None:
         for index, value in enumerate(losses.detach().tolist()):

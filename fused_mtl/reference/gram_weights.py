@@ -36,8 +36,10 @@ __all__ = [
     "gradvac_weights",
     "imtl_g_weights",
     "krum_weights",
+    "ntk_weights",
     "pcgrad_weights",
     "projection_orders",
+    "representation_ntk_eigenvalues",
     "smoothed_weights",
     "trimmed_mean_update",
     "upgrad_weights",
@@ -793,3 +795,35 @@ def smoothed_weights(previous: Tensor, weights: Tensor, alpha: float) -> Tensor:
     previous = previous.to(weights.dtype)
     blend = alpha * previous + (1 - alpha) * weights
     return torch.where(torch.isnan(previous), weights, blend)
+
+
+# --- NTKMTL -----------------------------------------------------------------------------------
+
+
+def ntk_weights(eigenvalues: Tensor, exponent: float = 0.5) -> Tensor:
+    r"""NTKMTL (Qin et al., NeurIPS 2025), Eq. 15: each task weighted so that its neural
+    tangent kernel's largest eigenvalue, scaled by ``w_i^2``, matches the mean,
+    ``w_i = (mean_j lambda_j / lambda_i)^p`` (``p = 1/2`` in the paper). A task whose
+    eigenvalue is 0 (no gradient) gets weight 0."""
+    values = eigenvalues.to(torch.promote_types(eigenvalues.dtype, torch.float32))
+    mean = values.mean()
+    present = values > 0
+    ratio = torch.where(present, mean / torch.where(present, values, 1.0), 0.0)
+    return torch.where(present, ratio.pow(exponent), 0.0)
+
+
+def representation_ntk_eigenvalues(feature_grads: Tensor, chunks: int) -> Tensor:
+    r"""NTKMTL-SR's eigenvalues from ``(K, B, ...)`` gradients of the K mean losses with
+    respect to a shared representation whose first dimension is the batch: the batch split in
+    ``chunks`` parts (``torch.chunk``), the kernel ``(K_i)_uv = <d l_i^(u)/dz, d l_i^(v)/dz>``
+    of the parts' mean losses. Their gradients touch disjoint rows of ``z``, so the kernel is
+    diagonal and its largest eigenvalue is the largest ``||d l_i^(u)/dz||^2``; the part's mean
+    loss has ``B / |u|`` times the batch mean's gradient on its rows."""
+    num_tasks, batch = feature_grads.shape[:2]
+    dtype = torch.promote_types(feature_grads.dtype, torch.float32)
+    rows = feature_grads.reshape(num_tasks, batch, -1).to(dtype)
+    squared = rows.square().sum(dim=2)  # (K, B)
+    parts = [
+        part.sum(dim=1) * (batch / part.shape[1]) ** 2 for part in squared.chunk(chunks, dim=1)
+    ]
+    return torch.stack(parts, dim=1).amax(dim=1)

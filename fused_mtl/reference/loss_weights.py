@@ -25,11 +25,13 @@ __all__ = [
     "famo_weights",
     "geometric_mean",
     "geometric_mean_gradient_weights",
+    "group_centroids",
     "penalty_boundary_intersection",
     "penalty_boundary_intersection_gradient_weights",
     "preference_cosine",
     "preference_cosine_gradient_weights",
     "random_weights",
+    "risk_guided_indicators",
     "smooth_tchebycheff",
     "smooth_tchebycheff_gradient_weights",
     "soft_optimal_uncertainty_weights",
@@ -258,3 +260,58 @@ def soft_optimal_uncertainty_weights(losses: Tensor, temperature: float) -> Tens
     values = _computed(losses)
     inverse = 1 / (temperature * values).clamp_min(torch.finfo(values.dtype).tiny)
     return torch.softmax(inverse, dim=-1)
+
+
+def risk_guided_indicators(losses: Tensor, alignment: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    r"""GO4Align (Shen et al., NeurIPS 2024), Eqs. 5-7: the scale balance ``p_i = mean(L) /
+    L_i`` and the smooth alignment ``q <- q exp(-beta L) / sum_j q_j exp(-beta L_j)`` (a
+    softmax of ``-beta`` times each task's cumulative loss); returns the indicators ``gamma =
+    p q`` and the new ``q``."""
+    values = _computed(losses)
+    previous = alignment.to(values)
+    # log q - beta L, shifted by its largest term: q's tiny entries do not underflow to 0/0.
+    logits = torch.log(previous) - beta * values
+    updated = torch.softmax(logits, dim=-1)
+    mean = values.mean(dim=-1, keepdim=True)
+    # p_i is unbounded as L_i -> 0: a loss below eps times the mean counts as that (p at most
+    # 1 / eps), and all-zero losses have p = 1.
+    floor = values.clamp_min(mean * torch.finfo(values.dtype).eps)
+    scale = torch.where(mean > 0, mean / torch.where(mean > 0, floor, 1.0), 1.0)
+    return scale * updated, updated
+
+
+def group_centroids(values: Tensor, groups: int) -> Tensor:
+    r"""The exact K-means of the ``(M,)`` numbers ``values`` into ``min(groups, M)`` groups
+    (the least total squared distance to the groups' means), each value replaced by its
+    group's mean: GO4Align's inner problem (Eqs. 3-4). In one dimension the optimal groups are
+    runs of the sorted values, found by dynamic programming over their boundaries (no random
+    start, unlike Lloyd's iterations); ties go to the earliest boundary."""
+    dtype = values.dtype
+    ordered, order = values.to(torch.float64).sort()
+    count = ordered.shape[0]
+    groups = min(groups, count)
+    zero = ordered.new_zeros(1)
+    sums = torch.cat([zero, ordered.cumsum(0)])
+    squares = torch.cat([zero, ordered.square().cumsum(0)])
+    index = torch.arange(count, device=values.device)
+    start, end = index[:, None], index[None, :]  # a run from start to end, inclusive
+    size = (end - start + 1).clamp_min(1).to(ordered.dtype)
+    run_sum = sums[end + 1] - sums[start]
+    cost = squares[end + 1] - squares[start] - run_sum.square() / size
+    cost = torch.where(start <= end, cost.clamp_min(0), torch.inf)
+    best = cost[0]  # one group: the run from the first value
+    starts = []
+    for group in range(1, groups):
+        before = torch.cat([best.new_full((1,), torch.inf), best[:-1]])  # ends at start - 1
+        candidates = torch.where(start >= group, before[:, None] + cost, torch.inf)
+        best, first = candidates.min(dim=0)
+        starts.append(first)
+    # From the last value back, each group's run and its mean.
+    centroids = ordered.clone()
+    last = index[-1]
+    for group in range(groups - 1, -1, -1):
+        first = starts[group - 1][last] if group > 0 else index[0]
+        mean = (sums[last + 1] - sums[first]) / (last - first + 1).to(ordered.dtype)
+        centroids = torch.where((index >= first) & (index <= last), mean, centroids)
+        last = first - 1
+    return torch.empty_like(centroids).scatter_(0, order, centroids).to(dtype)
