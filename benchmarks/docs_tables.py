@@ -46,18 +46,23 @@ BLOCK = re.compile(
 
 # The families of the method-step summary, in the order of the docs' table.
 STEP_FAMILIES = {
-    "the loss-level ones: UW, DWA, DTP, FAMO, RLW, GLS, IMTL-L, STCH": [
-        "uw", "dwa", "dtp", "famo", "rlw", "gls", "imtl_l", "stch",
+    "the loss-level ones (UW, DWA, DTP, FAMO, RLW, GLS, IMTL-L, STCH, PBI, COSMOS, UW-SO, "
+    "GO4Align)": [
+        "uw", "dwa", "dtp", "famo", "rlw", "gls", "imtl_l", "stch", "pbi", "cosmos", "uw_so",
+        "go4align",
     ],
     "GradNorm (the last shared layer's per-task gradients)": ["gradnorm"],
     "MGDA and the Gram family but Nash-MTL / FairGrad": [
         "mgda", "pcgrad", "gradvac", "cagrad", "imtl_g", "aligned_mtl", "upgrad", "dualproj",
-        "config",
+        "config", "krum", "cr_mogm", "ntkmtl",
     ],
-    "Nash-MTL, FairGrad (Newton steps), GradDrop (per coordinate)": [
-        "nash_mtl", "fairgrad", "graddrop",
+    "Nash-MTL, FairGrad (Newton steps), GradDrop, the trimmed mean (per coordinate)": [
+        "nash_mtl", "fairgrad", "graddrop", "trimmed_mean",
     ],
-    "MoCo, SDMGrad, MoDo, ExcessMTL": ["moco", "sdmgrad", "modo", "excess_mtl"],
+    "MoCo, SDMGrad, MoDo, ExcessMTL, DB-MTL, Auto-Lambda": [
+        "moco", "sdmgrad", "modo", "excess_mtl", "db_mtl", "auto_lambda",
+    ],
+    "NTKMTL-SR (K backward passes through the heads only)": ["ntkmtl_sr"],
 }  # fmt: skip
 
 
@@ -164,7 +169,8 @@ def readme_costs() -> str:
     return (
         f"Cost per training step at K = 8 on a 2-core CPU, relative to the plain sum: "
         f"loss-level methods {cost(families[0])}, GradNorm {cost(families[1])}, MGDA and the Gram "
-        f"family {cost(gram)}, the stochastic ones {cost(families[4])} "
+        f"family {cost(gram)}, the stochastic ones {cost(families[4])}, NTKMTL-SR "
+        f"{cost(families[5])} "
         f"(`benchmarks/results/cpu-method-steps.json`, at {record['environment']['git_revision']};"
         f" [Benchmarks](docs/benchmarks.md)).\n"
     )

@@ -220,7 +220,17 @@ class Balancer(nn.Module):
                 return super().__call__(*args, **kwargs)
             finally:
                 self._replaying = False
-        total = super().__call__(*args, **kwargs)
+        window = self.__dict__.get("_step_window")
+        counted = dict(window.__dict__) if window is not None else None
+        try:
+            total = super().__call__(*args, **kwargs)
+        except BaseException:
+            # A call that raises is not one of the optimizer step's micro-batches: the step's
+            # count and sums are put back (a retried call is then counted once).
+            if window is not None:
+                window.__dict__.update(counted)
+            self.__dict__["_step_window"] = window
+            raise
         if tensors and isinstance(total, Tensor):
             self._last_call = ([weakref.ref(t) for t in tensors], weakref.ref(total))
         return total
@@ -1013,6 +1023,8 @@ class GradientBalancer(Balancer):
             task_grads, matrix, mean_losses = self._step_gradients(window, stacked, separate)
         else:
             task_grads, matrix = self._task_matrix(stacked, separate)
+            # In the state's dtype, as a step's sum is (float32 at least: a bfloat16 model's).
+            matrix = matrix.to(self._state_options().get("dtype", matrix.dtype))
             seen = stacked.detach()
             mean_losses = self._sync.mean(seen) if uses_losses and self._syncing() else seen
         weights, update = update_of(matrix, mean_losses)
@@ -1155,9 +1167,10 @@ class GramBalancer(GradientBalancer):
                 separate,
                 lambda gram, mean_losses: self._weights_of(gram, mean_losses),
             )
-        gram, _ = self._task_gram(self._task_gradients, stacked, separate, False)
+        gram, current = self._task_gram(self._task_gradients, stacked, separate, False)
         gram = gram.detach()
-        weights = self._weights_of(gram, stacked)
+        # The losses over all ranks when syncing (MGDA's loss normalisation, under CR-MOGM).
+        weights = self._weights_of(gram, current)
         self.gram = gram
         self.weights = weights
         return weighted_sum(weights, stacked)

@@ -72,7 +72,7 @@ GRAM_METHODS = {key: name for key, name in TRUNK_METHODS.items() if key != "grad
 #: and IMTL-L (UW's op) run in the distributed tests.
 LOSS_METHODS = dict(demo.LOSS_METHODS)
 #: Methods that refuse FSDP2-sharded shared parameters (tested on their own).
-NOT_SHARDED = ("moco", "db_mtl", "trimmed_mean", "auto_lambda")
+NOT_SHARDED = ("moco", "db_mtl", "trimmed_mean", "auto_lambda", "krum")
 
 
 class Net(nn.Module):
@@ -135,6 +135,8 @@ def make_balancer(method: str, net: Net, num_tasks: int = NUM_TASKS, **sync) -> 
         return getattr(fused_mtl, LOSS_METHODS[method])(num_tasks, **sync)
     if method in GRAM_METHODS:
         return getattr(fused_mtl, GRAM_METHODS[method])(net.trunk.parameters(), num_tasks, **sync)
+    if method == "cr_mogm_pcgrad":  # CR-MOGM over a method with a random draw
+        return fused_mtl.CRMOGM(net.trunk.parameters(), num_tasks, method=fused_mtl.PCGrad, **sync)
     if method == "graddrop":
         return fused_mtl.GradDrop(net.trunk.parameters(), num_tasks)
     raise ValueError(method)

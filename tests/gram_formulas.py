@@ -647,15 +647,19 @@ def graddrop(J: Tensor, uniform: Tensor, leak: float | Tensor = 0.0) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def krum(J: Tensor, byzantine: int = 0, selected: int = 1) -> tuple[Tensor, Tensor]:
+def krum(
+    J: Tensor, byzantine: int = 0, selected: int = 1, power: float = 2.0
+) -> tuple[Tensor, Tensor]:
     """Krum / Multi-Krum: score(i) = sum of the squared distances from g_i to its K - f - 2
     closest other rows; the ``selected`` rows of lowest score (lowest index first on ties)
-    are averaged."""
+    are averaged. ``power=1`` sums the distances themselves (TorchJD's score)."""
     J = _as64(J)
     K = J.shape[0]
     scores = []
     for i in range(K):
-        distances = sorted(float(torch.sum((J[i] - J[j]) ** 2)) for j in range(K) if j != i)
+        distances = sorted(
+            float(torch.sum((J[i] - J[j]) ** 2)) ** (power / 2) for j in range(K) if j != i
+        )
         scores.append(sum(distances[: K - byzantine - 2]))
     chosen = sorted(range(K), key=lambda i: (scores[i], i))[:selected]
     w = torch.zeros(K, dtype=torch.float64)

@@ -289,3 +289,132 @@ def test_ntkmtl_sr_needs_a_representation_with_a_graph():
     losses = [torch.tensor(1.0, requires_grad=True), torch.tensor(2.0, requires_grad=True)]
     with pytest.raises(ValueError, match="NTKMTL: features does not require grad"):
         ntkmtl(losses, features=torch.zeros(3, 2))
+
+
+# --- edges the review found ---------------------------------------------------------------------
+
+
+class SeparateHeads(nn.Module):
+    """A trunk and one head module per task: each head is reached by its task only."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Sequential(nn.Linear(3, 6), nn.Tanh())
+        self.heads = nn.ModuleList(nn.Linear(6, 1) for _ in range(NUM_TASKS))
+
+    def forward(self, data):
+        inputs, targets = data
+        features = self.trunk(inputs)
+        return [
+            (head(features)[:, 0] - targets[:, i]).square().mean()
+            for i, head in enumerate(self.heads)
+        ]
+
+    losses = forward
+
+
+def test_auto_lambda_moves_every_parameter_of_a_model_with_separate_heads():
+    """Each head is moved by the virtual step with its own task's gradient only."""
+    model = SeparateHeads().double()
+    reference = torch.full((NUM_TASKS,), 0.1, dtype=F64, requires_grad=True)
+    train, validation = batch(0), batch(1)
+    rows = [
+        torch.autograd.grad(loss, list(model.parameters()), retain_graph=True, allow_unused=True)
+        for loss in model.losses(train)
+    ]
+    moved = {}
+    for k, (name, p) in enumerate(model.named_parameters()):
+        step = sum(reference[i] * rows[i][k] for i in range(NUM_TASKS) if rows[i][k] is not None)
+        moved[name] = p.detach() - 0.3 * step
+    val_losses = functional_call(model, moved, (validation,), strict=True)
+    (derivative,) = torch.autograd.grad(sum(val_losses), reference)
+    auto_lambda = fused_mtl.AutoLambda(model.parameters(), NUM_TASKS, lr=0.05, virtual_lr=0.3)
+    auto_lambda(model.losses(train), validation=lambda: model.losses(validation))
+    expected = torch.optim.Adam([reference], lr=0.05)
+    reference.grad = derivative
+    expected.step()
+    assert_update(auto_lambda.weights, reference.detach(), 1.0)
+
+
+def test_auto_lambda_under_autocast_evaluates_the_closure_at_the_virtual_step():
+    """With a large virtual step the derivative's sign depends on theta': the first Adam step
+    (lr * sign) is the same under bfloat16 autocast as in float32."""
+    results = []
+    for autocast in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 2))
+        auto_lambda = fused_mtl.AutoLambda(model.parameters(), 2, lr=0.01, virtual_lr=5.0)
+        gen = torch.Generator().manual_seed(1)
+        inputs, validation = torch.randn(32, 4, generator=gen), torch.randn(32, 4, generator=gen)
+
+        def losses_of(x, model=model):
+            out = model(x).float()
+            return [out[:, 0].square().mean(), (out[:, 1] - 1).square().mean()]
+
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            auto_lambda(losses_of(inputs), validation=lambda v=validation: losses_of(v))
+        results.append(auto_lambda.weights.clone())
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=1e-6)
+
+
+def test_auto_lambda_a_failed_closure_in_an_accumulated_step_is_not_counted():
+    net = Net()
+    auto_lambda = fused_mtl.AutoLambda(net.parameters(), NUM_TASKS)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
+    auto_lambda.step_with(optimizer)
+    auto_lambda(net.losses(batch(0))).backward()
+
+    def broken():
+        raise RuntimeError("no validation data")
+
+    with pytest.raises(RuntimeError, match="no validation data"):
+        auto_lambda(net.losses(batch(1)), validation=broken)
+    auto_lambda(net.losses(batch(1))).backward()
+    assert auto_lambda._step_window.calls == 2
+
+
+def test_auto_lambda_names_itself_for_a_closure_without_graph():
+    net = Net()
+    auto_lambda = fused_mtl.AutoLambda(net.parameters(), NUM_TASKS)
+
+    def detached():
+        with torch.no_grad():
+            return net.losses(batch(1))
+
+    with pytest.raises(ValueError, match="AutoLambda: the validation losses have no graph"):
+        auto_lambda(net.losses(batch(0)), validation=detached)
+
+
+def test_go4align_a_non_finite_loss_leaves_its_alignment_and_a_zero_one_is_refused():
+    go4align = fused_mtl.GO4Align(tasks=["a", "b", "c"], beta=0.5)
+    go4align(torch.tensor([1.0, 2.0, 3.0]))
+    before = go4align.alignment.clone()
+    go4align(torch.tensor([1.0, math.nan, 3.0]))
+    assert torch.equal(go4align.alignment, before)
+    go4align(torch.tensor([1.0, 2.0, 3.0]))
+    assert torch.isfinite(go4align.weights).all()
+    state = go4align.state_dict()
+    state["alignment"] = torch.zeros(3, dtype=F64)
+    with pytest.raises(RuntimeError, match="alignment sums to 0"):
+        go4align.load_state_dict(state)
+
+
+def test_uw_so_tiny_temperatures_give_the_smallest_loss_the_weight():
+    uw_so = fused_mtl.UWSO(2, temperature=1e-39)
+    uw_so(torch.tensor([1.0, 2.0]))
+    assert uw_so.weights.tolist() == [1.0, 0.0]
+    uw_so = fused_mtl.UWSO(2, temperature=1e-30)
+    uw_so(torch.tensor([1e-9, 2e-9]))
+    assert uw_so.weights.tolist() == [1.0, 0.0]
+
+
+def test_pbi_and_cosmos_of_huge_losses_are_finite():
+    for balancer in (fused_mtl.PBI(2), fused_mtl.COSMOS(2)):
+        total = balancer(torch.tensor([1e20, 3e20]))
+        assert torch.isfinite(total) and torch.isfinite(balancer.weights).all()
+
+
+def test_ntkmtl_weights_of_tiny_kernels_stay_finite():
+    weights = gram_weights.ntk_weights(torch.tensor([1.0, 1e-39]))
+    assert torch.isfinite(weights).all() and float(weights[1]) > 1e18

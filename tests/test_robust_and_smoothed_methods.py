@@ -88,16 +88,19 @@ def model_step(method, **options):
 
 @pytest.mark.parametrize("per_task_gradients", ["batched", "loop"])
 @pytest.mark.parametrize(("byzantine", "selected"), [(0, 1), (0, 2), (0, 3)])
-def test_krum_backward_puts_the_chosen_mean_in_the_trunk(per_task_gradients, byzantine, selected):
+def test_krum_backward_puts_the_chosen_mean_in_the_trunk_and_trains_every_head(
+    per_task_gradients, byzantine, selected
+):
     trunk, J, heads, model, krum = model_step(
         "Krum", byzantine=byzantine, selected=selected, per_task_gradients=per_task_gradients
     )
-    expected, weights = gram_formulas.krum(J, byzantine, selected)
+    expected, selection = gram_formulas.krum(J, byzantine, selected)
     torch.testing.assert_close(trunk, expected, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(krum.weights, weights.to(krum.weights.dtype))
-    for weight, head, grads in zip(weights, model.heads, heads, strict=True):
+    torch.testing.assert_close(krum.selection, selection.to(krum.selection.dtype))
+    assert torch.equal(krum.weights, torch.full((3,), 1 / 3, dtype=F64))
+    for head, grads in zip(model.heads, heads, strict=True):  # every head, chosen or not
         for parameter, grad in zip(head.parameters(), grads, strict=True):
-            torch.testing.assert_close(parameter.grad, weight * grad, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(parameter.grad, grad / 3, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("per_task_gradients", ["batched", "loop"])
@@ -235,10 +238,69 @@ def test_cr_mogm_passes_its_methods_options():
     assert smoothed.method.normalization == "l2"
 
 
-@pytest.mark.parametrize("method", ["DBMTL", "TrimmedMean"])
+@pytest.mark.parametrize("method", ["DBMTL", "TrimmedMean", "Krum"])
 def test_methods_of_the_whole_gradients_refuse_fsdp2_sharded_parameters(method, monkeypatch):
     import fused_mtl.balancer
 
     monkeypatch.setattr(fused_mtl.balancer, "is_sharded", lambda tensor: True)
     with pytest.raises(NotImplementedError, match=f"{method}: FSDP2-sharded shared parameters"):
         getattr(fused_mtl, method)(nn.Linear(2, 2).parameters(), 3)
+
+
+# --- edges the review found ---------------------------------------------------------------------
+
+
+def test_cr_mogm_after_a_resume_reports_with_the_smoothed_weights():
+    net = Net()
+    smoothed = fused_mtl.CRMOGM(net.trunk.parameters(), NUM_TASKS, method=fused_mtl.UPGrad)
+    for step in range(3):
+        smoothed.backward(net.losses(batch(step)))
+    resumed = fused_mtl.CRMOGM(net.trunk.parameters(), NUM_TASKS, method=fused_mtl.UPGrad)
+    resumed.load_state_dict(smoothed.state_dict())
+    assert torch.equal(resumed.weights, smoothed.weights)
+    resumed.eval()
+    smoothed.eval()
+    losses = net.losses(batch(9))
+    assert torch.equal(resumed(losses), smoothed(losses))
+
+
+def test_cr_mogm_refuses_a_partly_missing_average_a_bad_alpha_and_its_own_options():
+    smoothed = fused_mtl.CRMOGM(nn.Linear(2, 2).parameters(), 3)
+    state = smoothed.state_dict()
+    state["smoothed_weights"] = torch.tensor([0.5, math.nan, 0.5])
+    with pytest.raises(RuntimeError, match="NaN for some tasks only"):
+        smoothed.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"CRMOGM: alpha must be a number in \[0.0, 1.0\]"):
+        smoothed.alpha = 2.0
+    assert smoothed.alpha == 0.9
+    with pytest.raises(ValueError, match="CRMOGM: method_options cannot set sync"):
+        fused_mtl.CRMOGM(nn.Linear(2, 2).parameters(), 3, method_options={"sync": False})
+
+
+def test_db_mtl_stays_finite_for_a_zero_half_loss_and_checks_when_asked():
+    shared = nn.Parameter(torch.ones(2))
+    db_mtl = fused_mtl.DBMTL([shared], 2)
+    losses = [(shared.sum() * 0).half(), shared.square().sum().half()]
+    total = db_mtl(losses)
+    assert torch.isfinite(total)
+    checked = fused_mtl.DBMTL([shared], tasks=["depth", "seg"], check_finite=True)
+    with pytest.raises(ValueError, match="task 'seg'"):
+        checked([shared.sum(), -shared.square().sum()])
+    assert float(checked.steps) == 0
+
+
+def test_db_mtl_reports_the_sum_of_log_losses_and_weights_in_float32_in_a_bfloat16_model():
+    net = Net()
+    db_mtl = fused_mtl.DBMTL(net.trunk.parameters(), NUM_TASKS)
+    losses = net.losses(batch(0))
+    total = db_mtl(losses)
+    db_mtl.eval()
+    assert float(db_mtl(losses)) == pytest.approx(float(total), rel=1e-12)
+    model = Net().to(torch.bfloat16)
+    bf16 = fused_mtl.DBMTL(model.trunk.parameters(), NUM_TASKS)
+    inputs, targets = batch(0)
+    errors = model.heads(model.trunk(inputs.bfloat16())).float() - targets.float()
+    float_losses = errors.square().mean(dim=0)
+    bf16(float_losses)
+    assert bf16.weights.dtype == torch.float32
+    torch.testing.assert_close(bf16.weights, 1 / (float_losses.detach() + 1e-8))

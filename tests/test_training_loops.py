@@ -22,7 +22,7 @@ ALL_METHODS = METHODS + MORE_METHODS
 #: every method built on the trunk's per-task gradients, and MGDA. GradNorm (a gradient rule
 #: of its own weights), GradDrop (a random mask per element) and MGDA-UB (the features differ
 #: per micro-batch) weight each micro-batch by itself.
-EXACT_GRADIENT_METHODS = ["mgda", *worker.GRAM_METHODS]
+EXACT_GRADIENT_METHODS = ["mgda", *worker.GRAM_METHODS, "cr_mogm_pcgrad"]
 #: Loss-level methods linear in the losses with weights fixed during a step: accumulation is
 #: exact for every parameter.
 LINEAR_LOSS_METHODS = ["uw", "awl", "equal", "dwa", "imtl_l", "multi_noise", "rlw"]

@@ -60,6 +60,7 @@ from torch.utils._pytree import tree_leaves
 from fused_mtl import (
     DTP,
     MGDA,
+    NTKMTL,
     GradNorm,
     UncertaintyWeighting,
     UPGrad,
@@ -141,6 +142,17 @@ STEP_METHODS = (
     "sdmgrad",
     "modo",
     "excess_mtl",
+    "db_mtl",
+    "cr_mogm",
+    "krum",
+    "trimmed_mean",
+    "pbi",
+    "cosmos",
+    "uw_so",
+    "go4align",
+    "ntkmtl",
+    "ntkmtl_sr",
+    "auto_lambda",
 )
 COMPILED_STEP_METHODS = ("equal", "uw", "dwa", "dtp", "gradnorm", "mgda")
 COMPILED_STEP_IMPLEMENTATIONS = ("eager", "compiled")
@@ -614,6 +626,15 @@ def method_step_case(method: str, num_tasks: int, device: str) -> Case:
     group = f"method step K={num_tasks}"
     check_device(device, group, method)
     model, data = _toy(num_tasks, device)
+    if method == "ntkmtl_sr":  # NTKMTL on the trunk's output, the representation
+        ntkmtl = NTKMTL(model.trunk.parameters(), num_tasks)
+
+        def run() -> None:
+            features = model.trunk(data.inputs)
+            outputs = torch.stack([head(features) for head in model.heads])
+            ntkmtl.backward(task_mse(outputs, data.targets), features=features)
+
+        return _training_step(group, method, "equal", model, run)
     balancer = make_balancer(method, model, num_tasks, period_steps=10).to(device)
     if isinstance(balancer, DTP):
         balancer.update_kpis(torch.linspace(0.1, 0.9, num_tasks))

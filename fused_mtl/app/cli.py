@@ -678,9 +678,9 @@ def _compare(args: argparse.Namespace) -> int:
 # --- entry points ----------------------------------------------------------------------------
 
 
-DEMO_EXAMPLES = """\
+DEMO_EXAMPLES = f"""\
   fused-mtl demo                         one method of each family, both problems, ~1 min on CPU
-  fused-mtl demo --method all            all 26 methods
+  fused-mtl demo --method all            all {len(METHODS)} methods
   fused-mtl demo --methods mgda,NashMTL,famo --steps 500
   fused-mtl demo --device cuda --out runs/demo
 """

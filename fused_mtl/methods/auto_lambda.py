@@ -52,8 +52,12 @@ class AutoLambda(GradientBalancer):
     the training batch serves as its own validation batch at first order (``theta' = theta``:
     ``nabla L_val = sum_j g_j``, no extra pass). The total is ``sum_i lambda_i L_i`` with the
     updated weights; ``weights`` are ``lambda`` (saved in ``state_dict`` with Adam's
-    moments). ``parameters`` are those the virtual step moves and the per-task gradients are
-    taken of: the model's, as in the paper. Under ``torch.distributed`` the per-task gradients
+    moments), not constrained to be positive (as in the authors' code). ``parameters`` are
+    those the virtual step moves and the per-task gradients are taken of: the model's, as in
+    the paper (a task's row is 0 on the parameters it does not reach). The closure runs the
+    model as it is (in training mode it updates BatchNorm's running statistics and draws
+    dropout masks, as the authors' look-ahead does); under ``step_with`` it runs at every
+    micro-batch and the step's last one counts. Under ``torch.distributed`` the per-task gradients
     are averaged over the ranks (one ``all_reduce`` of K x P numbers) and, with a closure, the
     derivatives (K numbers); FSDP2-sharded parameters are not supported.
 
@@ -137,12 +141,14 @@ class AutoLambda(GradientBalancer):
         reported = self._reported_total(losses, self.weights.device)
         if reported is not None:
             return reported
-        stacked, separate = self._graph_losses(losses, self._shared_device())
+        stacked, _ = self._graph_losses(losses, self._shared_device())
         window = self._step_call()
+        # The stacked losses, not the separate ones: a parameter that a task does not reach (a
+        # head of another task) is moved by the virtual step too, and its row there is 0.
         if window is not None:
-            task_grads, matrix, _ = self._step_gradients(window, stacked, separate)
+            task_grads, matrix, _ = self._step_gradients(window, stacked, None)
         else:
-            task_grads, matrix = self._task_matrix(stacked, separate)
+            task_grads, matrix = self._task_matrix(stacked, None)
         if validation is None:
             validation_gradient = matrix.sum(dim=0)
             derivative = -self.virtual_lr * (matrix @ validation_gradient)
@@ -180,6 +186,8 @@ class AutoLambda(GradientBalancer):
                 # keep their values and versions.
                 parameter.data = moved
                 start = end
+            # Autocast keeps its casts of the parameters for its region: they are of theta.
+            torch.clear_autocast_cache()
             with torch.enable_grad():
                 stacked, _ = check_losses(
                     (validation(),),
@@ -188,12 +196,18 @@ class AutoLambda(GradientBalancer):
                     reduction=None,
                     device=self._shared_device(),
                 )
+                if not stacked.requires_grad:
+                    raise ValueError(
+                        "AutoLambda: the validation losses have no graph; compute them from "
+                        "the model in the closure (not under torch.no_grad(), not detached)"
+                    )
                 gradients = torch.autograd.grad(
                     stacked.sum(), self._shared, allow_unused=True, materialize_grads=True
                 )
         finally:
             for parameter, original in zip(self._shared, originals, strict=True):
                 parameter.data = original
+            torch.clear_autocast_cache()  # and now of theta', for the region's next forwards
         gradient = torch.cat([grad.detach().reshape(-1) for grad in gradients]).to(matrix.dtype)
         derivative = -self.virtual_lr * (matrix @ gradient)
         return self._sync.mean(derivative) if self._syncing() else derivative

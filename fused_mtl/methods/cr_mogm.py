@@ -64,7 +64,7 @@ class CRMOGM(GramBalancer):
         method_options: dict[str, Any] | None = None,
         **options: Any,
     ) -> None:
-        self.alpha = check_number("CRMOGM", "alpha", alpha, low=0.0, high=1.0)
+        self.alpha = alpha
         if not (isinstance(method, type) and issubclass(method, GramBalancer)):
             raise TypeError(
                 "CRMOGM: method must be a Gram method's class (MGDA, UPGrad, CAGrad, ...), "
@@ -72,6 +72,12 @@ class CRMOGM(GramBalancer):
             )
         if issubclass(method, (SampledGramBalancer, CRMOGM)):
             raise ValueError(f"CRMOGM: {method.__name__} cannot be smoothed by CRMOGM")
+        given = sorted(set(method_options or {}) & {"tasks", "backend", "sync", "process_group"})
+        if given:
+            raise ValueError(
+                f"CRMOGM: method_options cannot set {', '.join(given)}: the method takes this "
+                "module's; pass them to CRMOGM"
+            )
         if shared_parameters is not None and not isinstance(shared_parameters, nn.Module):
             shared_parameters = list(shared_parameters)  # read by both methods
         super().__init__(shared_parameters, num_tasks, **options)
@@ -96,16 +102,40 @@ class CRMOGM(GramBalancer):
         options = self._state_options()
         self.register_buffer("smoothed_weights", torch.full((self.num_tasks,), math.nan, **options))
 
+    @property
+    def alpha(self) -> float:
+        """The weight of the past, in [0, 1]; may be set between steps."""
+        return self._alpha
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        self._alpha = check_number("CRMOGM", "alpha", value, low=0.0, high=1.0)
+
     def _weights_of(self, gram: Tensor, losses: Tensor) -> Tensor:
-        current = self.method._weights_of(gram, losses)
+        # The method draws (PCGrad's orders) once per optimizer step, as this module would.
+        self.method.__dict__["_step_window"] = self.__dict__.get("_step_window")
+        try:
+            current = self.method._weights_of(gram, losses)
+        finally:
+            self.method.__dict__["_step_window"] = None
         smoothed = gram_weights.smoothed_weights(self.smoothed_weights, current, self.alpha)
         self.smoothed_weights = smoothed.to(self.smoothed_weights.dtype)
         return smoothed
 
+    def _set_extra_state(self, state: dict[str, Any]) -> None:
+        # After the buffers loaded: the weights of the resumed step, for eval-mode totals.
+        if not torch.isnan(self.smoothed_weights).any():
+            self.weights = self.smoothed_weights.clone()
+
     def _checkpoint_faults(self, tensors: dict[str, Any]) -> list[str]:
+        saved = tensors.get("smoothed_weights")
+        if isinstance(saved, Tensor) and saved.shape == (self.num_tasks,):
+            missing = torch.isnan(saved.detach().double().cpu())
+            if missing.any() and not missing.all():
+                return ["smoothed_weights are NaN for some tasks only (NaN: no step yet)"]
         return self._value_faults(
             "smoothed_weights",
-            tensors.get("smoothed_weights"),
+            saved,
             "the smoothed weights are finite (NaN: no step yet)",
             lambda value: not math.isinf(value),
         )

@@ -8,10 +8,11 @@ import torch
 from torch import Tensor
 
 from fused_mtl._distributed import ProcessGroup
+from fused_mtl._losses import check_losses, raise_if_below
 from fused_mtl.balancer import GradientBalancer, LossArgs, check_number
 from fused_mtl.ops.backend import Backend
 from fused_mtl.ops.task_gradients import SharedParameters
-from fused_mtl.reference import stochastic
+from fused_mtl.reference import compute_dtype, stochastic
 from fused_mtl.reference.stochastic import DB_MTL_EPSILON
 
 
@@ -34,7 +35,9 @@ class DBMTL(GradientBalancer):
     gradients, ``weights`` are ``1 / (L_i + eps)``, and the total's value is ``sum_i log(L_i +
     eps)``. Under ``torch.distributed`` the per-task gradients and losses are averaged over
     the ranks (one ``all_reduce`` of K x P numbers per step); FSDP2-sharded parameters are not
-    supported. The losses must be positive (``eps = 1e-8``, the authors').
+    supported. The losses must be positive (``eps = 1e-8``, the authors'); the log-losses'
+    gradients grow as ``1 / L``, so half-precision gradients of losses below 1e-4 overflow. An
+    eval-mode call (a report) returns the same sum of log-losses.
 
     Args:
         shared_parameters: the parameters whose per-task gradients are balanced.
@@ -43,6 +46,8 @@ class DBMTL(GradientBalancer):
         beta_sigma: the decay exponent of ``beta_t`` (default 0.5: ``beta_t = 0.9 /
             sqrt(t)``, the best of the paper's ablation on Office-31; LibMTL's default is 0,
             a constant 0.9, the worst there).
+        check_finite: raise naming the task on a NaN, infinite or negative loss (a host read
+            per call).
         tasks: task names; enables calling with a dict and names tasks in errors.
         backend: accepted so that every method is constructed alike.
         per_task_gradients: ``"auto"``, ``"batched"`` or ``"loop"`` (see ``TaskGradients``).
@@ -74,6 +79,7 @@ class DBMTL(GradientBalancer):
         *,
         beta: float = 0.9,
         beta_sigma: float = 0.5,
+        check_finite: bool = False,
         tasks: Sequence[str] | None = None,
         backend: Backend = "auto",
         per_task_gradients: str = "auto",
@@ -84,6 +90,7 @@ class DBMTL(GradientBalancer):
         if self.beta == 1.0:
             raise ValueError("DBMTL: beta must be a number in [0.0, 1.0), got 1.0")
         self.beta_sigma = check_number("DBMTL", "beta_sigma", beta_sigma, low=0.0, high=1e3)
+        self.check_finite = bool(check_finite)
         super().__init__(
             shared_parameters, num_tasks, tasks, backend, per_task_gradients, sync, process_group
         )
@@ -104,12 +111,22 @@ class DBMTL(GradientBalancer):
     def forward(self, *losses: LossArgs) -> Tensor:
         """``sum_i log(L_i + eps)`` in value; its backward gives the heads the log-losses'
         gradients and the shared parameters ``d``."""
-        reported = self._reported_total(losses, self.weights.device)
-        if reported is not None:
-            return reported
+        if not self._updates():  # a report: the same quantity, the sum of the log-losses
+            stacked, _ = check_losses(
+                losses,
+                num_tasks=self.num_tasks,
+                names=self.tasks,
+                reduction=None,
+                device=self.weights.device,
+            )
+            return _sum_of_logs(stacked)
         return self._update_step(losses, self._balanced_update, _sum_of_logs, uses_losses=True)
 
     def _balanced_update(self, matrix: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
+        if self.check_finite:
+            raise_if_below(
+                "DBMTL", losses, -DB_MTL_EPSILON, self.tasks, "DB-MTL takes log(L + 1e-8)"
+            )
         steps = self.steps + 1
         weights = 1 / (losses.to(matrix.dtype) + DB_MTL_EPSILON)
         past = (self.beta / steps**self.beta_sigma).to(matrix.dtype)
@@ -124,4 +141,5 @@ class DBMTL(GradientBalancer):
 
 
 def _sum_of_logs(losses: Tensor) -> Tensor:
-    return torch.log(losses + DB_MTL_EPSILON).sum()
+    # At least float32: 1e-8 is 0 in float16, whose log of a zero loss would be -inf.
+    return torch.log(losses.to(compute_dtype(losses.dtype)) + DB_MTL_EPSILON).sum()

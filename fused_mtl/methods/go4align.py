@@ -88,10 +88,15 @@ class GO4Align(LossObjective):
         )
         weights = loss_weights.group_centroids(indicators, self.groups)
         weights = weights.to(compute_dtype(losses.dtype))
-        self.alignment = alignment
+        # A step with a non-finite loss (its total is not finite either) leaves q as it was.
+        self.alignment = torch.where(torch.isfinite(losses).all(), alignment, self.alignment)
         return weighted_sum(weights, losses), weights
 
     def _checkpoint_faults(self, tensors: dict[str, Any]) -> list[str]:
+        saved = tensors.get("alignment")
+        shaped = isinstance(saved, Tensor) and saved.shape == (self.num_tasks,)
+        if shaped and not float(saved.detach().double().sum()) > 0:
+            return ["alignment sums to 0; GO4Align's alignment is a distribution"]
         return self._value_faults(
             "alignment",
             tensors.get("alignment"),

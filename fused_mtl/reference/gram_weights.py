@@ -805,11 +805,13 @@ def ntk_weights(eigenvalues: Tensor, exponent: float = 0.5) -> Tensor:
     tangent kernel's largest eigenvalue, scaled by ``w_i^2``, matches the mean,
     ``w_i = (mean_j lambda_j / lambda_i)^p`` (``p = 1/2`` in the paper). A task whose
     eigenvalue is 0 (no gradient) gets weight 0."""
-    values = eigenvalues.to(torch.promote_types(eigenvalues.dtype, torch.float32))
+    dtype = torch.promote_types(eigenvalues.dtype, torch.float32)
+    values = eigenvalues.to(torch.float64)  # K numbers: the ratios of tiny kernels stay finite
     mean = values.mean()
     present = values > 0
     ratio = torch.where(present, mean / torch.where(present, values, 1.0), 0.0)
-    return torch.where(present, ratio.pow(exponent), 0.0)
+    weights = torch.where(present, ratio.pow(exponent), 0.0)
+    return weights.clamp_max(torch.finfo(dtype).max).to(dtype)
 
 
 def representation_ntk_eigenvalues(feature_grads: Tensor, chunks: int) -> Tensor:
@@ -820,8 +822,8 @@ def representation_ntk_eigenvalues(feature_grads: Tensor, chunks: int) -> Tensor
     diagonal and its largest eigenvalue is the largest ``||d l_i^(u)/dz||^2``; the part's mean
     loss has ``B / |u|`` times the batch mean's gradient on its rows."""
     num_tasks, batch = feature_grads.shape[:2]
-    dtype = torch.promote_types(feature_grads.dtype, torch.float32)
-    rows = feature_grads.reshape(num_tasks, batch, -1).to(dtype)
+    # In float64: the squares of float32 gradients below 1e-19 would vanish.
+    rows = feature_grads.reshape(num_tasks, batch, -1).to(torch.float64)
     squared = rows.square().sum(dim=2)  # (K, B)
     parts = [
         part.sum(dim=1) * (batch / part.shape[1]) ** 2 for part in squared.chunk(chunks, dim=1)

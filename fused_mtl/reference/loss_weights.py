@@ -170,7 +170,9 @@ def adam_step(
 
 
 def _pbi_parts(values: Tensor, theta: float, preferences: Tensor, ideal_point: Tensor):
-    """PBI's value and weights of ``values`` (differentiable when they are)."""
+    """PBI's value and weights of ``values`` (differentiable when they are), computed in
+    float64 (K numbers; float32's norm of losses near 1e20 would overflow)."""
+    dtype, values = values.dtype, values.to(torch.float64)
     shifted = values - ideal_point.to(values)
     direction = preferences.to(values) / preferences.to(values).norm()
     along = (shifted * direction).sum(dim=-1, keepdim=True)
@@ -182,7 +184,7 @@ def _pbi_parts(values: Tensor, theta: float, preferences: Tensor, ideal_point: T
     off_ray = distance > 8 * torch.finfo(values.dtype).eps * shifted.norm(dim=-1, keepdim=True)
     unit = torch.where(off_ray, perpendicular / torch.where(off_ray, distance, 1.0), 0.0)
     value = (along + theta * distance).squeeze(-1)
-    return value, direction + theta * unit
+    return value.to(dtype), (direction + theta * unit).to(dtype)
 
 
 def penalty_boundary_intersection(
@@ -211,7 +213,9 @@ def penalty_boundary_intersection_gradient_weights(
 
 
 def _cosine_parts(values: Tensor, penalty: float, preferences: Tensor):
-    """COSMOS's value and weights of ``values`` (differentiable when they are)."""
+    """COSMOS's value and weights of ``values`` (differentiable when they are), computed in
+    float64 (float32's norm of losses near 1e20 would overflow)."""
+    dtype, values = values.dtype, values.to(torch.float64)
     preferences = preferences.to(values)
     linear = (preferences * values).sum(dim=-1, keepdim=True)
     length = values.norm(dim=-1, keepdim=True)
@@ -225,7 +229,7 @@ def _cosine_parts(values: Tensor, penalty: float, preferences: Tensor):
         positive, preferences / safe_scale - cosine * values / safe_length.square(), 0.0
     )
     value = (linear - penalty * cosine).squeeze(-1)
-    return value, preferences - penalty * cosine_gradient
+    return value.to(dtype), (preferences - penalty * cosine_gradient).to(dtype)
 
 
 def preference_cosine(losses: Tensor, penalty: float, preferences: Tensor) -> tuple[Tensor, Tensor]:
@@ -258,8 +262,11 @@ def soft_optimal_uncertainty_weights(losses: Tensor, temperature: float) -> Tens
     A loss at or below the smallest normal number counts as that number: ``1 / L`` stays
     finite, and the softmax, shifted by its largest term, too."""
     values = _computed(losses)
-    inverse = 1 / (temperature * values).clamp_min(torch.finfo(values.dtype).tiny)
-    return torch.softmax(inverse, dim=-1)
+    # In float64, shifted by the smallest loss's term: (1/L - 1/L_min) / T <= 0, so neither a
+    # tiny loss nor a tiny T overflows, and the smallest loss keeps the largest weight.
+    inverse = 1 / values.to(torch.float64).clamp_min(torch.finfo(torch.float64).tiny)
+    shifted = (inverse - inverse.max(dim=-1, keepdim=True).values) / temperature
+    return torch.softmax(shifted, dim=-1).to(values.dtype)
 
 
 def risk_guided_indicators(losses: Tensor, alignment: Tensor, beta: float) -> tuple[Tensor, Tensor]:
