@@ -230,6 +230,8 @@ def compare_table(problem: str) -> str:
         "",
         *compare_report.markdown_table(*compare_report.summary_table(comparison)),
     ]
+    if comparison.not_run:
+        lines += ["", *compare_report.not_run_lines(comparison)]
     if len(comparison.task_names) > compare_report.TASK_COLUMNS:
         lines += ["", "Each task's test accuracy (%), mean over the seeds:", ""]
         lines += compare_report.markdown_table(*compare_report.per_task_table(comparison))
@@ -242,7 +244,7 @@ def readme_compare() -> str:
     record = load("cpu-compare.json")
     parts = []
     for name, entry in record["problems"].items():
-        rows = Comparison.from_json(entry).rows()
+        rows = [row for row in Comparison.from_json(entry).rows() if not row.get("not_run")]
         floor, methods = rows[0]["delta_m_std"], sorted(rows[1:], key=lambda r: -r["delta_m"])
 
         def cell(row: dict) -> str:

@@ -458,10 +458,84 @@ def test_the_command_writes_its_json_markdown_and_plot(tmp_path, capsys):
     assert "uncertainty weighting" in printed and "Δm%" in printed
 
 
+KRUM_ON_TWO_TASKS = "Krum: byzantine=0 needs at least 3 tasks"
+
+
+def test_a_method_that_cannot_be_built_for_the_problem_is_a_row_that_says_why(tmp_path, capsys):
+    """Krum needs 3 tasks and multi_digits has 2: it is announced before any training, not run
+    there (its row says so, and the error below the table), and run on penguins; the plot's
+    panels keep the same rows."""
+    trained = []
+    real_run_job = compare_problems.run_job
+
+    def recording_run_job(job):
+        trained.append((job.problem, job.method))
+        return real_run_job(job)
+
+    arguments = ["compare", "--problem", "multi_digits,penguins", "--method", "equal,krum"]
+    arguments += ["--seeds", "1", "--epochs", "1", "--jobs", "1", "--out", str(tmp_path)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(compare_problems, "run_job", recording_run_job)
+        status = cli.main(arguments)
+    printed = capsys.readouterr().out
+    assert status == 0
+    assert ("multi_digits", "krum") not in trained and ("penguins", "krum") in trained
+    assert f"krum is not run on multi_digits: {KRUM_ON_TWO_TASKS}" in printed
+    assert f"Not run: {KRUM_ON_TWO_TASKS}" in printed
+    summary = json.loads((tmp_path / "comparison.json").read_text())
+    digits = Comparison.from_json(summary["problems"]["multi_digits"])
+    assert list(digits.runs) == [SINGLE_TASK, "equal", "krum"] and digits.runs["krum"] == []
+    assert digits.not_run["krum"].startswith(KRUM_ON_TWO_TASKS)
+    rows = {row["method"]: row for row in digits.rows()}
+    assert rows["krum"]["not_run"] == digits.not_run["krum"] and rows["equal"]["not_run"] is None
+    assert math.isnan(rows["krum"]["delta_m"]) and rows["krum"]["delta_m_per_seed"] == []
+    penguins = Comparison.from_json(summary["problems"]["penguins"])
+    assert penguins.not_run == {} and len(penguins.runs["krum"]) == 1
+    page = (tmp_path / "comparison.md").read_text()
+    assert "| Krum (not run) | n/a | n/a | n/a | n/a | n/a |" in page
+    assert f"Not run: {KRUM_ON_TWO_TASKS}" in page
+
+
+def test_a_problem_on_which_no_given_method_can_run_stops_before_training(tmp_path, capsys):
+    arguments = ["compare", "--problem", "multi_digits", "--method", "krum,trimmed_mean"]
+    status = cli.main([*arguments, "--seeds", "1", "--epochs", "1", "--out", str(tmp_path)])
+    error = capsys.readouterr().err
+    assert status == cli.USAGE_ERROR
+    assert f"no method given can run on multi_digits (2 tasks): {KRUM_ON_TWO_TASKS}" in error
+    assert "TrimmedMean: trim=1" in error
+    assert not (tmp_path / "comparison.json").exists()
+
+
+def test_compare_on_a_users_two_tasks_leaves_krum_out_and_refuses_krum_alone():
+    factory, tasks, train, validation, test = _user_problem()
+    epochs = []
+    result = compare(
+        factory, tasks, train, validation, test, methods="krum,equal", seeds=[0], epochs=1
+    )
+    assert list(result.runs) == [SINGLE_TASK, "krum", "equal"] and result.runs["krum"] == []
+    assert result.not_run["krum"].startswith(KRUM_ON_TWO_TASKS)
+    with pytest.raises(
+        ValueError, match=f"no method can be built for these tasks: {KRUM_ON_TWO_TASKS}"
+    ):
+        compare(
+            factory,
+            tasks,
+            train,
+            validation,
+            test,
+            methods="krum",
+            seeds=[0],
+            epochs=1,
+            on_epoch=lambda *a: epochs.append(a),
+        )
+    assert epochs == []  # refused before any training
+
+
 def test_a_comparison_reads_back_from_its_json():
     comparison = Comparison("toy", ("a", "b"), ("accuracy", "MAE"), (True, False), epochs=2)
     comparison.runs[SINGLE_TASK] = [_run(SINGLE_TASK, 0, (0.8, 10.0))]
     comparison.runs["uw"] = [_run("uw", 0, (0.9, 9.0), diverged=None)]
+    comparison.skip("krum", "Krum: needs 3 tasks")
     again = Comparison.from_json(json.loads(json.dumps(comparison.to_json())))
     assert again == comparison
 

@@ -547,6 +547,20 @@ def _default_jobs() -> int:
     return max(1, min(cores, MAX_DEFAULT_JOBS))
 
 
+def _check_something_runs(
+    problems: list[Any], methods: list[str], skipped: dict[str, dict[str, str]]
+) -> None:
+    """A usage error, before any training, when a problem has no method that can be built for
+    its tasks (the others' rows say why they were not run)."""
+    for problem in problems:
+        if len(skipped[problem.name]) == len(methods):
+            reasons = "; ".join(skipped[problem.name].values())
+            raise UsageError(
+                f"no method given can run on {problem.name} ({len(problem.tasks)} tasks): "
+                f"{reasons}; add another method or leave the problem out (--problem)"
+            )
+
+
 def _compare(args: argparse.Namespace) -> int:
     console, table_class = _rich()
     try:
@@ -563,13 +577,18 @@ def _compare(args: argparse.Namespace) -> int:
     jobs = args.jobs or (1 if torch.device(args.device).type == "cuda" else _default_jobs())
     seeds = list(range(args.seeds))
     methods = args.method
-    total = sum(args.seeds * (len(p.tasks) + len(methods)) for p in problems)
+    skipped = compare_problems.not_run(problems, methods, args.device)
+    _check_something_runs(problems, methods, skipped)
+    total = sum(args.seeds * (len(p.tasks) + len(methods) - len(skipped[p.name])) for p in problems)
     epochs = {p.name: args.epochs or p.epochs for p in problems}
     console.print(
         f"fused-mtl compare: {len(methods)} method(s) and single-task models on "
         f"{len(problems)} problem(s) ({', '.join(f'{n}: {e} epochs' for n, e in epochs.items())}), "
         f"{args.seeds} seed(s), {total} runs on {jobs} process(es), device {args.device}"
     )
+    for name, reasons in skipped.items():
+        for method, reason in reasons.items():
+            console.print(f"{method} is not run on {name}: {reason}")
     descriptions = {p.name: p.description for p in problems}
     started = args.started
     progress_done = [0]
@@ -598,7 +617,7 @@ def _compare(args: argparse.Namespace) -> int:
                     progress.advance(bar)
 
                 comparisons = compare_problems.run_jobs(
-                    problems, methods, seeds, args.device, jobs, args.epochs, on_run
+                    problems, methods, seeds, args.device, jobs, args.epochs, on_run, skipped
                 )
         else:
 
@@ -609,7 +628,7 @@ def _compare(args: argparse.Namespace) -> int:
                 print(f"[{progress_done[0]}/{total}, ~{left:.0f} s left] {text}", flush=True)
 
             comparisons = compare_problems.run_jobs(
-                problems, methods, seeds, args.device, jobs, args.epochs, on_run
+                problems, methods, seeds, args.device, jobs, args.epochs, on_run, skipped
             )
         complete = True
     except compare_problems.Interrupted as interrupted:  # Ctrl-C: what finished is kept
@@ -632,6 +651,8 @@ def _compare(args: argparse.Namespace) -> int:
         for cells in rows:
             table.add_row(*cells)
         console.print(table)
+        for line in compare_report.not_run_lines(comparison):
+            console.print(line)
     command = " ".join(["fused-mtl compare", *args.argv])
     summary = {
         "command": command,

@@ -72,6 +72,7 @@ from torch.nn import functional as F
 
 from fused_mtl import DTP
 from fused_mtl._losses import raise_if_not_finite
+from fused_mtl.balancer import Balancer
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -287,6 +288,9 @@ class Comparison:
     higher_is_better: tuple[bool, ...]
     epochs: int
     runs: dict[str, list[Run]] = field(default_factory=dict)  # by method, one per seed
+    #: The methods that cannot be built for this problem (Krum and the trimmed mean need 3
+    #: tasks), each with the error it raised; their ``runs`` are empty.
+    not_run: dict[str, str] = field(default_factory=dict)
 
     def baseline(self) -> tuple[float, ...]:
         """The single-task models' test metrics, mean over seeds: :math:`M_{b,k}`."""
@@ -319,6 +323,7 @@ class Comparison:
                     "test_std": [_std(values) for values in per_task],
                     "seconds_per_epoch": _median([run.seconds_per_epoch for run in finished]),
                     "seeds": len(runs),
+                    "not_run": self.not_run.get(method),
                     "diverged": [
                         {"seed": run.seed, "reason": run.diverged}
                         for run in runs
@@ -346,6 +351,7 @@ class Comparison:
             tuple(task["higher_is_better"] for task in tasks),
             record["epochs"],
             runs,
+            dict(record.get("not_run", {})),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -361,7 +367,12 @@ class Comparison:
             "baseline": list(self.baseline()),
             "rows": self.rows(),
             "runs": {method: [asdict(run) for run in runs] for method, runs in self.runs.items()},
+            "not_run": self.not_run,
         }
+
+    def skip(self, method: str, reason: str) -> None:
+        """Record ``method`` as not run on this problem, for ``reason``: a row of its own."""
+        self.runs[method], self.not_run[method] = [], reason
 
 
 def resolve_methods(text: str) -> list[str]:
@@ -476,6 +487,29 @@ class Trainer:
     def model(self, seed: int) -> nn.Module:
         torch.manual_seed(seed)
         return self.model_factory().to(self.device)
+
+    def balancer(self, method: str, model: nn.Module) -> Balancer:
+        """``method`` with the demo's settings on ``model``'s shared layers."""
+        from fused_mtl.app.demo import build_balancer
+
+        return build_balancer(
+            method,
+            self.shared(model),
+            self.last_shared(model).parameters(),
+            len(self.tasks),
+            self.period_steps,
+        ).to(self.device)
+
+    def not_applicable(self, method: str) -> str | None:
+        """Why ``method`` cannot be built for these tasks (the error its balancer raises: Krum
+        needs 3 tasks), or None; the global generator is left as it was."""
+        with torch.random.fork_rng(devices=[]):
+            model = self.model_factory().to(self.device)
+        try:
+            self.balancer(method, model)
+        except ValueError as error:
+            return str(error)
+        return None
 
     def unpack(self, batch: Any) -> tuple[Any, Any]:
         """A batch's inputs and its K targets, on the device: ``(inputs, targets)`` with
@@ -617,18 +651,9 @@ class Trainer:
     def method(self, method: str, seed: int, reference: Sequence[float]) -> Run:
         """``method`` trained on every task; epochs selected by validation Δm% against
         ``reference`` (the same seed's single-task validation metrics)."""
-        from fused_mtl.app.demo import build_balancer
-
         model = self.model(seed)
-        count = len(self.tasks)
         names = [task.name for task in self.tasks]
-        balancer = build_balancer(
-            method,
-            self.shared(model),
-            self.last_shared(model).parameters(),
-            count,
-            self.period_steps,
-        ).to(self.device)
+        balancer = self.balancer(method, model)
         optimizer = torch.optim.Adam(
             [
                 {"params": model.parameters()},
@@ -785,13 +810,20 @@ def compare(
             on_run(run)
         return run
 
+    not_run = {method: trainer.not_applicable(method) for method in methods}
+    runnable = [method for method in methods if not_run[method] is None]
+    if not runnable:
+        reasons = [reason for reason in not_run.values() if reason is not None]
+        raise ValueError("no method can be built for these tasks: " + "; ".join(reasons))
     references = {}
     for seed in seeds:
         task_runs = [trainer.single_task(seed, task) for task in range(len(tasks))]
         references[seed] = record(single_task_run(seed, task_runs)).validation
     check_baseline(comparison)
     for method in methods:
-        for seed in seeds:
+        if method not in runnable:
+            comparison.skip(method, not_run[method])
+        for seed in seeds if method in runnable else ():
             record(trainer.method(method, seed, references[seed]))
     return comparison
 

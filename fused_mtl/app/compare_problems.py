@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 
@@ -53,6 +53,7 @@ __all__ = [
     "Interrupted",
     "Job",
     "make_problem",
+    "not_run",
     "run_job",
     "run_jobs",
 ]
@@ -219,6 +220,19 @@ def _worker_start(threads: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def not_run(
+    problems: Sequence[ComparisonProblem], methods: Sequence[str], device: str
+) -> dict[str, dict[str, str]]:
+    """Per problem, the methods that cannot be built for its tasks, each with the error it
+    raises (Krum and the trimmed mean need 3 tasks; ``multi_digits`` has 2)."""
+    found = {}
+    for problem in problems:
+        trainer = _trainer(problem.name, problem.epochs, device)
+        reasons = {method: trainer.not_applicable(method) for method in methods}
+        found[problem.name] = {m: reason for m, reason in reasons.items() if reason is not None}
+    return found
+
+
 def run_jobs(
     problems: Sequence[ComparisonProblem],
     methods: Sequence[str],
@@ -227,12 +241,17 @@ def run_jobs(
     jobs: int,
     epochs: int | None,
     on_run: Callable[[Job, Run | TaskRun], None],
+    skipped: Mapping[str, Mapping[str, str]] | None = None,
 ) -> dict[str, Comparison]:
     """Every run of the comparison of ``methods`` on ``problems``, on ``jobs`` processes of one
     torch thread each (in this process when 1): first the single-task models, then, once a
     problem's are done, its methods (whose epochs are selected against them). A run's numbers
     do not depend on ``jobs``: each is seeded on its own (the Gram methods' up to float32
-    rounding, see docs/compare.md). ``on_run`` sees every finished run."""
+    rounding, see docs/compare.md). ``on_run`` sees every finished run. A method in
+    ``skipped[problem]`` (default: :func:`not_run`'s) is not trained on that problem: its row
+    gives the reason."""
+    if skipped is None:
+        skipped = not_run(problems, methods, device)
     comparisons = {
         problem.name: Comparison(
             problem.name,
@@ -275,6 +294,7 @@ def run_jobs(
         return [
             Job(job.problem, method, seed, job.epochs, device, reference=references[seed])
             for method in methods
+            if method not in skipped[job.problem]
             for seed in seeds
         ]
 
@@ -286,7 +306,9 @@ def run_jobs(
             if SINGLE_TASK not in comparison.runs:
                 continue
             for method in methods:
-                if all((name, method, seed) in method_runs for seed in seeds):
+                if method in skipped[name]:
+                    comparison.skip(method, skipped[name][method])
+                elif all((name, method, seed) in method_runs for seed in seeds):
                     comparison.runs[method] = [method_runs[name, method, seed] for seed in seeds]
             done[name] = comparison
         return done

@@ -3,7 +3,9 @@
 A problem's table has one row per method: Δm% (mean ± standard deviation over seeds), each
 task's test metric (mean ± deviation; accuracies in percent), the selected epochs and the
 median seconds of a training epoch. A problem with more than :data:`TASK_COLUMNS` tasks shows
-the mean of its tasks' metric instead, and the per-task metrics in a second table.
+the mean of its tasks' metric instead, and the per-task metrics in a second table. A method
+that cannot be built for the problem's tasks has a row marked "not run", and a line below the
+table gives its error.
 
 Example:
     >>> signed(1.234, 0.5)
@@ -26,6 +28,7 @@ __all__ = [
     "markdown",
     "markdown_table",
     "method_label",
+    "not_run_lines",
     "per_task_table",
     "summary_table",
 ]
@@ -77,7 +80,18 @@ def _epochs(comparison: Comparison, method: str) -> str:
 
 
 def _diverged(row: dict[str, Any]) -> str:
+    if row.get("not_run"):
+        return " (not run)"
     return "" if not row["diverged"] else f" ({len(row['diverged'])}/{row['seeds']} diverged)"
+
+
+def not_run_lines(comparison: Comparison) -> list[str]:
+    """One line per method not run on ``comparison``'s problem: its error, which names it."""
+    return [f"Not run: {reason}" for reason in comparison.not_run.values()]
+
+
+def _seconds(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.2f}"
 
 
 def summary_table(comparison: Comparison) -> tuple[list[str], list[list[str]]]:
@@ -108,7 +122,7 @@ def summary_table(comparison: Comparison) -> tuple[list[str], list[list[str]]]:
                 indices = [k for k, name in enumerate(comparison.metric_names) if name == metric]
                 mean = [statistics.fmean(row["test"][k] for k in indices)] if row["test"] else []
                 cells.append(metric_cell(metric, mean, 0))
-        cells += [_epochs(comparison, row["method"]), f"{row['seconds_per_epoch']:.2f}"]
+        cells += [_epochs(comparison, row["method"]), _seconds(row["seconds_per_epoch"])]
         rows.append(cells)
     return header, rows
 
@@ -148,6 +162,8 @@ def markdown(
             "",
         ]
         lines += markdown_table(*summary_table(comparison))
+        if comparison.not_run:
+            lines += ["", *not_run_lines(comparison)]
         if len(comparison.task_names) > TASK_COLUMNS:
             lines += ["", "Each task's test metric, mean over seeds:", ""]
             lines += markdown_table(*per_task_table(comparison))

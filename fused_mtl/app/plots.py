@@ -182,6 +182,16 @@ def delta_m_figure(
         for position, row in zip(positions, rows, strict=True):
             seeds = row["delta_m_per_seed"]
             ax.plot(seeds, [position] * len(seeds), "k.", markersize=3)
+            if row["not_run"]:  # the panels share their rows: the label is the other panels'
+                ax.text(
+                    0.02,
+                    position,
+                    "not run",
+                    transform=ax.get_yaxis_transform(),
+                    va="center",
+                    fontsize=7,
+                    color="0.3",
+                )
         ax.set_yticks(positions, labels, fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel("Δm% against single-task models (higher is better)", fontsize=8)
