@@ -133,6 +133,9 @@ def make_balancer(method: str, net: Net, num_tasks: int = NUM_TASKS, **sync) -> 
         return MGDA(num_tasks=num_tasks, **sync)
     if method in LOSS_METHODS:
         return getattr(fused_mtl, LOSS_METHODS[method])(num_tasks, **sync)
+    if method == "cr_mogm":  # MGDA normalised by the losses: the whole batch's, on every rank
+        options = {"normalization": "loss+"}
+        return fused_mtl.CRMOGM(net.trunk.parameters(), num_tasks, method_options=options, **sync)
     if method in GRAM_METHODS:
         return getattr(fused_mtl, GRAM_METHODS[method])(net.trunk.parameters(), num_tasks, **sync)
     if method == "cr_mogm_pcgrad":  # CR-MOGM over a method with a random draw

@@ -99,6 +99,15 @@ BALANCERS = {
     "GradDrop": lambda shared, mode: fused_mtl.GradDrop(
         shared, tasks=["a", "b"], per_task_gradients=mode
     ),
+    "NTKMTL": lambda shared, mode: fused_mtl.NTKMTL(
+        shared, tasks=["a", "b"], per_task_gradients=mode
+    ),
+    "DBMTL": lambda shared, mode: fused_mtl.DBMTL(
+        shared, tasks=["a", "b"], per_task_gradients=mode
+    ),
+    "CRMOGM": lambda shared, mode: fused_mtl.CRMOGM(
+        shared, tasks=["a", "b"], per_task_gradients=mode
+    ),
 }
 #: How a training loop hands over the losses of a tensor of per-sample, per-task losses: one
 #: (K,) tensor of one operation, the stack of its columns' means, or the columns one by one.

@@ -282,24 +282,41 @@ TRUNKS = {
 }
 
 
-@pytest.mark.parametrize("method", [fused_mtl.UPGrad, fused_mtl.MGDA, fused_mtl.CAGrad])
+@pytest.mark.parametrize(
+    "method",
+    [
+        fused_mtl.UPGrad,
+        fused_mtl.MGDA,
+        fused_mtl.CAGrad,
+        fused_mtl.NTKMTL,
+        fused_mtl.TrimmedMean,
+        fused_mtl.DBMTL,
+        fused_mtl.CRMOGM,
+    ],
+)
 @pytest.mark.parametrize("trunk_kind", TRUNKS)
 def test_accumulated_update_of_a_conv_or_transformer_trunk_is_the_whole_batch(trunk_kind, method):
     """Two optimizer steps of 4 micro-batches of 8 under step_with: at each, the trunk's
-    gradient is the one a call on the 32 samples' mean losses gives."""
+    gradient is the one a call on the 32 samples' mean losses gives.
+
+    DB-MTL runs in float64: it rescales every task's log-loss gradient to the largest norm, and
+    on the conv trunk those cancel in the sum, so float32 rounding of the two ways of summing
+    the batch reaches 5e-6 of the update's largest entry (float64: 1e-17)."""
     make_trunk, sample_shape, features = TRUNKS[trunk_kind]
+    dtype = torch.float64 if method is fused_mtl.DBMTL else torch.float32
+    relative = 1e-12 if dtype == torch.float64 else 1e-6
     generator = torch.Generator().manual_seed(3)
     batches = [
         (
-            torch.randn(32, *sample_shape, generator=generator),
-            torch.randn(32, 3, generator=generator),
+            torch.randn(32, *sample_shape, generator=generator, dtype=dtype),
+            torch.randn(32, 3, generator=generator, dtype=dtype),
         )
         for _ in range(2)
     ]
     runs = []
     for micro_batches in (1, MICRO_BATCHES):
         torch.manual_seed(0)
-        trunk, heads = make_trunk(), nn.Linear(features, 3)
+        trunk, heads = make_trunk().to(dtype), nn.Linear(features, 3).to(dtype)
         balancer = method(trunk.parameters(), 3)
         # The trunk alone is stepped: its update is exact, the heads' is the documented
         # approximation (each micro-batch at the weights of the step so far).
@@ -322,7 +339,11 @@ def test_accumulated_update_of_a_conv_or_transformer_trunk_is_the_whole_batch(tr
         for index, (e, g) in enumerate(zip(expected, got, strict=True)):
             scale = float(e.abs().max())
             torch.testing.assert_close(
-                g, e, rtol=1e-4, atol=1e-6 * scale, msg=f"step {step}, trunk tensor {index}"
+                g,
+                e,
+                rtol=100 * relative,
+                atol=relative * scale,
+                msg=f"step {step}, trunk tensor {index}",
             )
 
 
