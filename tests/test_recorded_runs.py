@@ -93,15 +93,22 @@ def test_the_recorded_demo_starts_as_the_code_does(method, problem):
 def test_the_recorded_comparison_is_complete_and_its_rows_are_its_runs():
     """``cpu-compare.json`` holds every method, the three problems and at least 3 seeds, and the
     rows the docs show are what its runs give (nothing edited by hand)."""
+    from fused_mtl.app import datasets
     from fused_mtl.app.compare import SINGLE_TASK, Comparison
-    from fused_mtl.app.compare_problems import PROBLEMS
+    from fused_mtl.app.compare_problems import PROBLEMS, make_problem, not_run
 
     record = json.loads((ROOT / "benchmarks" / "results" / "cpu-compare.json").read_text())
     assert record["methods"] == list(demo.METHODS)
     assert len(record["seeds"]) >= 3
     assert list(record["problems"]) == list(PROBLEMS)
-    for entry in record["problems"].values():
+    for name, entry in record["problems"].items():
         comparison = Comparison.from_json(entry)
         assert list(comparison.runs) == [SINGLE_TASK, *demo.METHODS]
-        assert all(len(runs) == len(record["seeds"]) for runs in comparison.runs.values())
+        # Not run: exactly the methods that cannot be built for the problem's tasks, as now.
+        if name != "yeast" or datasets.versions().get("river"):  # yeast: river, Python 3.11
+            problem = make_problem(name)
+            assert comparison.not_run == not_run([problem], demo.METHODS, "cpu")[name]
+        for method, runs in comparison.runs.items():
+            expected = 0 if method in comparison.not_run else len(record["seeds"])
+            assert len(runs) == expected, method
         assert json.dumps(comparison.rows()) == json.dumps(entry["rows"])  # NaN-safe

@@ -179,9 +179,10 @@ def _pbi_parts(values: Tensor, theta: float, preferences: Tensor, ideal_point: T
     perpendicular = shifted - along * direction
     distance = perpendicular.norm(dim=-1, keepdim=True)
     # On the preference ray the norm has no gradient: 0 is taken (the smallest subgradient)
-    # rather than a NaN, or the direction of the rounding error of r - d_1 u, which is all a
-    # distance within a few ulps of |r| is.
-    off_ray = distance > 8 * torch.finfo(values.dtype).eps * shifted.norm(dim=-1, keepdim=True)
+    # rather than a NaN, or the direction of the rounding error of the losses (in their own
+    # dtype: float32 losses on the ray are off it by their rounding) or of r - d_1 u, which is
+    # all a distance within a few ulps of |r| is.
+    off_ray = distance > 8 * torch.finfo(dtype).eps * shifted.norm(dim=-1, keepdim=True)
     unit = torch.where(off_ray, perpendicular / torch.where(off_ray, distance, 1.0), 0.0)
     value = (along + theta * distance).squeeze(-1)
     return value.to(dtype), (direction + theta * unit).to(dtype)
