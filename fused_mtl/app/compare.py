@@ -770,7 +770,9 @@ def compare(
         validation: batches of the same form, for selecting each run's epoch.
         test: batches of the same form, measured once per run, at its selected epoch.
         methods: method names as ``fused-mtl demo --method`` takes them (keys, class names,
-            ``"default"``, ``"all"``), as a list or one comma-separated string.
+            ``"default"``, ``"all"``), as a list or one comma-separated string. One that
+            cannot be built for these tasks (Krum needs 3) is not run: its row says why
+            (``Comparison.not_run``); when none can, ``ValueError`` before any training.
         seeds: one run of each method (and K single-task models) per seed.
         shared: the layers every task shares (a sub-module's attribute name, or a function of
             the model): the Gram methods' per-task gradients and GradNorm's last layer.
