@@ -507,27 +507,15 @@ def test_a_problem_on_which_no_given_method_can_run_stops_before_training(tmp_pa
 
 
 def test_compare_on_a_users_two_tasks_leaves_krum_out_and_refuses_krum_alone():
-    factory, tasks, train, validation, test = _user_problem()
+    problem = _user_problem()
     epochs = []
-    result = compare(
-        factory, tasks, train, validation, test, methods="krum,equal", seeds=[0], epochs=1
-    )
+    result = compare(*problem, methods="krum,equal", seeds=[0], epochs=1)
     assert list(result.runs) == [SINGLE_TASK, "krum", "equal"] and result.runs["krum"] == []
     assert result.not_run["krum"].startswith(KRUM_ON_TWO_TASKS)
     with pytest.raises(
         ValueError, match=f"no method can be built for these tasks: {KRUM_ON_TWO_TASKS}"
     ):
-        compare(
-            factory,
-            tasks,
-            train,
-            validation,
-            test,
-            methods="krum",
-            seeds=[0],
-            epochs=1,
-            on_epoch=lambda *a: epochs.append(a),
-        )
+        compare(*problem, methods="krum", seeds=[0], epochs=1, on_epoch=lambda *a: epochs.append(a))
     assert epochs == []  # refused before any training
 
 

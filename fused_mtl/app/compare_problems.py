@@ -190,7 +190,10 @@ class Job:
 
 @functools.lru_cache(maxsize=len(PROBLEMS))
 def _trainer(problem: str, epochs: int, device: str) -> Trainer:
-    made = make_problem(problem, device)
+    return _trainer_of(make_problem(problem, device), epochs, device)
+
+
+def _trainer_of(made: ComparisonProblem, epochs: int, device: str) -> Trainer:
     return Trainer(
         made.model_factory,
         made.tasks,
@@ -227,7 +230,7 @@ def not_run(
     raises (Krum and the trimmed mean need 3 tasks; ``multi_digits`` has 2)."""
     found = {}
     for problem in problems:
-        trainer = _trainer(problem.name, problem.epochs, device)
+        trainer = _trainer_of(problem, problem.epochs, device)  # its data already read
         reasons = {method: trainer.not_applicable(method) for method in methods}
         found[problem.name] = {m: reason for m, reason in reasons.items() if reason is not None}
     return found
